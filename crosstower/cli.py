@@ -1,0 +1,162 @@
+"""The ``crosstower`` command.
+
+Input errors (:class:`~crosstower.errors.CrosstowerError`) end with one line on stderr and exit
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from crosstower.errors import CrosstowerError
+
+TABLE_COLUMNS = ("recall@20", "recall@50", "ndcg@50", "precision@50")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crosstower", description="Candidate retrieval beyond the two-tower model.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train, evaluate and write DIR/metrics.json")
+    run.add_argument("config", nargs="?", type=Path, help="YAML config; none: the embedded synthetic default suite")
+    run.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+    run.add_argument("--out", type=Path, help="output folder (default runs/NAME)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+
+    data = commands.add_parser("data", help="prepare, download or describe data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser("prepare", help="load a config's data set, split it and save the split")
+    prepare.add_argument("config", type=Path)
+    prepare.add_argument("--data-dir", type=Path)
+    prepare.add_argument("--out", type=Path, required=True)
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    download = data_commands.add_parser("download", help="fetch an official MovieLens archive")
+    download.add_argument("name")
+    download.add_argument("--data-dir", type=Path, default=Path("data"))
+    stats = data_commands.add_parser("stats", help="print a data set's size and fields")
+    stats.add_argument("config", type=Path)
+    stats.add_argument("--data-dir", type=Path)
+    stats.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    synth = data_commands.add_parser("synthetic", help="stream a synthetic data set to disk")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    evaluate = commands.add_parser("evaluate", help="recompute the metrics of a finished run")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--data-dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _dispatch(args)
+    except CrosstowerError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no results written; rerun with --resume to continue from the last epoch", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    return _data(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from crosstower.config import load_config, parse_config
+    from crosstower.defaults import DEFAULT_SUITE
+    from crosstower.run import run_experiment
+
+    if args.config is not None:
+        configs = [load_config(args.config, args.overrides)]
+    else:
+        configs = [parse_config(dict(raw), f"default {raw['name']}", args.overrides) for raw in DEFAULT_SUITE]
+    rows = []
+    for config in configs:
+        if args.config is not None:
+            out = args.out or Path("runs") / config.run_name
+        else:
+            out = (args.out or Path("runs") / "synthetic-default") / config.model.name
+        results = run_experiment(config, out, args.data_dir, resume=args.resume)
+        rows.append(results)
+        print(f"wrote {out / 'metrics.json'}", file=sys.stderr)
+    print(format_table(rows))
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["model", "dataset", "protocol", *TABLE_COLUMNS, "train s", "test eval s"]
+    lines = [header]
+    for r in rows:
+        test = r["metrics"]["test"]
+        lines.append([
+            r["model"], r["dataset"], r["protocol"],
+            *(f"{test[c]:.4f}" if c in test else "-" for c in TABLE_COLUMNS),
+            f"{r['timing']['train_seconds']:.1f}", f"{r['timing']['test_eval_seconds']:.2f}",
+        ])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    text = [" | ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines]
+    text.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from crosstower.run import load_run, reevaluate
+
+    _, saved = load_run(args.run_dir)
+    metrics = reevaluate(args.run_dir, args.data_dir)
+    print(json.dumps({"run": str(args.run_dir), "metrics": metrics, "saved": saved["metrics"]}, indent=2))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from crosstower.config import load_config
+    from crosstower.run import load_data, resolve_dataset_path
+
+    if args.data_command == "download":
+        from crosstower.data.download import download
+
+        path = download(args.name, args.data_dir)
+        print(f"downloaded {args.name} to {path}")
+        return 0
+    if args.data_command == "synthetic":
+        from crosstower.config import apply_overrides
+        from crosstower.data.synthetic import SyntheticConfig, write
+
+        options = apply_overrides({}, args.overrides)
+        print(f"wrote {write(SyntheticConfig(**options), args.out)}")
+        return 0
+    config = load_config(args.config, args.overrides)
+    if args.data_command == "stats":
+        from crosstower.data.loaders import load_dataset
+
+        path = resolve_dataset_path(config, args.data_dir)
+        print(json.dumps(load_dataset(config.dataset.name, path, dict(config.dataset.options)).stats(), indent=2))
+        return 0
+    dataset, split = load_data(config, args.data_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    split.save(args.out / "split.npz")
+    summary = {**dataset.stats(), "protocol": split.protocol, "train_rows": len(split.train),
+               "val_users": len(split.val), "test_users": len(split.test)}
+    (args.out / "stats.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

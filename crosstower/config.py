@@ -1,0 +1,168 @@
+"""Typed experiment configuration: YAML in, validated pydantic models out.
+
+Every key is declared with its type and default; an unknown key or a wrong type is reported as
+one line naming the dotted key (``train.lr: Input should be a valid number``) and raised as a
+:class:`~crosstower.errors.ConfigError`, which the CLI turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from crosstower.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(Strict):
+    name: str = "synthetic"  # a loader: synthetic, ml-100k, ml-latest-small, s3rec, generic, ...
+    path: str | None = None  # folder relative to --data-dir (or absolute); None: the loader's default
+    options: dict[str, Any] = Field(default_factory=dict)  # validated by the loader
+
+
+class SplitConfig(Strict):
+    protocol: Literal["p1", "p2", "p3"] = "p2"
+    seed: int = 0
+
+
+class NegativesConfig(Strict):
+    sampler: Literal["uniform", "popularity", "none"] = "uniform"
+    num: int = Field(100, ge=0)
+    alpha: float = 0.75  # popularity sampler exponent
+    in_batch: bool = False  # also use the batch's other positives as negatives
+    logq: bool = True  # subtract log expected count (no effect for uniform-only sampling)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
+    seed: int = 0
+    threads: int = Field(2, ge=1)
+    history_length: int = Field(50, ge=0)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    max_minutes: float | None = None  # stop (keeping the best epoch) after this much training
+
+
+class EvaluateConfig(Strict):
+    ks: list[int] = Field(default_factory=lambda: [20, 50])
+    user_batch: int = Field(256, ge=1)
+    item_chunk: int = Field(65536, ge=1)
+    early_stopping_metric: str = "recall@50"
+
+
+class PopularityConfig(Strict):
+    name: Literal["popularity"]
+
+
+class _TwoTowerFields(Strict):
+    embedding_dim: int = Field(64, ge=1)
+    output_dim: int = Field(64, ge=1)
+    user_hidden: list[int] = Field(default_factory=lambda: [128])
+    item_hidden: list[int] = Field(default_factory=lambda: [128])
+    user_fields: list[str] | None = None
+    item_fields: list[str] | None = None
+    use_history: bool = True
+    learn_temperature: bool = False
+    item_bias: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class DSSMConfig(_TwoTowerFields):
+    name: Literal["dssm"]
+    item_mlp: bool = True
+    use_example_age: bool = False
+    similarity: Literal["cosine", "dot"] = "cosine"
+    temperature: float = Field(0.05, gt=0)
+
+
+class YouTubeDNNConfig(_TwoTowerFields):
+    name: Literal["youtubednn"]
+    item_mlp: bool = False
+    item_hidden: list[int] = Field(default_factory=list)
+    use_example_age: bool = True
+    similarity: Literal["cosine", "dot"] = "dot"
+    temperature: float = Field(1.0, gt=0)
+
+
+ModelConfig = Annotated[Union[PopularityConfig, DSSMConfig, YouTubeDNNConfig], Field(discriminator="name")]
+
+
+MODEL_NAMES = ("popularity", "dssm", "youtubednn")
+
+
+class RunConfig(Strict):
+    name: str | None = None
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.dataset.name}-{self.model.name}-{self.split.protocol}"
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """The first pydantic error as one line: ``dotted.key: message``."""
+    first = error.errors()[0]
+    # Drop the tag pydantic inserts for a tagged union (``model.dssm.foo`` -> ``model.foo``).
+    parts = [str(p) for p in first["loc"] if str(p) not in MODEL_NAMES]
+    loc = ".".join(parts)
+    if first["type"] == "extra_forbidden":
+        return f"{prefix}{loc}: unknown key"
+    return f"{prefix}{loc}: {first['msg']}"
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse_config(raw: Any, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{source}: ")) from None
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse_config(raw, str(path), overrides)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

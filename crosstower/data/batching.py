@@ -1,0 +1,83 @@
+"""Training examples and batches.
+
+A training example is one training interaction (user u, item i at time t): the model reads u's
+side features and u's training items *before* t (the history, truncated to the last
+``history_length``) and must rank i above the negatives. Evaluation builds the same
+:class:`UserInput` from a split's :class:`~crosstower.data.splits.EvalUsers`, so what is trained
+is what is evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from crosstower.data.dataset import ITEM, TIME, USER
+from crosstower.data.splits import EvalUsers
+
+
+@dataclass
+class UserInput:
+    """What a model may read about a batch of users."""
+
+    users: torch.Tensor  # int64 [B] user indices
+    history: torch.Tensor  # int64 [B, L] item indices, most recent last, -1 = padding
+    example_age: torch.Tensor | None = None  # float [B]; 0 at serving time (YouTubeDNN)
+
+    @property
+    def history_mask(self) -> torch.Tensor:
+        return self.history >= 0
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
+class TrainBatch:
+    user: UserInput
+    positives: torch.Tensor  # int64 [B]
+    negatives: torch.Tensor  # int64 [B, K] (sampled, then in-batch), K may be 0
+    negative_mask: torch.Tensor  # bool [B, K]: accidental hits to drop
+    positive_log_q: torch.Tensor | None  # float [B], subtracted from positive logits
+    negative_log_q: torch.Tensor | None  # float [B, K]
+
+
+class TrainExamples:
+    """All training interactions as examples, with vectorised history gathering."""
+
+    def __init__(self, train: pd.DataFrame, history_length: int, num_users: int):
+        frame = train.sort_values([USER, TIME, ITEM], kind="stable")
+        self.users = frame[USER].to_numpy(np.int64)
+        self.items = frame[ITEM].to_numpy(np.int64)
+        times = frame[TIME].to_numpy(np.float64)
+        counts = np.bincount(self.users, minlength=num_users)
+        self.user_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.history_length = history_length
+        # Example age (YouTubeDNN): how old the example is relative to the newest training row,
+        # in units of the spread of time stamps; serving uses age 0.
+        span = max(times.max() - times.min(), 1.0) if len(times) else 1.0
+        self.example_age = ((times.max() - times) / span).astype(np.float32) if len(times) else times
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def user_input(self, index: np.ndarray) -> UserInput:
+        users = self.users[index]
+        offsets = index[:, None] - self.history_length + np.arange(self.history_length)[None, :]
+        valid = offsets >= self.user_start[users][:, None]
+        history = np.where(valid, self.items[np.clip(offsets, 0, None)], -1)
+        return UserInput(
+            torch.from_numpy(users),
+            torch.from_numpy(history),
+            torch.from_numpy(self.example_age[index]),
+        )
+
+
+def eval_user_input(block: EvalUsers, rows: np.ndarray, history_length: int) -> UserInput:
+    """The model input of evaluation users ``rows`` of ``block`` (example age 0)."""
+    history = block.history.take(rows).padded_tail(history_length)
+    users = torch.from_numpy(block.users[rows])
+    return UserInput(users, torch.from_numpy(history), torch.zeros(len(rows)))

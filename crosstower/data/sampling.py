@@ -1,0 +1,87 @@
+"""Negative samplers and the logQ correction of sampled softmax.
+
+A sampled softmax over a candidate set drawn from a proposal Q is biased towards items Q draws
+often. The correction (Bengio & Senecal; Yi et al. 2019) *subtracts* ``log E[count of j in the
+candidate pool]`` from every candidate's logit, the positive included. With several sources
+(``K`` sampled negatives from Q_s plus the ``B`` in-batch positives, which follow the training
+unigram distribution Q_b) the expected count is ``K * Q_s(j) + B * Q_b(j)``; a candidate from
+either source gets the same correction because the pool is one mixture.
+
+Negatives are a ``[B, K]`` tensor. An *accidental hit* is a negative equal to a positive of the
+same user in the batch; :func:`accidental_hits` marks them so losses can drop them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class NegativeSampler:
+    """Draws ``[B, K]`` item ids i.i.d. from a fixed distribution over the catalogue."""
+
+    def __init__(self, probabilities: torch.Tensor):
+        self.probabilities = probabilities / probabilities.sum()
+        self.log_probabilities = torch.log(self.probabilities.clamp_min(1e-30))
+
+    def sample(self, batch_size: int, k: int, generator: torch.Generator) -> torch.Tensor:
+        draws = torch.multinomial(self.probabilities, batch_size * k, replacement=True, generator=generator)
+        return draws.view(batch_size, k)
+
+    def log_prob(self, items: torch.Tensor) -> torch.Tensor:
+        return self.log_probabilities[items]
+
+
+def uniform_sampler(num_items: int) -> NegativeSampler:
+    return NegativeSampler(torch.ones(num_items, dtype=torch.float64))
+
+
+def popularity_sampler(item_counts: np.ndarray, alpha: float = 0.75) -> NegativeSampler:
+    """Q(j) proportional to count(j)^alpha (+1 smoothing so unseen items can be drawn)."""
+    counts = torch.as_tensor(item_counts, dtype=torch.float64) + 1.0
+    return NegativeSampler(counts**alpha)
+
+
+@dataclass
+class CandidatePool:
+    """How one batch's candidates were drawn, to compute the logQ correction.
+
+    ``sampled`` is the sampler of the ``num_sampled`` explicit negatives (or None);
+    ``in_batch_log_prob`` is log Q_b over the catalogue (the training unigram distribution)
+    when the batch's positives also serve as negatives, ``batch_size`` of them.
+    """
+
+    sampled: NegativeSampler | None
+    num_sampled: int
+    in_batch_log_prob: torch.Tensor | None
+    batch_size: int
+
+    def log_expected_count(self, items: torch.Tensor) -> torch.Tensor:
+        """log E[number of times each item appears in the candidate pool], same shape as items."""
+        terms = []
+        if self.sampled is not None and self.num_sampled > 0:
+            terms.append(self.sampled.log_prob(items) + np.log(self.num_sampled))
+        if self.in_batch_log_prob is not None:
+            terms.append(self.in_batch_log_prob[items] + np.log(self.batch_size))
+        if not terms:
+            return torch.zeros(items.shape, dtype=torch.float32)
+        return torch.logsumexp(torch.stack(terms), dim=0).float()
+
+
+def logq_correct(logits: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Sampled-softmax correction: the log expected count is *subtracted* from the logit."""
+    return logits - log_q
+
+
+def accidental_hits(users: torch.Tensor, positives: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` bool: candidate ``[b, k]`` equals a positive of user ``users[b]`` in this batch.
+
+    Matches on (user, item) pairs, so a user who appears twice in the batch with two positives
+    never sees either of them as a negative.
+    """
+    num_items = int(max(positives.max().item(), candidates.max().item())) + 1
+    batch_pairs = users * num_items + positives
+    candidate_pairs = users[:, None] * num_items + candidates
+    return torch.isin(candidate_pairs, batch_pairs)

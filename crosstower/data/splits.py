@@ -1,0 +1,171 @@
+"""Evaluation protocols P1, P2 and P3 (DESIGN.md), deterministic by seed and saved with the run.
+
+A :class:`Split` holds the training interactions and, for validation and test, an
+:class:`EvalUsers` block: which users are evaluated, their model-input history (time-ordered),
+the items excluded from their ranking and their targets.
+
+* P1 temporal per user: each user's interactions sorted by (timestamp, item); the last 20% are
+  test, the 10% before them validation, the rest training. Validation users see their training
+  items as history; test users see training + validation items. Those items are also excluded.
+* P2 user holdout: users are shuffled with the seed and split 80/10/10. Training users give all
+  their interactions; a held-out user's first 80% (time order) is the history, the rest targets.
+* P3 cold start: the P2 user holdout, but the held-out user has no history (side features only)
+  and every interaction is a target; nothing is excluded.
+
+Targets are sets: repeated items and items already excluded are dropped from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from crosstower.data.dataset import ITEM, TIME, USER, Dataset
+from crosstower.data.ragged import Ragged
+from crosstower.errors import DataError
+
+PROTOCOLS = ("p1", "p2", "p3")
+
+
+@dataclass(frozen=True)
+class EvalUsers:
+    """Users to rank for, with their history (model input), exclusions and targets."""
+
+    users: np.ndarray  # int64 [n] user indices
+    history: Ragged  # time-ordered item indices the model may read
+    exclude: Ragged  # items removed from the ranking
+    targets: Ragged  # items to retrieve (a set per user)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass(frozen=True)
+class Split:
+    protocol: str
+    seed: int
+    train: pd.DataFrame  # columns user, item, timestamp (+ rating), sorted by (user, timestamp, item)
+    val: EvalUsers
+    test: EvalUsers
+
+    def save(self, path: Path) -> None:
+        """Write the split as one compressed ``.npz`` so a run can be re-evaluated exactly."""
+        arrays: dict[str, np.ndarray] = {
+            "protocol": np.array(self.protocol),
+            "seed": np.array(self.seed),
+            "train_user": self.train[USER].to_numpy(),
+            "train_item": self.train[ITEM].to_numpy(),
+            "train_timestamp": self.train[TIME].to_numpy(),
+        }
+        for name, block in (("val", self.val), ("test", self.test)):
+            arrays[f"{name}_users"] = block.users
+            for part in ("history", "exclude", "targets"):
+                arrays.update(getattr(block, part).save(f"{name}_{part}"))
+        np.savez_compressed(path, **arrays)
+
+    @staticmethod
+    def load(path: Path) -> "Split":
+        try:
+            z = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable split file ({exc})") from None
+        train = pd.DataFrame({USER: z["train_user"], ITEM: z["train_item"], TIME: z["train_timestamp"]})
+
+        def block(name: str) -> EvalUsers:
+            parts = {p: Ragged(z[f"{name}_{p}_indptr"], z[f"{name}_{p}_values"]) for p in ("history", "exclude", "targets")}
+            return EvalUsers(z[f"{name}_users"], **parts)
+
+        return Split(str(z["protocol"]), int(z["seed"]), train, block("val"), block("test"))
+
+
+def make_split(dataset: Dataset, protocol: str, seed: int = 0) -> Split:
+    """Split ``dataset`` by ``protocol`` (p1, p2 or p3); raises DataError on an empty part."""
+    protocol = protocol.lower()
+    inter = _sorted_interactions(dataset.interactions)
+    if protocol == "p1":
+        split = _temporal_split(inter, dataset.num_users, seed)
+    elif protocol in ("p2", "p3"):
+        split = _user_holdout_split(inter, dataset.num_users, seed, cold_start=protocol == "p3")
+    else:
+        raise DataError(f"split.protocol: unknown protocol '{protocol}' (expected one of {PROTOCOLS})")
+    for name, part in (("train", split.train), ("validation", split.val.users), ("test", split.test.users)):
+        if len(part) == 0:
+            raise DataError(f"split {protocol}: the {name} part of '{dataset.name}' is empty")
+    return split
+
+
+def _sorted_interactions(inter: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in inter.columns if c in (USER, ITEM, TIME, "rating")]
+    return inter[cols].sort_values([USER, TIME, ITEM], kind="stable").reset_index(drop=True)
+
+
+def _position_in_user(inter: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's 0-based position within its user, and the user's interaction count."""
+    position = inter.groupby(USER).cumcount().to_numpy()
+    count = inter.groupby(USER)[ITEM].transform("size").to_numpy()
+    return position, count
+
+
+def _temporal_split(inter: pd.DataFrame, num_users: int, seed: int) -> Split:
+    position, count = _position_in_user(inter)
+    n_test = np.floor(count * 0.2).astype(np.int64)
+    n_val = np.floor(count * 0.1).astype(np.int64)
+    part = np.where(position >= count - n_test, 2, np.where(position >= count - n_test - n_val, 1, 0))
+    train, val, test = (inter[part == p] for p in (0, 1, 2))
+    train_hist = _rows(train, num_users)
+    val_rows = _rows(val, num_users)
+    hist_for_test = Ragged.concat_rows(train_hist, val_rows)
+    val_block = _eval_block(np.unique(val[USER].to_numpy()), train_hist, train_hist, val_rows)
+    test_block = _eval_block(np.unique(test[USER].to_numpy()), hist_for_test, hist_for_test, _rows(test, num_users))
+    return Split("p1", seed, train.reset_index(drop=True), val_block, test_block)
+
+
+def _user_holdout_split(inter: pd.DataFrame, num_users: int, seed: int, cold_start: bool) -> Split:
+    users = np.unique(inter[USER].to_numpy())
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(users)
+    n_train, n_val = int(round(len(users) * 0.8)), int(round(len(users) * 0.1))
+    groups = {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
+    user_col = inter[USER].to_numpy()
+    train = inter[np.isin(user_col, groups["train"])].reset_index(drop=True)
+    blocks = {}
+    for name in ("val", "test"):
+        held = inter[np.isin(user_col, groups[name])]
+        position, count = _position_in_user(held)
+        is_history = position < np.ceil(count * 0.8) if not cold_start else np.zeros(len(held), bool)
+        history = _rows(held[is_history], num_users)
+        targets = _rows(held if cold_start else held[~is_history], num_users)
+        blocks[name] = _eval_block(np.sort(groups[name]), history, history, targets)
+    return Split("p3" if cold_start else "p2", seed, train, blocks["val"], blocks["test"])
+
+
+def _rows(inter: pd.DataFrame, num_users: int) -> Ragged:
+    """Items per user (all users, empty rows included), in the frame's (time) order."""
+    return Ragged.from_groups(inter[USER].to_numpy(), inter[ITEM].to_numpy(), num_users)
+
+
+def _eval_block(users: np.ndarray, history: Ragged, exclude: Ragged, targets: Ragged) -> EvalUsers:
+    """Restrict to ``users`` and clean targets: unique, not excluded; drop users left with none."""
+    users = users.astype(np.int64)
+    history, exclude, targets = history.take(users), exclude.take(users), targets.take(users)
+    targets = _clean_targets(exclude, targets)
+    keep = targets.lengths > 0
+    if not keep.all():
+        rows = np.nonzero(keep)[0]
+        users, history, exclude, targets = users[rows], history.take(rows), exclude.take(rows), targets.take(rows)
+    return EvalUsers(users, history, exclude, targets)
+
+
+def _clean_targets(exclude: Ragged, targets: Ragged) -> Ragged:
+    row = np.repeat(np.arange(targets.num_rows), targets.lengths)
+    frame = pd.DataFrame({"row": row, "item": targets.values})
+    excluded = pd.DataFrame({"row": np.repeat(np.arange(exclude.num_rows), exclude.lengths), "item": exclude.values})
+    frame = frame.drop_duplicates()
+    if len(excluded):
+        merged = frame.merge(excluded.drop_duplicates(), how="left", indicator=True)
+        frame = merged[merged["_merge"] == "left_only"][["row", "item"]]
+    frame = frame.sort_values(["row", "item"], kind="stable")
+    return Ragged.from_groups(frame["row"].to_numpy(), frame["item"].to_numpy(), targets.num_rows)

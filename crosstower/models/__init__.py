@@ -1,0 +1,25 @@
+"""Model registry: a validated model config -> the model it describes."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from crosstower.config import DSSMConfig, PopularityConfig, YouTubeDNNConfig
+from crosstower.data.dataset import Dataset
+from crosstower.models.base import EmbeddingRecommender, Recommender
+from crosstower.models.popularity import Popularity
+from crosstower.models.two_tower import TwoTower, TwoTowerSettings
+
+__all__ = ["build_model", "Recommender", "EmbeddingRecommender", "Popularity", "TwoTower"]
+
+
+def build_model(config, dataset: Dataset) -> Recommender:
+    if isinstance(config, PopularityConfig):
+        return Popularity(dataset.num_items)
+    if isinstance(config, (DSSMConfig, YouTubeDNNConfig)):
+        names = {f.name for f in fields(TwoTowerSettings)}
+        settings = TwoTowerSettings(**{k: v for k, v in config.model_dump().items() if k in names})
+        if settings.use_example_age and not dataset.has_time:
+            settings.use_example_age = False  # no time stamps: example age carries nothing
+        return TwoTower(dataset, settings)
+    raise TypeError(f"no model for config {type(config).__name__}")

@@ -1,0 +1,76 @@
+"""The model contract every scorer follows.
+
+``loss(batch)`` returns the total loss and its named parts; ``score(user, items)`` scores a
+batch of users against candidate items; ``item_scorer()`` returns the function that full-ranking
+evaluation calls per item range, which a model may speed up by caching its item side. A model
+whose score is one inner product (:class:`EmbeddingRecommender`) also offers ``encode_users`` /
+``encode_items``: the same vectors train, evaluate and serve.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.losses import sampled_softmax
+
+ItemRangeScorer = Callable[[UserInput, int, int], torch.Tensor]
+
+
+class Recommender(nn.Module):
+    """Base class: a scorer of (user, item) pairs."""
+
+    trainable: bool = True
+
+    def __init__(self, num_items: int):
+        super().__init__()
+        self.num_items = num_items
+
+    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, len(items)]`` of every user in ``user`` against every item in ``items``."""
+        raise NotImplementedError
+
+    def item_scorer(self) -> ItemRangeScorer:
+        """A function ``(user, start, stop) -> [B, stop - start]`` for full-ranking evaluation."""
+        return lambda user, start, stop: self.score(user, torch.arange(start, stop))
+
+
+class EmbeddingRecommender(Recommender):
+    """A model whose score is ``<encode_users(u), encode_items(i)>``: servable by MIPS."""
+
+    def encode_users(self, user: UserInput) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        return self.encode_users(user) @ self.encode_items(items).T
+
+    def item_scorer(self, chunk: int = 65536) -> ItemRangeScorer:
+        """Encodes the catalogue once, then scores by one matrix product per call."""
+        with torch.no_grad():
+            all_items = torch.arange(self.num_items)
+            item_vectors = torch.cat([self.encode_items(c) for c in all_items.split(chunk)])
+        return lambda user, start, stop: self.encode_users(user) @ item_vectors[start:stop].T
+
+    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sampled softmax of the positive against the batch's negatives (logQ, hit masking)."""
+        users = self.encode_users(batch.user)
+        items = torch.cat([batch.positives, batch.negatives.reshape(-1)])
+        unique, inverse = torch.unique(items, return_inverse=True)
+        vectors = self.encode_items(unique)[inverse]  # encode each distinct item once
+        positive = vectors[: len(batch.positives)]
+        negative = vectors[len(batch.positives) :].view(*batch.negatives.shape, -1)
+        positive_logits = (users * positive).sum(-1)
+        negative_logits = torch.einsum("bd,bkd->bk", users, negative)
+        total = sampled_softmax(
+            positive_logits, negative_logits, batch.negative_mask, batch.positive_log_q, batch.negative_log_q
+        )
+        return total, {"softmax": float(total.detach())}

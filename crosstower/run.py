@@ -1,0 +1,162 @@
+"""One experiment end to end: load, split, build, train, evaluate, write the results contract.
+
+Output is atomic: everything is written into a hidden ``.NAME.partial`` folder beside the
+requested output folder and renamed into place at the very end, so an interrupted or failed
+run never leaves a half-written ``metrics.json``. The partial folder keeps the training
+checkpoint so ``--resume`` can continue an interrupted run; a run that fails on bad input
+removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crosstower.config import RunConfig, dump_config
+from crosstower.data.dataset import Dataset
+from crosstower.data.loaders import load_dataset
+from crosstower.data.splits import Split, make_split
+from crosstower.errors import CrosstowerError, DataError
+from crosstower.evaluate.model_eval import evaluate_model
+from crosstower.models import EmbeddingRecommender, Popularity, Recommender, build_model
+from crosstower.train.trainer import Trainer, set_seed
+
+log = logging.getLogger("crosstower.run")
+
+
+def default_data_dir() -> Path:
+    """``$CROSSTOWER_DATA_DIR``, else ``../shared/data`` where it exists, else ``./data``."""
+    env = os.environ.get("CROSSTOWER_DATA_DIR")
+    if env:
+        return Path(env)
+    shared = Path("..") / "shared" / "data"
+    return shared if shared.is_dir() else Path("data")
+
+
+def resolve_dataset_path(config: RunConfig, data_dir: Path | None) -> Path | None:
+    if config.dataset.name == "synthetic" and config.dataset.path is None:
+        return None
+    relative = Path(config.dataset.path or config.dataset.name)
+    return relative if relative.is_absolute() else (data_dir or default_data_dir()) / relative
+
+
+def load_data(config: RunConfig, data_dir: Path | None) -> tuple[Dataset, Split]:
+    path = resolve_dataset_path(config, data_dir)
+    if path is not None and not path.exists():
+        raise DataError(f"dataset '{config.dataset.name}': directory {path} not found; pass --data-dir")
+    dataset = load_dataset(config.dataset.name, path, dict(config.dataset.options))
+    split = make_split(dataset, config.split.protocol, config.split.seed)
+    return dataset, split
+
+
+def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = None, resume: bool = False) -> dict:
+    """Train and evaluate ``config``; write ``out_dir/metrics.json`` (and friends) atomically."""
+    torch.set_num_threads(config.train.threads)
+    set_seed(config.train.seed)
+    log.info("loading %s", config.dataset.name)
+    dataset, split = load_data(config, data_dir)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        results = _train_and_evaluate(config, dataset, split, partial, resume)
+    except CrosstowerError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    (partial / "checkpoint.pt").unlink(missing_ok=True)
+    _replace_dir(partial, out_dir)
+    return results
+
+
+def _train_and_evaluate(config: RunConfig, dataset: Dataset, split: Split, workdir: Path, resume: bool) -> dict:
+    model = build_model(config.model, dataset)
+    report = None
+    if isinstance(model, Popularity):
+        model.fit_counts(split.train["item"].to_numpy())
+    if model.trainable:
+        report = Trainer(model, dataset, split, config, workdir).fit(resume=resume)
+    metrics, timing = {}, {"train_seconds": report.seconds if report else 0.0}
+    for part in ("val", "test"):
+        metrics[part], seconds = evaluate_model(
+            model, getattr(split, part), dataset.num_items, config.train.history_length,
+            config.evaluate.ks, config.evaluate.user_batch, config.evaluate.item_chunk,
+        )
+        timing[f"{part}_eval_seconds"] = seconds
+    if report is not None:
+        timing.update(epochs=report.epochs_run, best_epoch=report.best_epoch)
+    results = {
+        "model": config.model.name,
+        "dataset": dataset.name,
+        "protocol": split.protocol,
+        "config": config.model_dump(mode="json"),
+        "metrics": metrics,
+        "timing": timing,
+        "index": _index_summary(model),
+        "data": {k: v for k, v in dataset.stats().items() if k in ("users", "items", "interactions")},
+        "training_history": report.history if report else [],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (workdir / "config.yaml").write_text(dump_config(config))
+    split.save(workdir / "split.npz")
+    torch.save({"model_name": config.model.name, "model": model.state_dict()}, workdir / "model.pt")
+    (workdir / "metrics.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _index_summary(model: Recommender) -> dict:
+    """How the model is served; exhaustive scoring until an index is configured."""
+    if isinstance(model, EmbeddingRecommender):
+        with torch.no_grad():
+            dim = model.encode_items(torch.arange(1)).shape[1]
+        return {"kind": "exact_inner_product", "dim": int(dim), "bytes": int(model.num_items * dim * 4)}
+    return {"kind": "exhaustive"}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing an existing ``dst`` with two renames."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, dict]:
+    from crosstower.config import load_config
+
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        raise DataError(f"{run_dir}: not a finished run (no metrics.json)")
+    return load_config(run_dir / "config.yaml"), json.loads(metrics_path.read_text())
+
+
+def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
+    """Recompute the metrics of a finished run from its saved config, split and model."""
+    from crosstower.train.checkpoint import load_checkpoint
+
+    config, _ = load_run(run_dir)
+    torch.set_num_threads(config.train.threads)
+    path = resolve_dataset_path(config, data_dir)
+    dataset = load_dataset(config.dataset.name, path, dict(config.dataset.options))
+    split = Split.load(run_dir / "split.npz")
+    model = build_model(config.model, dataset)
+    model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
+    return {
+        part: evaluate_model(
+            model, getattr(split, part), dataset.num_items, config.train.history_length,
+            config.evaluate.ks, config.evaluate.user_batch, config.evaluate.item_chunk,
+        )[0]
+        for part in ("val", "test")
+    }
