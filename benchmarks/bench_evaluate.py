@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -91,6 +92,7 @@ def main() -> None:
         "targets_per_user": NUM_TARGETS, "excluded_per_user": NUM_EXCLUDED, "ks": list(KS),
         "threads": args.threads, "repeats": args.repeats,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # the machine is shared
         "runs": runs, "metrics": reference,
     }
     out = Path(args.out)

@@ -136,10 +136,10 @@ def _data(args: argparse.Namespace) -> int:
         return 0
     if args.data_command == "synthetic":
         from crosstower.config import apply_overrides
-        from crosstower.data.synthetic import SyntheticConfig, write
+        from crosstower.data.synthetic import parse_options, write
 
         options = apply_overrides({}, args.overrides)
-        print(f"wrote {write(SyntheticConfig(**options), args.out)}")
+        print(f"wrote {write(parse_options(options), args.out)}")
         return 0
     config = load_config(args.config, args.overrides)
     if args.data_command == "stats":

@@ -41,10 +41,15 @@ def default_data_dir() -> Path:
 
 
 def resolve_dataset_path(config: RunConfig, data_dir: Path | None) -> Path | None:
+    """``dataset.path`` (relative to the data folder), else the data folder itself: loaders
+    accept either the data root or the release's own folder."""
     if config.dataset.name == "synthetic" and config.dataset.path is None:
         return None
-    relative = Path(config.dataset.path or config.dataset.name)
-    return relative if relative.is_absolute() else (data_dir or default_data_dir()) / relative
+    root = data_dir or default_data_dir()
+    if config.dataset.path is None:
+        return root
+    relative = Path(config.dataset.path)
+    return relative if relative.is_absolute() else root / relative
 
 
 def load_data(config: RunConfig, data_dir: Path | None) -> tuple[Dataset, Split]:
@@ -77,7 +82,7 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
 
 
 def _train_and_evaluate(config: RunConfig, dataset: Dataset, split: Split, workdir: Path, resume: bool) -> dict:
-    model = build_model(config.model, dataset)
+    model = build_model(config.model, dataset, split.protocol)
     report = None
     if isinstance(model, Popularity):
         model.fit_counts(split.train["item"].to_numpy())
@@ -151,7 +156,7 @@ def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
     path = resolve_dataset_path(config, data_dir)
     dataset = load_dataset(config.dataset.name, path, dict(config.dataset.options))
     split = Split.load(run_dir / "split.npz")
-    model = build_model(config.model, dataset)
+    model = build_model(config.model, dataset, split.protocol)
     model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
     return {
         part: evaluate_model(

@@ -6,6 +6,7 @@ from dataclasses import fields
 
 from crosstower.config import DSSMConfig, PopularityConfig, YouTubeDNNConfig
 from crosstower.data.dataset import Dataset
+from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender, Recommender
 from crosstower.models.popularity import Popularity
 from crosstower.models.two_tower import TwoTower, TwoTowerSettings
@@ -13,12 +14,22 @@ from crosstower.models.two_tower import TwoTower, TwoTowerSettings
 __all__ = ["build_model", "Recommender", "EmbeddingRecommender", "Popularity", "TwoTower"]
 
 
-def build_model(config, dataset: Dataset) -> Recommender:
+def build_model(config, dataset: Dataset, protocol: str = "p1") -> Recommender:
+    """The model ``config`` describes, for ``dataset`` under ``protocol``.
+
+    Under P2/P3 the evaluated users were never trained on, so a ``user_id`` embedding would be
+    untrained noise for them: it is left out by default and refused when asked for.
+    """
     if isinstance(config, PopularityConfig):
         return Popularity(dataset.num_items)
     if isinstance(config, (DSSMConfig, YouTubeDNNConfig)):
         names = {f.name for f in fields(TwoTowerSettings)}
         settings = TwoTowerSettings(**{k: v for k, v in config.model_dump().items() if k in names})
+        if protocol in ("p2", "p3"):
+            if settings.user_fields is None:
+                settings.user_fields = [f for f in dataset.users.fields if f != "user_id"]
+            elif "user_id" in settings.user_fields:
+                raise ConfigError(f"model.user_fields: 'user_id' is untrained for held-out users under {protocol}")
         if settings.use_example_age and not dataset.has_time:
             settings.use_example_age = False  # no time stamps: example age carries nothing
         return TwoTower(dataset, settings)

@@ -61,6 +61,19 @@ def _user_file(directory: Path, split: str, variant: str | None) -> Path:
     return find_file(directory, user_file_name(split, variant), NAME)
 
 
+def _data_directory(path: Path, opts: DeezerOptions) -> Path:
+    """``path`` or the sub-folder holding the user files (of any variant when none is chosen,
+    so that a wrong variant is reported as such rather than as a missing folder)."""
+    split = opts.splits[0]
+    variants = [opts.variant] if opts.variant else [None, "svd", "mf"]
+    for variant in variants:
+        try:
+            return resolve_dir(path, user_file_name(split, variant), SUBDIRS, NAME)
+        except DataError:
+            continue
+    return resolve_dir(path, user_file_name(split, opts.variant), SUBDIRS, NAME)  # raises
+
+
 def read_user_files(directory: Path, opts: DeezerOptions) -> pd.DataFrame:
     """All requested user files stacked, with a ``split`` column naming the file of each row."""
     frames = []
@@ -145,8 +158,7 @@ def load_deezer(path: Path, options: dict | None = None) -> Dataset:
     opts = parse_options(DeezerOptions, options)
     if not opts.splits:
         raise DataError("dataset.options.splits: name at least one of train, validation, test")
-    first = user_file_name(opts.splits[0], opts.variant)
-    directory = resolve_dir(Path(path), first, SUBDIRS, NAME)
+    directory = _data_directory(Path(path), opts)
     users = read_user_files(directory, opts)
     interactions = interactions_from_lists(users, opts.songs_column)
     if interactions.empty:

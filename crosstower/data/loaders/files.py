@@ -36,7 +36,7 @@ def parse_options(model: type[M], options: dict | None) -> M:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         where = f"dataset.options.{loc}" if loc else "dataset.options"
-        raise DataError(f"{where}: {err['msg']}") from None
+        raise DataError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def candidates(directory: Path, basename: str) -> list[Path]:
@@ -103,8 +103,15 @@ def read_table(path: Path, **kwargs: Any) -> pd.DataFrame:
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """A Parquet file as a frame (Parquet compresses internally; no outer compression)."""
-    return _guarded(path, lambda: pd.read_parquet(path, columns=columns))
+    """A Parquet file as a frame; an outer compression (``x.parquet.gz``) is undone in memory."""
+
+    def read() -> pd.DataFrame:
+        if Path(path).suffix.lower() in COMPRESSED_SUFFIXES:
+            with open_binary(path) as handle:
+                return pd.read_parquet(io.BytesIO(handle.read()), columns=columns)
+        return pd.read_parquet(path, columns=columns)
+
+    return _guarded(path, read)
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:

@@ -78,14 +78,15 @@ def _as_ids(tokens: np.ndarray) -> np.ndarray:
         return tokens.astype(str)
 
 
-def read_item_attributes(path: Path, item_dtype: np.dtype) -> pd.DataFrame:
-    """``{"item": [attr, ...]}`` as a frame with one list per item, indexed like the items."""
+def read_item_attributes(path: Path, integer_ids: bool) -> pd.DataFrame:
+    """``{"item": [attr, ...]}`` as a frame with one list per item, its ids typed like the
+    sequence file's (JSON keys are always strings)."""
     mapping = read_json(path)
     if not isinstance(mapping, dict):
         raise DataError(f"{path}: expected a JSON object mapping item ids to attribute lists")
     keys = np.array(list(mapping.keys()), dtype=object)
     try:
-        index = keys.astype(item_dtype)
+        index = keys.astype(np.int64) if integer_ids else keys.astype(str)
     except ValueError:
         raise DataError(f"{path}: item ids {list(keys[:3])} do not match the sequence file's ids") from None
     values = [v if isinstance(v, list) else [v] for v in mapping.values()]
@@ -132,7 +133,7 @@ def load_sequences(path: Path, options: dict | None = None) -> Dataset:
     attributes_path = _attributes_file(directory, file, opts.attributes)
     items, specs = None, ()
     if attributes_path is not None:
-        items = read_item_attributes(attributes_path, interactions["item_id"].dtype)
+        items = read_item_attributes(attributes_path, pd.api.types.is_integer_dtype(interactions["item_id"]))
         longest = int(items["attributes"].map(len).max()) if len(items) else 1
         max_len = opts.max_attributes or max(1, longest)
         specs = (FieldSpec("attributes", FieldKind.MULTI_CATEGORICAL, max_len=max_len),)
