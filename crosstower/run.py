@@ -21,7 +21,7 @@ import torch
 
 from crosstower.config import RunConfig, dump_config
 from crosstower.data.dataset import Dataset
-from crosstower.data.loaders import load_dataset
+from crosstower.data.loaders import LOADERS, load_dataset
 from crosstower.data.splits import Split, make_split
 from crosstower.errors import CrosstowerError, DataError
 from crosstower.evaluate.model_eval import evaluate_model
@@ -53,6 +53,8 @@ def resolve_dataset_path(config: RunConfig, data_dir: Path | None) -> Path | Non
 
 
 def load_data(config: RunConfig, data_dir: Path | None) -> tuple[Dataset, Split]:
+    if config.dataset.name not in LOADERS:
+        raise DataError(f"dataset.name: unknown dataset '{config.dataset.name}'; valid names: {', '.join(sorted(LOADERS))}")
     path = resolve_dataset_path(config, data_dir)
     if path is not None and not path.exists():
         raise DataError(f"dataset '{config.dataset.name}': directory {path} not found; pass --data-dir")

@@ -1,0 +1,101 @@
+"""The command line: bad input ends with one line and exit status 2, and leaves no run folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crosstower.cli import main
+from tests.test_training import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "crosstower.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_malformed_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: {name: dssm\n  oops")
+    result = run_cli(["run", "bad.yaml", "--out", "out"], tmp_path)
+    assert_one_line_error(result, "bad.yaml", "YAML")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("model: {name: dssm, embeding_dim: 3}", "model.embeding_dim: unknown key"),
+    ("model: {name: dssm}\ntrain: {lr: fast}", "train.lr"),
+    ("model: {name: transformer}", "model"),
+    ("dataset: {name: nosuch}\nmodel: {name: popularity}", "unknown dataset 'nosuch'"),
+])
+def test_invalid_config(tmp_path, body, fragment):
+    (tmp_path / "c.yaml").write_text(body)
+    result = run_cli(["run", "c.yaml", "--out", "out"], tmp_path)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_missing_data_dir(tmp_path):
+    (tmp_path / "c.yaml").write_text("dataset: {name: ml-100k, path: ml-100k}\nmodel: {name: popularity}")
+    result = run_cli(["run", "c.yaml", "--data-dir", str(tmp_path / "nowhere"), "--out", "out"], tmp_path)
+    assert_one_line_error(result, "nowhere", "--data-dir")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ratings_file_with_missing_column(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ratings.csv").write_text("userId,movieId,timestamp\n1,2,3\n")
+    (tmp_path / "c.yaml").write_text(
+        "dataset:\n  name: generic\n  path: data\n  options:\n    interactions: ratings.csv\n"
+        "    columns: {user: userId, item: movieId, rating: rating}\nmodel: {name: popularity}\n"
+    )
+    result = run_cli(["run", "c.yaml", "--data-dir", str(tmp_path), "--out", "out"], tmp_path)
+    assert_one_line_error(result, "ratings.csv", "rating")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_override(tmp_path):
+    result = run_cli(["run", "--set", "train.epochs=many", "--out", "out"], tmp_path)
+    assert_one_line_error(result, "train.epochs")
+
+
+def test_run_writes_results_and_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"dataset: {{name: synthetic, options: {json.dumps(TINY)}}}\nsplit: {{protocol: p1}}\n"
+        "model: {name: youtubednn, embedding_dim: 8, output_dim: 8, user_hidden: [16]}\n"
+        "train: {epochs: 1, threads: 1, negatives: {num: 10}}\n"
+    )
+    assert main(["run", str(config), "--out", "out", "--set", "train.batch_size=128"]) == 0
+    table = capsys.readouterr().out
+    assert "youtubednn" in table and "recall@50" in table
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["config"]["train"]["batch_size"] == 128 and saved["protocol"] == "p1"
+    assert main(["evaluate", "out"]) == 0
+    assert main(["data", "prepare", str(config), "--out", "prepared"]) == 0
+    assert (tmp_path / "prepared" / "split.npz").exists()
+
+
+def test_every_shipped_config_validates():
+    from crosstower.config import load_config
+
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        config = load_config(path)
+        assert config.run_name == path.stem, f"{path.name}: name should match the file name"
