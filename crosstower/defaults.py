@@ -6,7 +6,7 @@ experiments are spelled out as YAML in ``configs/synthetic-*-p2.yaml``.
 
 from __future__ import annotations
 
-SYNTHETIC_TRAIN = {"epochs": 20, "batch_size": 512, "lr": 0.002, "patience": 2, "history_length": 50}
+SYNTHETIC_TRAIN = {"epochs": 12, "batch_size": 512, "lr": 0.002, "patience": 2, "history_length": 50}
 
 DEFAULT_SUITE: list[dict] = [
     {"name": "synthetic-popularity-p2", "dataset": {"name": "synthetic"}, "split": {"protocol": "p2"},

@@ -99,3 +99,12 @@ def test_every_shipped_config_validates():
     for path in paths:
         config = load_config(path)
         assert config.run_name == path.stem, f"{path.name}: name should match the file name"
+
+
+def test_synthetic_configs_mirror_the_embedded_default():
+    import yaml
+
+    from crosstower.defaults import DEFAULT_SUITE
+
+    for raw in DEFAULT_SUITE:
+        assert yaml.safe_load((REPO / "configs" / f"{raw['name']}.yaml").read_text()) == raw

@@ -37,12 +37,34 @@ class UserInput:
 
 @dataclass
 class TrainBatch:
+    """One batch of examples and their candidates.
+
+    The sampled negatives are an explicit ``[B, K]`` tensor. In-batch negatives (the other
+    rows' positives) are not materialised: a model scores them with one ``[B, B]`` product,
+    and ``in_batch_mask`` marks the accidental hits among them (the diagonal included). Every
+    candidate's logQ correction is the log of its expected count in the pool, so in-batch
+    column ``j`` uses ``positive_log_q[j]``.
+    """
+
     user: UserInput
     positives: torch.Tensor  # int64 [B]
-    negatives: torch.Tensor  # int64 [B, K] (sampled, then in-batch), K may be 0
+    negatives: torch.Tensor  # int64 [B, K] sampled negatives, K may be 0
     negative_mask: torch.Tensor  # bool [B, K]: accidental hits to drop
     positive_log_q: torch.Tensor | None  # float [B], subtracted from positive logits
     negative_log_q: torch.Tensor | None  # float [B, K]
+    in_batch_mask: torch.Tensor | None = None  # bool [B, B]; None: no in-batch negatives
+
+    def candidate_logits(
+        self, positive_logits: torch.Tensor, sampled_logits: torch.Tensor, in_batch_logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """All negative logits ``[B, K (+ B)]`` with their mask and logQ, in one place for losses."""
+        logits, mask, log_q = sampled_logits, self.negative_mask, self.negative_log_q
+        if self.in_batch_mask is not None and in_batch_logits is not None:
+            logits = torch.cat([logits, in_batch_logits], dim=1)
+            mask = torch.cat([mask, self.in_batch_mask], dim=1)
+            if log_q is not None:
+                log_q = torch.cat([log_q, self.positive_log_q[None, :].expand(len(positive_logits), -1)], dim=1)
+        return logits, mask, log_q
 
 
 class TrainExamples:

@@ -25,10 +25,12 @@ class NegativeSampler:
     def __init__(self, probabilities: torch.Tensor):
         self.probabilities = probabilities / probabilities.sum()
         self.log_probabilities = torch.log(self.probabilities.clamp_min(1e-30))
+        # Inverse-CDF draws: several times faster than torch.multinomial with replacement.
+        self.cdf = torch.cumsum(self.probabilities, 0)
 
     def sample(self, batch_size: int, k: int, generator: torch.Generator) -> torch.Tensor:
-        draws = torch.multinomial(self.probabilities, batch_size * k, replacement=True, generator=generator)
-        return draws.view(batch_size, k)
+        u = torch.rand(batch_size, k, generator=generator, dtype=torch.float64) * self.cdf[-1]
+        return torch.searchsorted(self.cdf, u, right=True).clamp_max(len(self.cdf) - 1)
 
     def log_prob(self, items: torch.Tensor) -> torch.Tensor:
         return self.log_probabilities[items]

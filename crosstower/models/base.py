@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from crosstower.data.batching import TrainBatch, UserInput
@@ -65,12 +66,13 @@ class EmbeddingRecommender(Recommender):
         users = self.encode_users(batch.user)
         items = torch.cat([batch.positives, batch.negatives.reshape(-1)])
         unique, inverse = torch.unique(items, return_inverse=True)
-        vectors = self.encode_items(unique)[inverse]  # encode each distinct item once
+        # Encode each distinct item once; F.embedding's backward is far cheaper than indexing's.
+        vectors = F.embedding(inverse, self.encode_items(unique))
         positive = vectors[: len(batch.positives)]
         negative = vectors[len(batch.positives) :].view(*batch.negatives.shape, -1)
         positive_logits = (users * positive).sum(-1)
-        negative_logits = torch.einsum("bd,bkd->bk", users, negative)
-        total = sampled_softmax(
-            positive_logits, negative_logits, batch.negative_mask, batch.positive_log_q, batch.negative_log_q
-        )
+        sampled_logits = torch.einsum("bd,bkd->bk", users, negative)
+        in_batch_logits = users @ positive.T if batch.in_batch_mask is not None else None
+        negative_logits, mask, log_q = batch.candidate_logits(positive_logits, sampled_logits, in_batch_logits)
+        total = sampled_softmax(positive_logits, negative_logits, mask, batch.positive_log_q, log_q)
         return total, {"softmax": float(total.detach())}

@@ -66,7 +66,9 @@ class TwoTower(EmbeddingRecommender):
             nn.init.zeros_(self.bias.weight)
 
     def _history_vector(self, user: UserInput) -> torch.Tensor:
-        tokens = self.item_fields(user.history.clamp_min(0)).sum(-2)  # [B, L, d]
+        # Embed each distinct history item once, then gather: histories repeat items heavily.
+        unique, inverse = torch.unique(user.history.clamp_min(0), return_inverse=True)
+        tokens = F.embedding(inverse, self.item_fields(unique).sum(-2))  # [B, L, d]
         return masked_mean(tokens, user.history_mask)
 
     def encode_users(self, user: UserInput) -> torch.Tensor:

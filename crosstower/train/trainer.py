@@ -76,15 +76,17 @@ class Trainer:
         neg_cfg = self.train_cfg.negatives
         user = self.examples.user_input(index)
         positives = torch.from_numpy(self.examples.items[index])
-        parts = []
         if self.sampler is not None:
-            parts.append(self.sampler.sample(len(index), neg_cfg.num, generator))
+            negatives = self.sampler.sample(len(index), neg_cfg.num, generator)
+            mask = accidental_hits(user.users, positives, negatives)
+        else:
+            negatives = torch.empty(len(index), 0, dtype=torch.long)
+            mask = torch.zeros(negatives.shape, dtype=torch.bool)
+        in_batch_mask = None
         if neg_cfg.in_batch:
-            parts.append(positives[None, :].expand(len(index), -1))
-        negatives = torch.cat(parts, dim=1) if parts else torch.empty(len(index), 0, dtype=torch.long)
-        mask = accidental_hits(user.users, positives, negatives) if negatives.numel() else torch.zeros(negatives.shape, dtype=torch.bool)
+            in_batch_mask = accidental_hits(user.users, positives, positives[None, :].expand(len(index), -1))
         positive_log_q = negative_log_q = None
-        if neg_cfg.logq and negatives.numel():
+        if neg_cfg.logq:
             pool = CandidatePool(
                 self.sampler,
                 neg_cfg.num if self.sampler is not None else 0,
@@ -92,7 +94,7 @@ class Trainer:
                 len(index),
             )
             positive_log_q, negative_log_q = pool.log_expected_count(positives), pool.log_expected_count(negatives)
-        return TrainBatch(user, positives, negatives, mask, positive_log_q, negative_log_q)
+        return TrainBatch(user, positives, negatives, mask, positive_log_q, negative_log_q, in_batch_mask)
 
     # ---- loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainReport:
@@ -146,7 +148,7 @@ class Trainer:
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.examples))
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0)
+        total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
         for index in progress:
             batch = self.make_batch(index, generator)
             loss, _ = self.model.loss(batch)
