@@ -98,3 +98,11 @@ def test_ragged_padded_tail_and_take():
     assert r.take(np.array([2, 0])).values.tolist() == [4, 5, 1, 2, 3]
     both = Ragged.concat_rows(r, r.take(np.array([1, 2, 0])))
     assert [both.row(i).tolist() for i in range(3)] == [[1, 2, 3], [4, 5], [4, 5, 1, 2, 3]]
+
+
+def test_release_user_split_is_respected():
+    ds = random_dataset(num_users=30, rows=900)
+    ds.metadata["user_split"] = np.array(["train"] * 20 + ["validation"] * 5 + ["test"] * 5)
+    split = make_split(ds, "p3")
+    assert set(split.train["user"]) <= set(range(20))
+    assert set(split.val.users) <= set(range(20, 25)) and set(split.test.users) <= set(range(25, 30))

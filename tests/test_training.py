@@ -115,3 +115,17 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     save_checkpoint(path, {"model_name": "dssm", "model": {}})
     with pytest.raises(CheckpointError, match="expected 'youtubednn'"):
         load_checkpoint(path, "youtubednn")
+
+
+def test_cold_start_on_the_deezer_sample(tmp_path, shared_data):
+    """P3 end to end on the real Deezer schema: dense-vector user fields, the release's user split."""
+    folder = shared_data / "deezer-semi-perso-cold-start-sample"
+    if not (folder / "song_embeddings.parquet").exists():
+        pytest.skip(f"{folder} not found")
+    config = parse_config({
+        "dataset": {"name": "deezer", "path": str(folder)}, "split": {"protocol": "p3"},
+        "model": {"name": "dssm", "use_history": False, "embedding_dim": 8, "output_dim": 8},
+        "train": {"epochs": 2, "threads": 1, "negatives": {"num": 3}},
+    })
+    results = run_experiment(config, tmp_path / "deezer", shared_data)
+    assert results["protocol"] == "p3" and results["metrics"]["test"]["num_users"] == 5

@@ -12,6 +12,9 @@ the items excluded from their ranking and their targets.
 * P3 cold start: the P2 user holdout, but the held-out user has no history (side features only)
   and every interaction is a target; nothing is excluded.
 
+Where the release ships its own user split (Deezer's train/validation/test user files, kept in
+``dataset.metadata["user_split"]``), P2 and P3 use it instead of the seeded shuffle.
+
 Targets are sets: repeated items and items already excluded are dropped from them.
 """
 
@@ -88,7 +91,8 @@ def make_split(dataset: Dataset, protocol: str, seed: int = 0) -> Split:
     if protocol == "p1":
         split = _temporal_split(inter, dataset.num_users, seed)
     elif protocol in ("p2", "p3"):
-        split = _user_holdout_split(inter, dataset.num_users, seed, cold_start=protocol == "p3")
+        release_split = dataset.metadata.get("user_split")
+        split = _user_holdout_split(inter, dataset.num_users, seed, protocol == "p3", release_split)
     else:
         raise DataError(f"split.protocol: unknown protocol '{protocol}' (expected one of {PROTOCOLS})")
     for name, part in (("train", split.train), ("validation", split.val.users), ("test", split.test.users)):
@@ -123,12 +127,21 @@ def _temporal_split(inter: pd.DataFrame, num_users: int, seed: int) -> Split:
     return Split("p1", seed, train.reset_index(drop=True), val_block, test_block)
 
 
-def _user_holdout_split(inter: pd.DataFrame, num_users: int, seed: int, cold_start: bool) -> Split:
-    users = np.unique(inter[USER].to_numpy())
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permutation(users)
+def _user_groups(users: np.ndarray, seed: int, release_split: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Train/val/test users: the release's own user split where it has one (Deezer), else a
+    seeded 80/10/10 shuffle."""
+    if release_split is not None:
+        names = {"train": "train", "val": "validation", "test": "test"}
+        return {k: users[release_split[users] == v] for k, v in names.items()}
+    shuffled = np.random.default_rng(seed).permutation(users)
     n_train, n_val = int(round(len(users) * 0.8)), int(round(len(users) * 0.1))
-    groups = {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
+    return {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
+
+
+def _user_holdout_split(
+    inter: pd.DataFrame, num_users: int, seed: int, cold_start: bool, release_split: np.ndarray | None = None
+) -> Split:
+    groups = _user_groups(np.unique(inter[USER].to_numpy()), seed, release_split)
     user_col = inter[USER].to_numpy()
     train = inter[np.isin(user_col, groups["train"])].reset_index(drop=True)
     blocks = {}
