@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from crosstower.errors import ConfigError
+from crosstower.errors import ConfigError, first_error_line
 
 
 class Strict(BaseModel):
@@ -112,17 +112,6 @@ class RunConfig(Strict):
         return self.name or f"{self.dataset.name}-{self.model.name}-{self.split.protocol}"
 
 
-def format_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """The first pydantic error as one line: ``dotted.key: message``."""
-    first = error.errors()[0]
-    # Drop the tag pydantic inserts for a tagged union (``model.dssm.foo`` -> ``model.foo``).
-    parts = [str(p) for p in first["loc"] if str(p) not in MODEL_NAMES]
-    loc = ".".join(parts)
-    if first["type"] == "extra_forbidden":
-        return f"{prefix}{loc}: unknown key"
-    return f"{prefix}{loc}: {first['msg']}"
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``key.sub=value`` strings; values are parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
     for item in overrides:
@@ -147,7 +136,7 @@ def parse_config(raw: Any, source: str = "config", overrides: list[str] | None =
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"{source}: ")) from None
+        raise ConfigError(f"{source}: {first_error_line(exc, skip=MODEL_NAMES)}") from None
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:

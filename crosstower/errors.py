@@ -20,3 +20,16 @@ class ConfigError(CrosstowerError):
 
 class CheckpointError(CrosstowerError):
     """A checkpoint file is missing, corrupt, or belongs to a different model."""
+
+
+def first_error_line(error, root: str = "", skip: tuple[str, ...] = ()) -> str:
+    """The first problem of a pydantic ``ValidationError`` as one line: ``root.loc: message``.
+
+    ``skip`` drops location parts such as the tag pydantic inserts for a tagged union.
+    """
+    first = error.errors()[0]
+    parts = ([root] if root else []) + [str(p) for p in first["loc"] if str(p) not in skip]
+    where = ".".join(parts) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"

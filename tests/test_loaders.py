@@ -81,12 +81,12 @@ def test_missing_data_dir_is_reported(tmp_path):
 @pytest.mark.parametrize(
     "name, options, expected",
     [
-        ("ml-100k", {"min_ratin": 4}, r"^dataset\.options\.min_ratin: Extra inputs are not permitted$"),
+        ("ml-100k", {"min_ratin": 4}, r"^dataset\.options\.min_ratin: unknown key$"),
         ("ml-100k", {"min_rating": "high"}, r"^dataset\.options\.min_rating: "),
         ("sequences", {"format": "csv"}, r"^dataset\.options\.format: Input should be"),
         ("deezer", {"variant": "pca"}, r"^dataset\.options\.variant: "),
         ("generic", {}, r"^dataset\.options\.interactions: Field required$"),
-        ("generic", {"interactions": "a.csv", "columns": {"usr": "u"}}, r"^dataset\.options\.columns\.usr: Extra"),
+        ("generic", {"interactions": "a.csv", "columns": {"usr": "u"}}, r"^dataset\.options\.columns\.usr: unknown key"),
         (
             "generic",
             {

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from crosstower.data.dataset import Dataset, FieldSpec, build_dataset
@@ -104,14 +104,9 @@ class SyntheticConfig(BaseModel):
 
 def parse_options(options: dict) -> SyntheticConfig:
     """Validate user options; the first problem becomes one ``DataError`` line naming the option."""
-    try:
-        return SyntheticConfig(**options)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        where = f"dataset.options.{loc}" if loc else "dataset.options"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise DataError(f"{where}: {msg}") from None
+    from crosstower.data.loaders.files import parse_options as parse_loader_options
+
+    return parse_loader_options(SyntheticConfig, options)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from crosstower.data.dataset import Dataset, FieldSpec, build_dataset
+from crosstower.data.dataset import Dataset, FieldSpec, build_dataset, parse_vector
 from crosstower.data.loaders.files import HINT, find_file, find_optional, parse_options, read_parquet, resolve_dir
 from crosstower.data.schema import FieldKind
 from crosstower.errors import DataError
@@ -120,21 +120,8 @@ def user_specs(columns: pd.Index) -> list[FieldSpec]:
 
 
 def parse_vectors(values: pd.Series) -> pd.Series:
-    """Vectors stored as lists/arrays or as strings ``"[0.1, 0.2]"`` -> float32 arrays.
-
-    Splitting the string is much faster than evaluating it as a Python literal, which matters
-    for the full release's song table.
-    """
-
-    def parse(value):
-        if isinstance(value, str):
-            body = value.strip().strip("[]").replace(",", " ")
-            return np.array(body.split(), dtype=np.float32)
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            return None
-        return np.asarray(value, dtype=np.float32)
-
-    return values.map(parse)
+    """Vectors stored as lists/arrays or as strings ``"[0.1, 0.2]"`` -> float32 arrays."""
+    return values.map(lambda value: parse_vector(value, str(values.name)))
 
 
 def read_song_vectors(path: Path, columns: list[str] | None, variant: str | None) -> pd.DataFrame:

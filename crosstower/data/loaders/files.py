@@ -19,7 +19,7 @@ from typing import Any, Callable, TypeVar
 import pandas as pd
 from pydantic import BaseModel, ValidationError
 
-from crosstower.errors import DataError
+from crosstower.errors import DataError, first_error_line
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 HINT = "pass --data-dir"
@@ -33,10 +33,7 @@ def parse_options(model: type[M], options: dict | None) -> M:
     try:
         return model.model_validate(options or {})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        where = f"dataset.options.{loc}" if loc else "dataset.options"
-        raise DataError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise DataError(first_error_line(exc, "dataset.options")) from None
 
 
 def candidates(directory: Path, basename: str) -> list[Path]:
