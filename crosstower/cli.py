@@ -7,6 +7,7 @@ status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -85,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.config is not None:
         configs = [load_config(args.config, args.overrides)]
     else:
-        configs = [parse_config(dict(raw), f"default {raw['name']}", args.overrides) for raw in DEFAULT_SUITE]
+        configs = [parse_config(copy.deepcopy(raw), f"default {raw['name']}", args.overrides) for raw in DEFAULT_SUITE]
     rows = []
     for config in configs:
         if args.config is not None:
@@ -126,7 +127,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from crosstower.config import load_config
-    from crosstower.run import load_data, resolve_dataset_path
+    from crosstower.run import check_output_dir, load_data, replace_dir, resolve_dataset_path
 
     if args.data_command == "download":
         from crosstower.data.download import download
@@ -148,12 +149,15 @@ def _data(args: argparse.Namespace) -> int:
         path = resolve_dataset_path(config, args.data_dir)
         print(json.dumps(load_dataset(config.dataset.name, path, dict(config.dataset.options)).stats(), indent=2))
         return 0
+    check_output_dir(args.out)
     dataset, split = load_data(config, args.data_dir)
-    args.out.mkdir(parents=True, exist_ok=True)
-    split.save(args.out / "split.npz")
     summary = {**dataset.stats(), "protocol": split.protocol, "train_rows": len(split.train),
                "val_users": len(split.val), "test_users": len(split.test)}
-    (args.out / "stats.json").write_text(json.dumps(summary, indent=2))
+    partial = args.out.parent / f".{args.out.name}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    split.save(partial / "split.npz")
+    (partial / "stats.json").write_text(json.dumps(summary, indent=2))
+    replace_dir(partial, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crosstower.errors import ConfigError, first_error_line
 
@@ -63,6 +63,9 @@ class PopularityConfig(Strict):
     name: Literal["popularity"]
 
 
+RANKING_METRICS = ("recall", "ndcg", "precision", "hitrate", "mrr")
+
+
 class _TwoTowerFields(Strict):
     embedding_dim: int = Field(64, ge=1)
     output_dim: int = Field(64, ge=1)
@@ -74,6 +77,13 @@ class _TwoTowerFields(Strict):
     learn_temperature: bool = False
     item_bias: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)
+
+
+    @model_validator(mode="after")
+    def _item_side_fits(self):
+        if not self.item_mlp and self.embedding_dim != self.output_dim:
+            raise ValueError("item_mlp false needs embedding_dim == output_dim (the item vector is its embedding)")
+        return self
 
 
 class DSSMConfig(_TwoTowerFields):
@@ -106,6 +116,23 @@ class RunConfig(Strict):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        ks = self.evaluate.ks
+        if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
+            raise ValueError(f"evaluate.ks: expected distinct positive cut-offs, got {ks}")
+        metric, _, k = self.evaluate.early_stopping_metric.partition("@")
+        if metric not in RANKING_METRICS or not k.isdigit() or int(k) not in ks:
+            raise ValueError(
+                f"evaluate.early_stopping_metric: expected <{'|'.join(RANKING_METRICS)}>@K with K in evaluate.ks {ks}, "
+                f"got '{self.evaluate.early_stopping_metric}'"
+            )
+        negatives = self.train.negatives
+        has_negatives = negatives.in_batch or (negatives.sampler != "none" and negatives.num > 0)
+        if self.model.name != "popularity" and not has_negatives:
+            raise ValueError("train.negatives: no negatives (set num > 0 with a sampler, or in_batch: true)")
+        return self
 
     @property
     def run_name(self) -> str:

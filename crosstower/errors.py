@@ -18,6 +18,10 @@ class ConfigError(CrosstowerError):
     """A configuration key is unknown, missing or has the wrong type."""
 
 
+class TrainingError(CrosstowerError):
+    """Training diverged (a non-finite loss): the settings, not the code, need changing."""
+
+
 class CheckpointError(CrosstowerError):
     """A checkpoint file is missing, corrupt, or belongs to a different model."""
 
@@ -29,7 +33,5 @@ def first_error_line(error, root: str = "", skip: tuple[str, ...] = ()) -> str:
     """
     first = error.errors()[0]
     parts = ([root] if root else []) + [str(p) for p in first["loc"] if str(p) not in skip]
-    where = ".".join(parts) or "config"
-    if first["type"] == "extra_forbidden":
-        return f"{where}: unknown key"
-    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(parts)}: {message}" if parts else message

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def sampled_softmax(
@@ -27,8 +26,3 @@ def sampled_softmax(
         negative_logits = negative_logits.masked_fill(negative_mask, float("-inf"))
     logits = torch.cat([positive_logits[:, None], negative_logits], dim=1)
     return -(positive_logits - torch.logsumexp(logits, dim=1)).mean()
-
-
-def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Pointwise BCE on logits (pre-ranking, P4)."""
-    return F.binary_cross_entropy_with_logits(logits, labels.float())

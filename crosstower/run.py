@@ -9,6 +9,7 @@ removes it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,9 +24,10 @@ from crosstower.config import RunConfig, dump_config
 from crosstower.data.dataset import Dataset
 from crosstower.data.loaders import LOADERS, load_dataset
 from crosstower.data.splits import Split, make_split
-from crosstower.errors import CrosstowerError, DataError
-from crosstower.evaluate.model_eval import evaluate_model
+from crosstower.errors import ConfigError, CrosstowerError, DataError
+from crosstower.evaluate.model_eval import evaluate_split
 from crosstower.models import EmbeddingRecommender, Popularity, Recommender, build_model
+from crosstower.train.checkpoint import load_checkpoint
 from crosstower.train.trainer import Trainer, set_seed
 
 log = logging.getLogger("crosstower.run")
@@ -65,40 +67,61 @@ def load_data(config: RunConfig, data_dir: Path | None) -> tuple[Dataset, Split]
 
 def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = None, resume: bool = False) -> dict:
     """Train and evaluate ``config``; write ``out_dir/metrics.json`` (and friends) atomically."""
+    check_output_dir(out_dir)
     torch.set_num_threads(config.train.threads)
     set_seed(config.train.seed)
     log.info("loading %s", config.dataset.name)
     dataset, split = load_data(config, data_dir)
+    model = build_model(config.model, dataset, split.protocol)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     if partial.exists() and not resume:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     try:
-        results = _train_and_evaluate(config, dataset, split, partial, resume)
+        results = _train_and_evaluate(config, dataset, split, model, partial, resume)
     except CrosstowerError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     (partial / "checkpoint.pt").unlink(missing_ok=True)
-    _replace_dir(partial, out_dir)
+    replace_dir(partial, out_dir)
     return results
 
 
-def _train_and_evaluate(config: RunConfig, dataset: Dataset, split: Split, workdir: Path, resume: bool) -> dict:
-    model = build_model(config.model, dataset, split.protocol)
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse to replace a folder that crosstower did not write (it would be deleted).
+
+    Every folder crosstower writes (a run, a prepared split) holds its ``split.npz``.
+    """
+    if out_dir.exists() and not (out_dir / "split.npz").exists():
+        raise ConfigError(f"--out {out_dir}: exists and is not a crosstower run folder; choose another --out")
+
+
+def data_fingerprint(dataset: Dataset) -> dict:
+    """What a checkpoint or a saved split must match: sizes and a hash of the id order."""
+    digest = hashlib.sha256()
+    for ids in (dataset.user_ids, dataset.item_ids):
+        digest.update(np.asarray(ids).astype(str).astype("U").tobytes())
+    return {"name": dataset.name, "users": dataset.num_users, "items": dataset.num_items,
+            "interactions": len(dataset.interactions), "ids_sha256": digest.hexdigest()[:16]}
+
+
+def _train_and_evaluate(
+    config: RunConfig, dataset: Dataset, split: Split, model: Recommender, workdir: Path, resume: bool
+) -> dict:
+    fingerprint = data_fingerprint(dataset)
     report = None
     if isinstance(model, Popularity):
         model.fit_counts(split.train["item"].to_numpy())
     if model.trainable:
-        report = Trainer(model, dataset, split, config, workdir).fit(resume=resume)
+        report = Trainer(model, dataset, split, config, workdir, fingerprint).fit(resume=resume)
     metrics, timing = {}, {"train_seconds": report.seconds if report else 0.0}
     for part in ("val", "test"):
-        metrics[part], seconds = evaluate_model(
-            model, getattr(split, part), dataset.num_items, config.train.history_length,
-            config.evaluate.ks, config.evaluate.user_batch, config.evaluate.item_chunk,
+        metrics[part], timing[f"{part}_eval_seconds"] = evaluate_split(
+            model, getattr(split, part), dataset.num_items, config, progress=True
         )
-        timing[f"{part}_eval_seconds"] = seconds
     if report is not None:
-        timing.update(epochs=report.epochs_run, best_epoch=report.best_epoch)
+        timing.update(epochs=report.epochs_run, best_epoch=report.best_epoch, stopped_early=report.stopped_early,
+                      resumed_from_epoch=report.resumed_from_epoch)
     results = {
         "model": config.model.name,
         "dataset": dataset.name,
@@ -107,7 +130,7 @@ def _train_and_evaluate(config: RunConfig, dataset: Dataset, split: Split, workd
         "metrics": metrics,
         "timing": timing,
         "index": _index_summary(model),
-        "data": {k: v for k, v in dataset.stats().items() if k in ("users", "items", "interactions")},
+        "data": fingerprint,
         "training_history": report.history if report else [],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -127,7 +150,7 @@ def _index_summary(model: Recommender) -> dict:
     return {"kind": "exhaustive"}
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``, replacing an existing ``dst`` with two renames."""
     if dst.exists():
         old = dst.parent / f".{dst.name}.old"
@@ -151,19 +174,13 @@ def load_run(run_dir: Path) -> tuple[RunConfig, dict]:
 
 def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
     """Recompute the metrics of a finished run from its saved config, split and model."""
-    from crosstower.train.checkpoint import load_checkpoint
-
-    config, _ = load_run(run_dir)
+    config, saved = load_run(run_dir)
     torch.set_num_threads(config.train.threads)
     path = resolve_dataset_path(config, data_dir)
     dataset = load_dataset(config.dataset.name, path, dict(config.dataset.options))
+    if data_fingerprint(dataset) != saved.get("data"):
+        raise DataError(f"{run_dir}: the data set differs from the one this run was trained on ({path})")
     split = Split.load(run_dir / "split.npz")
     model = build_model(config.model, dataset, split.protocol)
     model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
-    return {
-        part: evaluate_model(
-            model, getattr(split, part), dataset.num_items, config.train.history_length,
-            config.evaluate.ks, config.evaluate.user_batch, config.evaluate.item_chunk,
-        )[0]
-        for part in ("val", "test")
-    }
+    return {part: evaluate_split(model, getattr(split, part), dataset.num_items, config)[0] for part in ("val", "test")}

@@ -38,7 +38,9 @@ def test_malformed_yaml(tmp_path):
 @pytest.mark.parametrize("body, fragment", [
     ("model: {name: dssm, embeding_dim: 3}", "model.embeding_dim: unknown key"),
     ("model: {name: dssm}\ntrain: {lr: fast}", "train.lr"),
-    ("model: {name: transformer}", "model"),
+    ("model: {name: transformer}", "'transformer'"),
+    ("model: {name: dssm}\nevaluate: {ks: [10]}", "early_stopping_metric"),
+    ("model: {name: dssm}\ntrain: {negatives: {num: 0}}", "train.negatives: no negatives"),
     ("dataset: {name: nosuch}\nmodel: {name: popularity}", "unknown dataset 'nosuch'"),
 ])
 def test_invalid_config(tmp_path, body, fragment):
@@ -66,6 +68,24 @@ def test_ratings_file_with_missing_column(tmp_path):
     result = run_cli(["run", "c.yaml", "--data-dir", str(tmp_path), "--out", "out"], tmp_path)
     assert_one_line_error(result, "ratings.csv", "rating")
     assert not (tmp_path / "out").exists()
+
+
+def test_error_after_loading_data_leaves_no_folder(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        f"dataset: {{name: synthetic, options: {json.dumps(TINY)}}}\nmodel: {{name: dssm, user_fields: [nosuch]}}\n"
+    )
+    result = run_cli(["run", "c.yaml", "--out", "out"], tmp_path)
+    assert_one_line_error(result, "nosuch")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_out_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    (tmp_path / "c.yaml").write_text(f"dataset: {{name: synthetic, options: {json.dumps(TINY)}}}\nmodel: {{name: popularity}}\n")
+    result = run_cli(["run", "c.yaml", "--out", "precious"], tmp_path)
+    assert_one_line_error(result, "precious", "not a crosstower run folder")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
 def test_bad_override(tmp_path):

@@ -3,23 +3,45 @@ import math
 import numpy as np
 import torch
 
-from crosstower.data.sampling import (
-    CandidatePool,
-    accidental_hits,
-    logq_correct,
-    popularity_sampler,
-    uniform_sampler,
-)
+from crosstower.config import parse_config
+from crosstower.data.sampling import CandidatePool, accidental_hits, popularity_sampler, uniform_sampler
+from crosstower.data.splits import make_split
 from crosstower.losses import sampled_softmax
+from crosstower.train.trainer import Trainer
+from tests.helpers import random_dataset
 
 
-def test_logq_is_subtracted_so_popular_items_lose_logit():
-    """The sign pin (TFRS#219 shipped it added): a popular negative must be *down*-weighted."""
-    sampler = popularity_sampler(np.array([1000, 1]), alpha=1.0)
-    log_q = sampler.log_prob(torch.tensor([0, 1]))
-    corrected = logq_correct(torch.tensor([2.0, 2.0]), log_q)
-    assert corrected[0] < corrected[1]
-    assert torch.allclose(corrected, torch.tensor([2.0, 2.0]) - log_q)
+def test_logq_is_subtracted_so_popular_negatives_weigh_less():
+    """The sign pin (TFRS#219 shipped it added): a frequently drawn negative must be
+    *down*-weighted, so with equal raw logits it takes less of the softmax mass."""
+    pos, neg = torch.tensor([1.0]), torch.tensor([[1.0]])
+    popular = sampled_softmax(pos, neg, negative_log_q=torch.tensor([[2.0]]))
+    rare = sampled_softmax(pos, neg, negative_log_q=torch.tensor([[-2.0]]))
+    assert popular < rare
+    assert torch.allclose(popular, -torch.log_softmax(torch.tensor([1.0, 1.0 - 2.0]), 0)[0])
+
+
+def test_trainer_batches_carry_mixture_logq_and_mask_in_batch_hits(tmp_path):
+    dataset = random_dataset(num_users=40, num_items=30, rows=800)
+    split = make_split(dataset, "p1")
+    config = parse_config({
+        "model": {"name": "youtubednn"},
+        "train": {"batch_size": 16, "negatives": {"sampler": "popularity", "num": 5, "alpha": 1.0, "in_batch": True}},
+    })
+    trainer = Trainer(None, dataset, split, config, tmp_path)
+    batch = trainer.make_batch(np.arange(16), torch.Generator().manual_seed(0))
+    assert batch.negatives.shape == (16, 5) and batch.in_batch_mask.shape == (16, 16)
+    assert batch.in_batch_mask.diagonal().all()  # a row's own positive is never its negative
+    counts = torch.as_tensor(np.bincount(trainer.examples.items, minlength=30), dtype=torch.float64)
+    q_sampled = (counts + 1) / (counts + 1).sum()
+    q_batch = counts / counts.sum()
+    expected = torch.log(5 * q_sampled + 16 * q_batch)
+    assert torch.allclose(batch.positive_log_q.double(), expected[batch.positives], atol=1e-5)
+    assert torch.allclose(batch.negative_log_q.double(), expected[batch.negatives], atol=1e-5)
+    # in-batch column j is candidate positives[j]: it takes positives[j]'s correction
+    _, mask, log_q = batch.candidate_logits(torch.zeros(16), torch.zeros(16, 5), torch.zeros(16, 16))
+    assert torch.equal(log_q[:, 5:], batch.positive_log_q[None, :].expand(16, -1))
+    assert torch.equal(mask[:, 5:], batch.in_batch_mask)
 
 
 def test_sampled_softmax_subtracts_logq_from_positive_and_negatives():

@@ -11,6 +11,7 @@ from crosstower.data.batching import TrainExamples, eval_user_input
 from crosstower.data.loaders import load_dataset
 from crosstower.data.splits import make_split
 from crosstower.errors import CheckpointError
+from crosstower.evaluate.model_eval import evaluate_model
 from crosstower.models import build_model
 from crosstower.run import reevaluate, run_experiment
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
@@ -70,8 +71,15 @@ def test_results_contract_and_reevaluation(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path, tiny_data):
+    """With dropout on, so that the global generator's state matters too."""
     dataset, split = tiny_data
-    full_cfg = parse_config(tiny_config(epochs=3))
+
+    def config(epochs):
+        raw = tiny_config(epochs=epochs)
+        raw["model"]["dropout"] = 0.3
+        return parse_config(raw)
+
+    full_cfg = config(3)
     torch.manual_seed(0)
     full = build_model(full_cfg.model, dataset, "p2")
     full_report = Trainer(full, dataset, split, full_cfg, tmp_path).fit()
@@ -80,12 +88,51 @@ def test_resume_continues_exactly(tmp_path, tiny_data):
     work.mkdir()
     torch.manual_seed(0)
     first = build_model(full_cfg.model, dataset, "p2")
-    Trainer(first, dataset, split, parse_config(tiny_config(epochs=1)), work).fit()
+    Trainer(first, dataset, split, config(1), work).fit()
     torch.manual_seed(123)  # a different initialisation must be overwritten by the checkpoint
     second = build_model(full_cfg.model, dataset, "p2")
     report = Trainer(second, dataset, split, full_cfg, work).fit(resume=True)
     assert report.resumed_from_epoch == 1
+    assert [h["loss"] for h in report.history] == [h["loss"] for h in full_report.history]
     assert [h["val_recall@50"] for h in report.history] == [h["val_recall@50"] for h in full_report.history]
+
+
+def test_resume_refuses_another_config_and_stops_after_early_stop(tmp_path, tiny_data):
+    dataset, split = tiny_data
+    base = tiny_config(epochs=2)
+    model = build_model(parse_config(base).model, dataset, "p2")
+    Trainer(model, dataset, split, parse_config(base), tmp_path).fit()
+    other = tiny_config(epochs=4, lr=0.1)
+    with pytest.raises(CheckpointError, match="different config"):
+        Trainer(model, dataset, split, parse_config(other), tmp_path).fit(resume=True)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["report"]["stopped_early"] = True
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    report = Trainer(model, dataset, split, parse_config(tiny_config(epochs=4)), tmp_path).fit(resume=True)
+    assert report.epochs_run == 2
+
+
+def test_best_epoch_is_restored(tmp_path):
+    results = run_experiment(parse_config(tiny_config(epochs=4, lr=0.05)), tmp_path / "run")
+    best = results["training_history"][results["timing"]["best_epoch"]]
+    assert best["val_recall@50"] == max(h["val_recall@50"] for h in results["training_history"])
+    assert results["metrics"]["val"]["recall@50"] == best["val_recall@50"]
+
+
+def test_metrics_do_not_depend_on_evaluation_batch_size(tiny_data):
+    dataset, split = tiny_data
+    model = build_model(parse_config(tiny_config()).model, dataset, "p2")
+    runs = [evaluate_model(model, split.test, dataset.num_items, 20, [10, 50], user_batch=b, item_chunk=c)[0]
+            for b, c in ((1, 7), (7, 150), (1000, 64))]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_serving_input_has_zero_example_age_and_p3_reads_no_history(tiny_data):
+    dataset, split = tiny_data
+    user = eval_user_input(split.test, np.arange(4), 20)
+    assert torch.equal(user.example_age, torch.zeros(4))
+    model = build_model(parse_config(tiny_config()).model, dataset, "p3")
+    assert model.settings.use_history is False
 
 
 def test_trained_model_beats_popularity(tmp_path):

@@ -72,11 +72,6 @@ class CandidatePool:
         return torch.logsumexp(torch.stack(terms), dim=0).float()
 
 
-def logq_correct(logits: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Sampled-softmax correction: the log expected count is *subtracted* from the logit."""
-    return logits - log_q
-
-
 def accidental_hits(users: torch.Tensor, positives: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """``[B, K]`` bool: candidate ``[b, k]`` equals a positive of user ``users[b]`` in this batch.
 

@@ -31,6 +31,7 @@ from crosstower.data.ragged import Ragged
 from crosstower.errors import DataError
 
 PROTOCOLS = ("p1", "p2", "p3")
+EVAL_PARTS = ("history", "exclude", "targets")
 
 
 @dataclass(frozen=True)
@@ -65,23 +66,26 @@ class Split:
         }
         for name, block in (("val", self.val), ("test", self.test)):
             arrays[f"{name}_users"] = block.users
-            for part in ("history", "exclude", "targets"):
+            for part in EVAL_PARTS:
                 arrays.update(getattr(block, part).save(f"{name}_{part}"))
         np.savez_compressed(path, **arrays)
 
     @staticmethod
     def load(path: Path) -> "Split":
         try:
-            z = np.load(path)
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+            train = pd.DataFrame({USER: arrays["train_user"], ITEM: arrays["train_item"], TIME: arrays["train_timestamp"]})
+
+            def block(name: str) -> EvalUsers:
+                parts = {p: Ragged(arrays[f"{name}_{p}_indptr"], arrays[f"{name}_{p}_values"]) for p in EVAL_PARTS}
+                return EvalUsers(arrays[f"{name}_users"], **parts)
+
+            return Split(str(arrays["protocol"]), int(arrays["seed"]), train, block("val"), block("test"))
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: not a readable split file ({exc})") from None
-        train = pd.DataFrame({USER: z["train_user"], ITEM: z["train_item"], TIME: z["train_timestamp"]})
-
-        def block(name: str) -> EvalUsers:
-            parts = {p: Ragged(z[f"{name}_{p}_indptr"], z[f"{name}_{p}_values"]) for p in ("history", "exclude", "targets")}
-            return EvalUsers(z[f"{name}_users"], **parts)
-
-        return Split(str(z["protocol"]), int(z["seed"]), train, block("val"), block("test"))
+        except KeyError as exc:
+            raise DataError(f"{path}: not a crosstower split (missing {exc})") from None
 
 
 def make_split(dataset: Dataset, protocol: str, seed: int = 0) -> Split:

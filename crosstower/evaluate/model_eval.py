@@ -7,10 +7,15 @@ import time
 import numpy as np
 import torch
 
+from crosstower.config import RunConfig
 from crosstower.data.batching import eval_user_input
 from crosstower.data.splits import EvalUsers
-from crosstower.evaluate.ranking import evaluate_ranking
-from crosstower.models.base import Recommender
+from crosstower.evaluate.ranking import Scorer, evaluate_ranking
+from crosstower.models.base import EmbeddingRecommender, Recommender
+
+# Users are encoded in fixed blocks of this many, whatever the evaluation batch size, so that a
+# user's vector (and hence the metrics) never depends on ``user_batch``.
+ENCODE_BLOCK = 1024
 
 
 @torch.no_grad()
@@ -28,13 +33,32 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    item_scorer = model.item_scorer()
-
-    def scorer(rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
-        return item_scorer(eval_user_input(block, rows, history_length), lo, hi)
-
+    scorer = _scorer(model, block, history_length)
     metrics = evaluate_ranking(
         scorer, len(block), num_items, block.exclude, block.targets, tuple(ks), user_batch, item_chunk, progress
     )
     model.train(was_training)
     return metrics, time.perf_counter() - start
+
+
+def evaluate_split(
+    model: Recommender, block: EvalUsers, num_items: int, config: RunConfig, progress: bool = False
+) -> tuple[dict[str, float], float]:
+    """:func:`evaluate_model` with the run config's history length and evaluation settings."""
+    cfg = config.evaluate
+    return evaluate_model(
+        model, block, num_items, config.train.history_length, cfg.ks, cfg.user_batch, cfg.item_chunk, progress
+    )
+
+
+def _scorer(model: Recommender, block: EvalUsers, history_length: int) -> Scorer:
+    if isinstance(model, EmbeddingRecommender):
+        # Encode every evaluated user once (not once per item chunk), in fixed blocks.
+        user_vectors = torch.cat([
+            model.encode_users(eval_user_input(block, np.arange(lo, min(lo + ENCODE_BLOCK, len(block))), history_length))
+            for lo in range(0, len(block), ENCODE_BLOCK)
+        ])
+        item_vectors = model.item_vectors()
+        return lambda rows, lo, hi: user_vectors[torch.from_numpy(rows)] @ item_vectors[lo:hi].T
+    item_scorer = model.item_scorer()
+    return lambda rows, lo, hi: item_scorer(eval_user_input(block, rows, history_length), lo, hi)

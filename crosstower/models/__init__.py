@@ -18,7 +18,8 @@ def build_model(config, dataset: Dataset, protocol: str = "p1") -> Recommender:
     """The model ``config`` describes, for ``dataset`` under ``protocol``.
 
     Under P2/P3 the evaluated users were never trained on, so a ``user_id`` embedding would be
-    untrained noise for them: it is left out by default and refused when asked for.
+    untrained noise for them: it is left out by default and refused when asked for. Under P3
+    the evaluated users have no history, so the user tower does not read one in training either.
     """
     if isinstance(config, PopularityConfig):
         return Popularity(dataset.num_items)
@@ -30,6 +31,8 @@ def build_model(config, dataset: Dataset, protocol: str = "p1") -> Recommender:
                 settings.user_fields = [f for f in dataset.users.fields if f != "user_id"]
             elif "user_id" in settings.user_fields:
                 raise ConfigError(f"model.user_fields: 'user_id' is untrained for held-out users under {protocol}")
+        if protocol == "p3":
+            settings.use_history = False
         if settings.use_example_age and not dataset.has_time:
             settings.use_example_age = False  # no time stamps: example age carries nothing
         return TwoTower(dataset, settings)

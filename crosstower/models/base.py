@@ -54,11 +54,14 @@ class EmbeddingRecommender(Recommender):
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         return self.encode_users(user) @ self.encode_items(items).T
 
-    def item_scorer(self, chunk: int = 65536) -> ItemRangeScorer:
+    @torch.no_grad()
+    def item_vectors(self, chunk: int = 65536) -> torch.Tensor:
+        """The whole catalogue's item vectors ``[num_items, D]``, encoded in chunks."""
+        return torch.cat([self.encode_items(c) for c in torch.arange(self.num_items).split(chunk)])
+
+    def item_scorer(self) -> ItemRangeScorer:
         """Encodes the catalogue once, then scores by one matrix product per call."""
-        with torch.no_grad():
-            all_items = torch.arange(self.num_items)
-            item_vectors = torch.cat([self.encode_items(c) for c in all_items.split(chunk)])
+        item_vectors = self.item_vectors()
         return lambda user, start, stop: self.encode_users(user) @ item_vectors[start:stop].T
 
     def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
+from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender
 from crosstower.nn.fields import MLP, FieldEmbedder, masked_mean
 
@@ -54,12 +55,10 @@ class TwoTower(EmbeddingRecommender):
         user_in = (self.user_fields.num_fields * d if self.user_fields else 0) + (d if s.use_history else 0)
         user_in += 1 if s.use_example_age else 0
         if user_in == 0:
-            raise ValueError("the user tower has no input: enable use_history or give user_fields")
+            raise ConfigError("model: the user tower has no input (no history and no user field besides user_id)")
         self.user_tower = MLP([user_in, *s.user_hidden, s.output_dim], s.dropout)
         if s.item_mlp:
             self.item_tower = MLP([self.item_fields.num_fields * d, *s.item_hidden, s.output_dim], s.dropout)
-        elif d != s.output_dim:
-            raise ValueError("item_mlp: false needs embedding_dim == output_dim")
         self.log_scale = nn.Parameter(torch.tensor(-math.log(s.temperature)), requires_grad=s.learn_temperature)
         self.bias = nn.Embedding(dataset.num_items, 1) if s.item_bias else None
         if self.bias is not None:

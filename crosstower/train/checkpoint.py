@@ -25,7 +25,7 @@ def load_checkpoint(path: Path, model_name: str | None = None) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or "model" not in state:

@@ -1,13 +1,16 @@
 """The training loop: Adam, sampled softmax batches, early stopping on validation, resumable.
 
-Determinism: the example order and the negatives of epoch ``e`` come from generators seeded by
-``(seed, e)``, so two runs with one seed train identically, and a run resumed from the
-checkpoint of epoch ``e`` continues exactly as if it had never stopped.
+Determinism: the example order, the negatives and torch's global generator (dropout) of epoch
+``e`` are all seeded by ``(seed, e)``, so two runs with one seed train identically, and a run
+resumed from the checkpoint of epoch ``e`` continues exactly as if it had never stopped. A
+checkpoint records the config and a fingerprint of the data; resuming under a different one is
+refused rather than silently stitching two runs together.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -29,7 +32,8 @@ from crosstower.data.sampling import (
     uniform_sampler,
 )
 from crosstower.data.splits import Split
-from crosstower.evaluate.model_eval import evaluate_model
+from crosstower.errors import CheckpointError, TrainingError
+from crosstower.evaluate.model_eval import evaluate_split
 from crosstower.models.base import Recommender
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -53,8 +57,12 @@ def set_seed(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, model: Recommender, dataset: Dataset, split: Split, config: RunConfig, workdir: Path):
+    def __init__(
+        self, model: Recommender, dataset: Dataset, split: Split, config: RunConfig, workdir: Path,
+        data_fingerprint: dict | None = None,
+    ):
         self.model, self.dataset, self.split, self.config = model, dataset, split, config
+        self.data_fingerprint = data_fingerprint or {}
         self.train_cfg, self.eval_cfg = config.train, config.evaluate
         self.workdir = workdir
         self.examples = TrainExamples(split.train, self.train_cfg.history_length, dataset.num_users)
@@ -104,22 +112,14 @@ class Trainer:
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         report, best_state, bad_epochs = TrainReport(), copy.deepcopy(self.model.state_dict()), 0
         checkpoint_path = self.workdir / "checkpoint.pt"
-        start_epoch = 0
         if resume and checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path, self.config.model.name)
-            self.model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            report, best_state, bad_epochs = state["report"], state["best_state"], state["bad_epochs"]
-            start_epoch = report.epochs_run
-            report.resumed_from_epoch = start_epoch
-            log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
+            report, best_state, bad_epochs = self._resume(checkpoint_path, optimizer)
         started = time.perf_counter() - report.seconds
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(report.epochs_run, cfg.epochs):
+            if report.stopped_early:
+                break
             loss = self._train_epoch(epoch, optimizer)
-            metrics, _ = evaluate_model(
-                self.model, self.split.val, self.dataset.num_items, cfg.history_length,
-                self.eval_cfg.ks, self.eval_cfg.user_batch, self.eval_cfg.item_chunk,
-            )
+            metrics, _ = evaluate_split(self.model, self.split.val, self.dataset.num_items, self.config)
             value = metrics[self.eval_cfg.early_stopping_metric]
             report.history.append({"epoch": epoch, "loss": loss, **{f"val_{k}": v for k, v in metrics.items()}})
             report.epochs_run = epoch + 1
@@ -134,24 +134,46 @@ class Trainer:
             report.stopped_early = bad_epochs >= cfg.patience or out_of_time
             save_checkpoint(checkpoint_path, {
                 "model_name": self.config.model.name, "model": self.model.state_dict(),
-                "optimizer": optimizer.state_dict(), "report": report,
+                "optimizer": optimizer.state_dict(), "report": dataclasses.asdict(report),
                 "best_state": best_state, "bad_epochs": bad_epochs,
+                "config": self._resumable_config(), "data": self.data_fingerprint,
             })
-            if report.stopped_early:
-                break
         self.model.load_state_dict(best_state)
         return report
+
+    def _resumable_config(self) -> dict:
+        """The config a resumed run must share: everything but the epoch and time budgets."""
+        config = self.config.model_dump(mode="json")
+        config["train"] = {k: v for k, v in config["train"].items() if k not in ("epochs", "max_minutes")}
+        return config
+
+    def _resume(self, path: Path, optimizer: torch.optim.Optimizer) -> tuple[TrainReport, dict, int]:
+        state = load_checkpoint(path, self.config.model.name)
+        if state.get("config") != self._resumable_config():
+            raise CheckpointError(f"{path}: written under a different config; rerun without --resume")
+        if state.get("data") != self.data_fingerprint:
+            raise CheckpointError(f"{path}: written for different data; rerun without --resume")
+        self.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        report = TrainReport(**state["report"])
+        report.resumed_from_epoch = report.epochs_run
+        log.info("resumed from %s after epoch %d", path, report.epochs_run)
+        return report, state["best_state"], state["bad_epochs"]
 
     def _train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> float:
         cfg = self.train_cfg
         self.model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.examples))
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        epoch_seed = cfg.seed * 1_000_003 + epoch
+        generator = torch.Generator().manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)  # dropout and any other use of the global generator
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
         for index in progress:
             batch = self.make_batch(index, generator)
             loss, _ = self.model.loss(batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr (now {cfg.lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
