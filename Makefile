@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU wheel of torch; on a CUDA machine set TORCH_SPEC, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu121"
+# torch first, so the project's `torch>=2.1` installs nothing more. On these machines pip's own
+# configuration serves torch==2.13.0 as a CPU wheel from disk; elsewhere choose the build, e.g.
+# TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" (or .../whl/cu121 for CUDA).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[test,faiss]'
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

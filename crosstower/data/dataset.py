@@ -162,6 +162,9 @@ def _encode_field(spec: FieldSpec, frame: pd.DataFrame) -> tuple[Field, np.ndarr
 
 
 def _standardise(values: np.ndarray) -> np.ndarray:
+    """z-score over all entities of the side. This is a fixed affine map of a static side feature
+    (no labels are involved); statistics of interactions, which would leak, are not built here
+    (P4's label-derived features are computed from training rows only)."""
     finite = np.isfinite(values)
     if not finite.any():
         return np.zeros(len(values), dtype=np.float32)
