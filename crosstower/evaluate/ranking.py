@@ -202,7 +202,7 @@ def _iter_topk(
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="ranking", unit="batch")
+        starts = tqdm(starts, desc="ranking", unit="batch", disable=None)
     with torch.no_grad():
         for lo in starts:
             batch = rows[lo : lo + user_batch]
