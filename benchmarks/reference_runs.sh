@@ -15,5 +15,5 @@ CONFIGS=(
 for name in "${CONFIGS[@]}"; do
   .venv/bin/crosstower run "configs/$name.yaml" --data-dir "$DATA_DIR" --out "runs/reference/$name"
 done
-.venv/bin/python benchmarks/results_table.py runs/reference/* > runs/reference/table.md
+.venv/bin/python benchmarks/results_table.py "${CONFIGS[@]/#/runs/reference/}" > runs/reference/table.md
 cat runs/reference/table.md
