@@ -24,6 +24,7 @@ from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender
 from crosstower.nn.fields import MLP, FieldEmbedder, masked_mean
+from crosstower.nn.tokenizers import embed_history
 
 
 @dataclass
@@ -65,10 +66,7 @@ class TwoTower(EmbeddingRecommender):
             nn.init.zeros_(self.bias.weight)
 
     def _history_vector(self, user: UserInput) -> torch.Tensor:
-        # Embed each distinct history item once, then gather: histories repeat items heavily.
-        unique, inverse = torch.unique(user.history.clamp_min(0), return_inverse=True)
-        tokens = F.embedding(inverse, self.item_fields(unique).sum(-2))  # [B, L, d]
-        return masked_mean(tokens, user.history_mask)
+        return masked_mean(embed_history(self.item_fields, user.history), user.history_mask)
 
     def encode_users(self, user: UserInput) -> torch.Tensor:
         parts = []

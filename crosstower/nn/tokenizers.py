@@ -1,0 +1,90 @@
+"""Tokenizers: a user (side features + history) or an item (side features) -> a few token vectors.
+
+SparCode scores ``sum_k E(T_k(user), item)``: the user side must become ``K_u`` token vectors
+that are later quantised into codes, and the item side ``K_i`` tokens that the interaction
+encoder reads. Two user tokenizers follow the paper's variants:
+
+* :class:`DNNTokenizer`: masked mean of the history's item embeddings, concatenated with the
+  user field embeddings, through an MLP, then ``K_u`` linear heads.
+* :class:`SATokenizer`: a transformer over ``K_u`` learned query tokens, one token per user field
+  and one per history item (with positions); the query tokens' outputs are the user tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crosstower.data.batching import UserInput
+from crosstower.nn.fields import MLP, FieldEmbedder, masked_mean
+from crosstower.nn.transformer import TransformerEncoder
+
+
+def embed_history(items: FieldEmbedder, history: torch.Tensor) -> torch.Tensor:
+    """History item tokens ``[B, L, d]`` (sum of each item's field embeddings).
+
+    Each distinct item is embedded once and gathered with ``F.embedding``, whose backward is much
+    cheaper than advanced indexing when histories repeat items.
+    """
+    unique, inverse = torch.unique(history.clamp_min(0), return_inverse=True)
+    return F.embedding(inverse, items(unique).sum(-2))
+
+
+class DNNTokenizer(nn.Module):
+    def __init__(
+        self, user_fields: FieldEmbedder | None, item_fields: FieldEmbedder, dim: int,
+        num_tokens: int, hidden: list[int], dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.user_fields, self.item_fields, self.num_tokens, self.dim = user_fields, item_fields, num_tokens, dim
+        in_dim = (user_fields.num_fields * dim if user_fields is not None else 0) + dim
+        # The last layer is the K_u heads: one linear map to K_u * dim, viewed as K_u tokens.
+        self.mlp = MLP([in_dim, *hidden, num_tokens * dim], dropout)
+
+    def forward(self, user: UserInput) -> torch.Tensor:
+        """``[B, K_u, dim]`` user tokens."""
+        parts = [masked_mean(embed_history(self.item_fields, user.history), user.history_mask)]
+        if self.user_fields is not None:
+            parts.insert(0, self.user_fields(user.users).flatten(1))
+        return self.mlp(torch.cat(parts, dim=-1)).view(len(user), self.num_tokens, self.dim)
+
+
+class SATokenizer(nn.Module):
+    def __init__(
+        self, user_fields: FieldEmbedder | None, item_fields: FieldEmbedder, dim: int, num_tokens: int,
+        max_history: int, layers: int = 2, heads: int = 2, dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.user_fields, self.item_fields, self.num_tokens = user_fields, item_fields, num_tokens
+        self.queries = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
+        num_fields = user_fields.num_fields if user_fields is not None else 0
+        self.field_positions = nn.Parameter(torch.randn(max(num_fields, 1), dim) * 0.02)
+        self.history_positions = nn.Parameter(torch.randn(max(max_history, 1), dim) * 0.02)
+        self.encoder = TransformerEncoder(dim, layers, heads, dropout)
+
+    def forward(self, user: UserInput) -> torch.Tensor:
+        """``[B, K_u, dim]`` user tokens: the encoder's outputs at the query positions."""
+        b, length = user.history.shape
+        tokens = [self.queries.expand(b, -1, -1)]
+        masks = [torch.ones(b, self.num_tokens, dtype=torch.bool)]
+        if self.user_fields is not None:
+            tokens.append(self.user_fields(user.users) + self.field_positions)
+            masks.append(torch.ones(b, self.user_fields.num_fields, dtype=torch.bool))
+        if length:
+            tokens.append(embed_history(self.item_fields, user.history) + self.history_positions[-length:])
+            masks.append(user.history_mask)
+        hidden = self.encoder(torch.cat(tokens, dim=1), torch.cat(masks, dim=1))
+        return hidden[:, : self.num_tokens]
+
+
+class ItemTokenizer(nn.Module):
+    """Item fields -> MLP -> ``K_i`` linear projections: ``[N, K_i, dim]`` item tokens."""
+
+    def __init__(self, item_fields: FieldEmbedder, dim: int, num_tokens: int, hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        self.item_fields, self.num_tokens, self.dim = item_fields, num_tokens, dim
+        self.mlp = MLP([item_fields.num_fields * dim, *hidden, num_tokens * dim], dropout)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.item_fields(items).flatten(1)).view(len(items), self.num_tokens, self.dim)
