@@ -1,0 +1,153 @@
+"""SparCode (Su et al., SIGIR 2023): all-to-all interaction made retrievable.
+
+The user becomes ``K_u`` tokens (:mod:`crosstower.nn.tokenizers`); each token is product-
+quantised into a code (codebooks shared by all tokens); one interaction encoder ``E`` scores a
+(quantised token, item tokens) pair; the user-item score is
+
+    y(u, i) = sum_k ReLU(E(q_k(u), i) + b)
+
+The bias ``b`` and the ReLU are the sparsity control: a (code, item) score pushed to <= 0 is
+exactly zero and need not be stored, so the index of (code -> item, score) is sparse. Because
+``E`` only ever sees a code, every score the model can produce is precomputable per code: serving
+sums the posting lists of the user's ``K_u`` codes (:mod:`crosstower.index.sparse_code`).
+
+With ``quantize: false`` the same tokenizer and encoder, unquantised and scored exhaustively,
+give the all-to-all upper bound the index is measured against.
+
+Status: model, loss and exact scoring are here and tested; training configs, the index build
+from a trained model, served evaluation and the reference numbers are the rest of issue 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.dataset import Dataset
+from crosstower.losses import sampled_softmax
+from crosstower.models.base import Recommender
+from crosstower.nn.fields import MLP, FieldEmbedder
+from crosstower.nn.tokenizers import DNNTokenizer, ItemTokenizer, SATokenizer
+
+
+@dataclass
+class SparCodeSettings:
+    tokenizer: str = "dnn"  # "dnn" or "sa"
+    dim: int = 64
+    user_tokens: int = 4
+    item_tokens: int = 4
+    user_fields: list[str] | None = None
+    item_fields: list[str] | None = None
+    tokenizer_hidden: list[int] = field(default_factory=lambda: [256])
+    item_hidden: list[int] = field(default_factory=lambda: [128])
+    max_history: int = 50
+    sa_layers: int = 2
+    sa_heads: int = 2
+    interaction_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    quantize: bool = True
+    num_codebooks: int = 2
+    codebook_size: int = 256
+    commitment: float = 0.25
+    vq_weight: float = 1.0
+    sparsity_bias: float = 0.0
+    dropout: float = 0.0
+
+
+class InteractionMLP(nn.Module):
+    """``E(token, item) = MLP([token; item tokens])`` with the first layer split by input part.
+
+    ``W [t; v] = W_t t + W_v v``: projecting tokens and items separately and adding them is the
+    same function as the MLP on the concatenation, but scores all T x N pairs without ever
+    building T x N concatenated inputs.
+    """
+
+    def __init__(self, dim: int, item_tokens: int, hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        self.token_in = nn.Linear(dim, hidden[0])
+        self.item_in = nn.Linear(item_tokens * dim, hidden[0], bias=False)
+        self.rest = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), MLP([*hidden, 1], dropout))
+
+    def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``tokens [..., T, D]`` x ``items [..., N, K_i, D]`` -> scores ``[..., T, N]``."""
+        token_part = self.token_in(tokens).unsqueeze(-2)  # [..., T, 1, H]
+        item_part = self.item_in(items.flatten(-2)).unsqueeze(-3)  # [..., 1, N, H]
+        return self.rest(token_part + item_part).squeeze(-1)
+
+
+class SparCode(Recommender):
+    def __init__(self, dataset: Dataset, settings: SparCodeSettings):
+        super().__init__(dataset.num_items)
+        s = self.settings = settings
+        self.item_fields = FieldEmbedder(dataset.items.select(s.item_fields), s.dim)
+        user_table = dataset.users.select(s.user_fields)
+        user_fields = FieldEmbedder(user_table, s.dim) if user_table.fields else None
+        if s.tokenizer == "dnn":
+            self.tokenizer = DNNTokenizer(user_fields, self.item_fields, s.dim, s.user_tokens, s.tokenizer_hidden, s.dropout)
+        else:
+            self.tokenizer = SATokenizer(
+                user_fields, self.item_fields, s.dim, s.user_tokens, s.max_history, s.sa_layers, s.sa_heads, s.dropout
+            )
+        self.item_tokenizer = ItemTokenizer(self.item_fields, s.dim, s.item_tokens, s.item_hidden, s.dropout)
+        self.interaction = InteractionMLP(s.dim, s.item_tokens, s.interaction_hidden, s.dropout)
+        self.quantizer = None
+        if s.quantize:
+            from crosstower.nn.quantizer import ProductQuantizer
+
+            self.quantizer = ProductQuantizer(s.dim, s.num_codebooks, s.codebook_size, commitment=s.commitment)
+        self.last_vq_loss = torch.zeros(())
+
+    # ---- the pieces the index needs -------------------------------------------------------
+    def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Quantised user tokens ``[B, K_u, D]`` and their codes ``[B, K_u, M]`` (None unquantised)."""
+        tokens = self.tokenizer(user)
+        if self.quantizer is None:
+            self.last_vq_loss = torch.zeros(())
+            return tokens, None
+        out = self.quantizer(tokens)
+        self.last_vq_loss = out.loss
+        return out.quantized, out.codes
+
+    def token_scores(self, tokens: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+        """Sparsified per-token scores ``ReLU(E(token, item) + b)``: ``[..., T, N]``."""
+        return F.relu(self.interaction(tokens, item_tokens) + self.settings.sparsity_bias)
+
+    def score_codes(self, codes: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+        """What the index stores: the score of each code ``[C, M]`` against each item ``[C, N]``."""
+        return self.token_scores(self.quantizer.lookup(codes), item_tokens)
+
+    # ---- the model contract ---------------------------------------------------------------
+    def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.user_tokens(user)
+        return self.token_scores(tokens, self.item_tokenizer(items)).sum(-2)
+
+    def item_scorer(self):
+        """Tokenises the catalogue once; each call scores a range of it."""
+        with torch.no_grad():
+            item_tokens = self.item_tokenizer(torch.arange(self.num_items))
+
+        def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
+            tokens, _ = self.user_tokens(user)
+            return self.token_scores(tokens, item_tokens[start:stop]).sum(-2)
+
+        return scorer
+
+    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sampled softmax over the positive and its negatives, plus the quantiser's loss."""
+        tokens, _ = self.user_tokens(batch.user)  # [B, K_u, D]
+        candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)  # [B, 1 + K]
+        unique, inverse = torch.unique(candidates, return_inverse=True)
+        flat = self.item_tokenizer(unique).flatten(1)
+        item_tokens = F.embedding(inverse, flat).view(*candidates.shape, self.settings.item_tokens, -1)
+        logits = self.token_scores(tokens, item_tokens).sum(-2)  # [B, 1 + K]
+        in_batch_logits = None
+        if batch.in_batch_mask is not None:
+            # every user against every row's positive: [B, K_u, D] x [B, K_i, D] -> [B, B]
+            in_batch_logits = self.token_scores(tokens, item_tokens[:, 0]).sum(-2)
+        negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch_logits)
+        softmax = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
+        total = softmax + self.settings.vq_weight * self.last_vq_loss
+        return total, {"softmax": float(softmax.detach()), "vq": float(self.last_vq_loss.detach())}
