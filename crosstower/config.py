@@ -103,10 +103,41 @@ class YouTubeDNNConfig(_TwoTowerFields):
     temperature: float = Field(1.0, gt=0)
 
 
-ModelConfig = Annotated[Union[PopularityConfig, DSSMConfig, YouTubeDNNConfig], Field(discriminator="name")]
+class SparCodeConfig(Strict):
+    """SparCode; ``name: alltoall`` is the same model unquantised (the exhaustive upper bound)."""
+
+    name: Literal["sparcode", "alltoall"]
+    tokenizer: Literal["dnn", "sa"] = "dnn"
+    dim: int = Field(64, ge=1)
+    user_tokens: int = Field(4, ge=1)
+    item_tokens: int = Field(4, ge=1)
+    user_fields: list[str] | None = None
+    item_fields: list[str] | None = None
+    tokenizer_hidden: list[int] = Field(default_factory=lambda: [256])
+    item_hidden: list[int] = Field(default_factory=lambda: [128])
+    sa_layers: int = Field(2, ge=1)
+    sa_heads: int = Field(2, ge=1)
+    interaction_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    num_codebooks: int = Field(2, ge=1)
+    codebook_size: int = Field(256, ge=2)
+    commitment: float = Field(0.25, ge=0)
+    vq_weight: float = Field(1.0, ge=0)
+    sparsity_bias: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _codebooks_divide_dim(self):
+        if self.name == "sparcode" and self.dim % self.num_codebooks:
+            raise ValueError(f"dim {self.dim} is not divisible by num_codebooks {self.num_codebooks}")
+        return self
 
 
-MODEL_NAMES = ("popularity", "dssm", "youtubednn")
+ModelConfig = Annotated[
+    Union[PopularityConfig, DSSMConfig, YouTubeDNNConfig, SparCodeConfig], Field(discriminator="name")
+]
+
+
+MODEL_NAMES = ("popularity", "dssm", "youtubednn", "sparcode", "alltoall")
 
 
 class RunConfig(Strict):

@@ -72,7 +72,7 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
     set_seed(config.train.seed)
     log.info("loading %s", config.dataset.name)
     dataset, split = load_data(config, data_dir)
-    model = build_model(config.model, dataset, split.protocol)
+    model = build_model(config.model, dataset, split.protocol, config.train.history_length)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     if partial.exists() and not resume:
         shutil.rmtree(partial)
@@ -181,6 +181,6 @@ def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
     if data_fingerprint(dataset) != saved.get("data"):
         raise DataError(f"{run_dir}: the data set differs from the one this run was trained on ({path})")
     split = Split.load(run_dir / "split.npz")
-    model = build_model(config.model, dataset, split.protocol)
+    model = build_model(config.model, dataset, split.protocol, config.train.history_length)
     model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
     return {part: evaluate_split(model, getattr(split, part), dataset.num_items, config)[0] for part in ("val", "test")}

@@ -72,3 +72,36 @@ def test_loss_uses_candidates_and_in_batch_negatives(tmp_path):
     )
     expected = sampled_softmax(direct[rows, batch.positives], negatives, mask, batch.positive_log_q, log_q)
     assert torch.allclose(loss.detach(), expected, atol=1e-5)
+
+
+def test_alltoall_trains_end_to_end_from_a_config(tmp_path):
+    from crosstower.run import run_experiment
+    from tests.test_training import TINY
+
+    config = parse_config({
+        "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
+        "model": {"name": "alltoall", "tokenizer": "sa", "dim": 8, "user_tokens": 2, "item_tokens": 2,
+                  "tokenizer_hidden": [16], "item_hidden": [16], "interaction_hidden": [16], "sa_layers": 1},
+        "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10, "negatives": {"num": 10}},
+    })
+    results = run_experiment(config, tmp_path / "run")
+    assert results["model"] == "alltoall" and results["metrics"]["test"]["recall@50"] > 0
+
+
+def test_quantised_sparcode_scores_are_sums_of_code_scores():
+    """What the index relies on: a user's score is the sum of its codes' scores."""
+    ds = random_dataset(num_users=20, num_items=15, rows=300)
+    split = make_split(ds, "p2")
+    torch.manual_seed(0)
+    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=3, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
+                                          interaction_hidden=[16], num_codebooks=2, codebook_size=4))
+    user = eval_user_input(split.test, np.arange(len(split.test)), 10)
+    model.train()
+    model.user_tokens(user)  # data-dependent codebook initialisation and one EMA step
+    model.eval()
+    with torch.no_grad():
+        items = torch.arange(ds.num_items)
+        _, codes = model.user_tokens(user)
+        per_code = model.score_codes(codes.reshape(-1, 2), model.item_tokenizer(items))
+        summed = per_code.view(len(user), 3, -1).sum(1)
+        assert torch.allclose(model.score(user, items), summed, atol=1e-5)

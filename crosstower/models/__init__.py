@@ -4,17 +4,34 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from crosstower.config import DSSMConfig, PopularityConfig, YouTubeDNNConfig
+from crosstower.config import DSSMConfig, PopularityConfig, SparCodeConfig, YouTubeDNNConfig
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender, Recommender
 from crosstower.models.popularity import Popularity
+from crosstower.models.sparcode import SparCode, SparCodeSettings
 from crosstower.models.two_tower import TwoTower, TwoTowerSettings
 
-__all__ = ["build_model", "Recommender", "EmbeddingRecommender", "Popularity", "TwoTower"]
+__all__ = ["build_model", "Recommender", "EmbeddingRecommender", "Popularity", "SparCode", "TwoTower"]
 
 
-def build_model(config, dataset: Dataset, protocol: str = "p1") -> Recommender:
+def _settings(settings_class, config, **fixed):
+    """The dataclass of settings filled from the config keys it declares."""
+    names = {f.name for f in fields(settings_class)}
+    return settings_class(**{k: v for k, v in config.model_dump().items() if k in names}, **fixed)
+
+
+def _user_fields_for(protocol: str, requested: list[str] | None, dataset: Dataset) -> list[str] | None:
+    if protocol not in ("p2", "p3"):
+        return requested
+    if requested is None:
+        return [f for f in dataset.users.fields if f != "user_id"]
+    if "user_id" in requested:
+        raise ConfigError(f"model.user_fields: 'user_id' is untrained for held-out users under {protocol}")
+    return requested
+
+
+def build_model(config, dataset: Dataset, protocol: str = "p1", history_length: int = 50) -> Recommender:
     """The model ``config`` describes, for ``dataset`` under ``protocol``.
 
     Under P2/P3 the evaluated users were never trained on, so a ``user_id`` embedding would be
@@ -23,14 +40,13 @@ def build_model(config, dataset: Dataset, protocol: str = "p1") -> Recommender:
     """
     if isinstance(config, PopularityConfig):
         return Popularity(dataset.num_items)
+    if isinstance(config, SparCodeConfig):
+        settings = _settings(SparCodeSettings, config, quantize=config.name == "sparcode", max_history=history_length)
+        settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
+        return SparCode(dataset, settings)
     if isinstance(config, (DSSMConfig, YouTubeDNNConfig)):
-        names = {f.name for f in fields(TwoTowerSettings)}
-        settings = TwoTowerSettings(**{k: v for k, v in config.model_dump().items() if k in names})
-        if protocol in ("p2", "p3"):
-            if settings.user_fields is None:
-                settings.user_fields = [f for f in dataset.users.fields if f != "user_id"]
-            elif "user_id" in settings.user_fields:
-                raise ConfigError(f"model.user_fields: 'user_id' is untrained for held-out users under {protocol}")
+        settings = _settings(TwoTowerSettings, config)
+        settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
         if protocol == "p3":
             settings.use_history = False
         if settings.use_example_age and not dataset.has_time:
