@@ -37,6 +37,10 @@ class Recommender(nn.Module):
         """Scores ``[B, len(items)]`` of every user in ``user`` against every item in ``items``."""
         raise NotImplementedError
 
+    def training_stats(self) -> dict[str, float]:
+        """Model-specific numbers worth logging after an epoch (e.g. codebook usage)."""
+        return {}
+
     def item_scorer(self) -> ItemRangeScorer:
         """A function ``(user, start, stop) -> [B, stop - start]`` for full-ranking evaluation."""
         return lambda user, start, stop: self.score(user, torch.arange(start, stop))

@@ -119,6 +119,10 @@ class SparCode(Recommender):
         """What the index stores: the score of each code ``[C, M]`` against each item ``[C, N]``."""
         return self.token_scores(self.quantizer.lookup(codes), item_tokens)
 
+    def training_stats(self) -> dict[str, float]:
+        """Codebook usage and perplexity of the last training batch (collapse shows here first)."""
+        return {f"vq_{k}": v for k, v in self.quantizer.stats().items()} if self.quantizer is not None else {}
+
     # ---- the model contract ---------------------------------------------------------------
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.user_tokens(user)

@@ -121,9 +121,11 @@ class Trainer:
             loss = self._train_epoch(epoch, optimizer)
             metrics, _ = evaluate_split(self.model, self.split.val, self.dataset.num_items, self.config)
             value = metrics[self.eval_cfg.early_stopping_metric]
-            report.history.append({"epoch": epoch, "loss": loss, **{f"val_{k}": v for k, v in metrics.items()}})
+            stats = self.model.training_stats()
+            report.history.append({"epoch": epoch, "loss": loss, **stats, **{f"val_{k}": v for k, v in metrics.items()}})
             report.epochs_run = epoch + 1
-            log.info("epoch %d loss %.4f val %s %.4f", epoch, loss, self.eval_cfg.early_stopping_metric, value)
+            extra = "".join(f" {k} {v:.3g}" for k, v in stats.items())
+            log.info("epoch %d loss %.4f val %s %.4f%s", epoch, loss, self.eval_cfg.early_stopping_metric, value, extra)
             if value > report.best_value:
                 report.best_value, report.best_epoch, bad_epochs = value, epoch, 0
                 best_state = copy.deepcopy(self.model.state_dict())
