@@ -103,27 +103,38 @@ class YouTubeDNNConfig(_TwoTowerFields):
     temperature: float = Field(1.0, gt=0)
 
 
-class SparCodeConfig(Strict):
-    """SparCode; ``name: alltoall`` is the same model unquantised (the exhaustive upper bound)."""
+class _TokenizerFields(Strict):
+    """What the tokenizer-based models (SparCode, all-to-all, tokenizer two-tower) share."""
 
-    name: Literal["sparcode", "alltoall"]
     tokenizer: Literal["dnn", "sa"] = "dnn"
     dim: int = Field(64, ge=1)
-    user_tokens: int = Field(4, ge=1)
-    item_tokens: int = Field(4, ge=1)
     user_fields: list[str] | None = None
     item_fields: list[str] | None = None
     tokenizer_hidden: list[int] = Field(default_factory=lambda: [256])
     item_hidden: list[int] = Field(default_factory=lambda: [128])
     sa_layers: int = Field(2, ge=1)
     sa_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TokenTwoTowerConfig(_TokenizerFields):
+    """A two-tower model over SparCode's tokenizers: one user token, one item token, a dot product."""
+
+    name: Literal["twotower"]
+
+
+class SparCodeConfig(_TokenizerFields):
+    """SparCode; ``name: alltoall`` is the same model unquantised (the exhaustive upper bound)."""
+
+    name: Literal["sparcode", "alltoall"]
+    user_tokens: int = Field(4, ge=1)
+    item_tokens: int = Field(4, ge=1)
     interaction_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     num_codebooks: int = Field(2, ge=1)
     codebook_size: int = Field(256, ge=2)
     commitment: float = Field(0.25, ge=0)
     vq_weight: float = Field(1.0, ge=0)
     sparsity_bias: float = 0.0
-    dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _codebooks_divide_dim(self):
@@ -133,11 +144,11 @@ class SparCodeConfig(Strict):
 
 
 ModelConfig = Annotated[
-    Union[PopularityConfig, DSSMConfig, YouTubeDNNConfig, SparCodeConfig], Field(discriminator="name")
+    Union[PopularityConfig, DSSMConfig, YouTubeDNNConfig, TokenTwoTowerConfig, SparCodeConfig], Field(discriminator="name")
 ]
 
 
-MODEL_NAMES = ("popularity", "dssm", "youtubednn", "sparcode", "alltoall")
+MODEL_NAMES = ("popularity", "dssm", "youtubednn", "twotower", "sparcode", "alltoall")
 
 
 class RunConfig(Strict):

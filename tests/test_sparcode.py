@@ -105,3 +105,18 @@ def test_quantised_sparcode_scores_are_sums_of_code_scores():
         per_code = model.score_codes(codes.reshape(-1, 2), model.item_tokenizer(items))
         summed = per_code.view(len(user), 3, -1).sum(1)
         assert torch.allclose(model.score(user, items), summed, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokenizer", ["dnn", "sa"])
+def test_token_two_tower_trains_from_a_config(tmp_path, tokenizer):
+    from crosstower.run import run_experiment
+    from tests.test_training import TINY
+
+    config = parse_config({
+        "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
+        "model": {"name": "twotower", "tokenizer": tokenizer, "dim": 8, "tokenizer_hidden": [16],
+                  "item_hidden": [16], "sa_layers": 1},
+        "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10, "negatives": {"num": 10}},
+    })
+    results = run_experiment(config, tmp_path / "run")
+    assert results["index"]["kind"] == "exact_inner_product" and results["index"]["dim"] == 8

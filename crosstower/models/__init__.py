@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from crosstower.config import DSSMConfig, PopularityConfig, SparCodeConfig, YouTubeDNNConfig
+from crosstower.config import DSSMConfig, PopularityConfig, SparCodeConfig, TokenTwoTowerConfig, YouTubeDNNConfig
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender, Recommender
 from crosstower.models.popularity import Popularity
 from crosstower.models.sparcode import SparCode, SparCodeSettings
+from crosstower.models.token_two_tower import TokenTwoTower
 from crosstower.models.two_tower import TwoTower, TwoTowerSettings
 
 __all__ = ["build_model", "Recommender", "EmbeddingRecommender", "Popularity", "SparCode", "TwoTower"]
@@ -40,10 +41,10 @@ def build_model(config, dataset: Dataset, protocol: str = "p1", history_length: 
     """
     if isinstance(config, PopularityConfig):
         return Popularity(dataset.num_items)
-    if isinstance(config, SparCodeConfig):
+    if isinstance(config, (SparCodeConfig, TokenTwoTowerConfig)):
         settings = _settings(SparCodeSettings, config, quantize=config.name == "sparcode", max_history=history_length)
         settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
-        return SparCode(dataset, settings)
+        return TokenTwoTower(dataset, settings) if config.name == "twotower" else SparCode(dataset, settings)
     if isinstance(config, (DSSMConfig, YouTubeDNNConfig)):
         settings = _settings(TwoTowerSettings, config)
         settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)

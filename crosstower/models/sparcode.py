@@ -78,20 +78,26 @@ class InteractionMLP(nn.Module):
         return self.rest(token_part + item_part).squeeze(-1)
 
 
+def build_tokenizers(
+    dataset: Dataset, s: SparCodeSettings, user_tokens: int, item_tokens: int
+) -> tuple[nn.Module, ItemTokenizer]:
+    """The user tokenizer (DNN or SA) and the item tokenizer, sharing the item field embeddings
+    between the history (user side) and the item side."""
+    item_fields = FieldEmbedder(dataset.items.select(s.item_fields), s.dim)
+    user_table = dataset.users.select(s.user_fields)
+    user_fields = FieldEmbedder(user_table, s.dim) if user_table.fields else None
+    if s.tokenizer == "dnn":
+        tokenizer = DNNTokenizer(user_fields, item_fields, s.dim, user_tokens, s.tokenizer_hidden, s.dropout)
+    else:
+        tokenizer = SATokenizer(user_fields, item_fields, s.dim, user_tokens, s.max_history, s.sa_layers, s.sa_heads, s.dropout)
+    return tokenizer, ItemTokenizer(item_fields, s.dim, item_tokens, s.item_hidden, s.dropout)
+
+
 class SparCode(Recommender):
     def __init__(self, dataset: Dataset, settings: SparCodeSettings):
         super().__init__(dataset.num_items)
         s = self.settings = settings
-        self.item_fields = FieldEmbedder(dataset.items.select(s.item_fields), s.dim)
-        user_table = dataset.users.select(s.user_fields)
-        user_fields = FieldEmbedder(user_table, s.dim) if user_table.fields else None
-        if s.tokenizer == "dnn":
-            self.tokenizer = DNNTokenizer(user_fields, self.item_fields, s.dim, s.user_tokens, s.tokenizer_hidden, s.dropout)
-        else:
-            self.tokenizer = SATokenizer(
-                user_fields, self.item_fields, s.dim, s.user_tokens, s.max_history, s.sa_layers, s.sa_heads, s.dropout
-            )
-        self.item_tokenizer = ItemTokenizer(self.item_fields, s.dim, s.item_tokens, s.item_hidden, s.dropout)
+        self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, s, s.user_tokens, s.item_tokens)
         self.interaction = InteractionMLP(s.dim, s.item_tokens, s.interaction_hidden, s.dropout)
         self.quantizer = None
         if s.quantize:
