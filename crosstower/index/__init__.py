@@ -1,0 +1,11 @@
+"""Indexes that serve a trained model: one protocol (:class:`Index`), several implementations.
+
+``Index.load(path)`` opens any saved index; each class's ``describe()`` feeds the ``"index"``
+entry of a run's ``metrics.json``.
+"""
+
+from crosstower.index.base import Index
+from crosstower.index.exact import ExactInnerProductIndex
+from crosstower.index.sparse_code import CodeQueries, SparseCodeIndex, encode_code_ids
+
+__all__ = ["CodeQueries", "ExactInnerProductIndex", "Index", "SparseCodeIndex", "encode_code_ids"]

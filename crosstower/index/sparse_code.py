@@ -1,0 +1,508 @@
+"""SparCode's inverted index: per query code, a posting list of (item, precomputed score).
+
+SparCode scores a user as ``sum_k E(code_k(user), item)``: every user token is quantised to a code
+tuple of M entries from codebooks of size N, and the all-to-all encoder ``E`` depends on the user
+only through that code. So ``E`` can be run offline for every code that can occur, and serving
+is a lookup: read the posting lists of the user's K_u codes, add the scores per item, take the
+top-k. The encoder's scores pass through ReLU, so most are exactly 0 and need not be stored;
+keeping only the positive (or the top-L) scores is what makes the table small.
+
+Storage, one CSR table sorted by code id (see :func:`encode_code_ids`):
+
+- ``indptr``  int64 ``[C + 1]``: code row ``r`` owns entries ``indptr[r]:indptr[r + 1]``
+- ``items``   int32 ``[nnz]``: item ids, ascending within a row
+- ``scores``  float16 ``[nnz]``: the kept scores (all > 0)
+- ``code_ids`` int64 ``[C]``: the mixed-radix id of each row's code tuple, strictly increasing
+- ``codes``   int32 ``[C, M]``: the code tuples themselves (redundant with ``code_ids``; for
+  inspection and for mapping rows back to codes)
+- ``code_vectors`` float32 ``[C, D]``: the quantised (reconstruction) vector of each code, used to
+  map a query code that was never indexed to the nearest indexed one.
+
+Score semantics at search time: an item absent from all of a user's posting lists scores exactly
+0, not -inf. That is the true (kept) score, since dropped entries are those at or below the keep
+rule and ReLU makes the rest 0; it also means such items still fill the top-k, after all items
+with a positive score, in ascending item order (the evaluation tie rule), rather than leaving
+holes. Excluded items score -inf, as in evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Union
+
+import numpy as np
+import torch
+
+from crosstower.data.ragged import Ragged
+from crosstower.evaluate.ranking import topk_items
+from crosstower.index.base import Index, Timer, check_exclude
+
+ScoreCodes = Callable[[torch.Tensor], torch.Tensor]
+"""``score_codes(codes [c, M] int64) -> scores [c, num_items]``: the encoder run on whole codes."""
+
+Keep = Union[str, int, float]
+"""``"nonzero"`` (scores > 0), an int L (top-L positive scores per code) or a float t >= 0
+(scores > t)."""
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+# Dense accumulation block: users per block x catalogue <= 2^24 floats (64 MB of float32).
+DENSE_BLOCK = 1 << 24
+# Nearest-code fallback block: unseen tokens per block x indexed codes <= 2^22 floats.
+NEAREST_BLOCK = 1 << 22
+
+
+class CodeQueries(NamedTuple):
+    """What a SparCode user looks like to the index: its K_u code tuples and token vectors.
+
+    ``vectors`` (the quantised or pre-quantisation token vectors) is only read for codes that were
+    not indexed; it may be ``None`` when every code of the query is known to be indexed.
+    """
+
+    codes: torch.Tensor  # int64 [B, K_u, M]
+    vectors: torch.Tensor | None  # float [B, K_u, D]
+
+
+# ------------------------------------------------------------------------------------ codes
+
+
+def encode_code_ids(codes: np.ndarray | torch.Tensor, codebook_size: int) -> np.ndarray:
+    """One int64 per code tuple: ``sum_m codes[m] * N^(M-1-m)`` (mixed radix, first entry most
+    significant), so sorting ids sorts tuples lexicographically and all ``N^M`` tuples map to
+    ``0 .. N^M - 1``."""
+    codes = np.asarray(codes, dtype=np.int64)
+    ids = np.zeros(codes.shape[:-1], dtype=np.int64)
+    for m in range(codes.shape[-1]):  # M is a handful of codebooks
+        ids = ids * codebook_size + codes[..., m]
+    return ids
+
+
+def _check_codes(codes: np.ndarray | torch.Tensor, codebook_size: int, what: str) -> np.ndarray:
+    """Codes as int64 with every entry in ``[0, N)`` and ``N^M`` representable in int64."""
+    if isinstance(codes, torch.Tensor):
+        codes = codes.detach().cpu().numpy()
+    codes = np.asarray(codes)
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{what} must be integers, got {codes.dtype}")
+    codes = codes.astype(np.int64, copy=False)
+    if codes.ndim < 2 or codes.shape[-1] < 1:
+        raise ValueError(f"{what} must end in a code-tuple axis of length M >= 1, got shape {codes.shape}")
+    if codebook_size < 1 or codebook_size ** codes.shape[-1] >= 2**63:
+        raise ValueError(f"codebook_size={codebook_size} with M={codes.shape[-1]} does not fit int64 ids")
+    if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"{what} hold entries outside [0, {codebook_size}): min {codes.min()}, max {codes.max()}")
+    return codes
+
+
+def _parse_keep(keep: Keep) -> tuple[str, float]:
+    """``("top", L)`` or ``("threshold", t)``; ``"nonzero"`` is the threshold 0."""
+    if isinstance(keep, str):
+        if keep != "nonzero":
+            raise ValueError(f"keep must be 'nonzero', an int L or a float threshold, got '{keep}'")
+        return ("threshold", 0.0)
+    if isinstance(keep, bool):
+        raise ValueError("keep must be 'nonzero', an int L or a float threshold, got a bool")
+    if isinstance(keep, numbers.Integral):
+        if keep < 1:
+            raise ValueError(f"keep=L needs L >= 1, got {keep}")
+        return ("top", int(keep))
+    if isinstance(keep, numbers.Real):
+        # A negative threshold would store negative scores, which would then rank below the
+        # implicit 0 of the items that are not stored: the index would contradict itself.
+        if not math.isfinite(keep) or keep < 0:
+            raise ValueError(f"keep threshold must be finite and >= 0, got {keep}")
+        return ("threshold", float(keep))
+    raise ValueError(f"keep must be 'nonzero', an int L or a float threshold, got {type(keep).__name__}")
+
+
+# ------------------------------------------------------------------------------------ build
+
+
+def _top_l(scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` largest entries per row, ties at the boundary going to the lower item index.
+
+    ``torch.topk`` picks arbitrarily among ties; taking one extra value shows which rows have a
+    tie at the boundary that matters (a positive one), and only those pay for a stable sort.
+    """
+    width = scores.shape[1]
+    if top >= width:
+        return torch.sort(scores, dim=1, descending=True, stable=True)
+    vals, cols = torch.topk(scores, top + 1, dim=1, sorted=True)
+    tied = ((vals[:, top] == vals[:, top - 1]) & (vals[:, top - 1] > 0)).nonzero().flatten()
+    vals, cols = vals[:, :top].clone(), cols[:, :top].clone()
+    if len(tied):
+        tvals, tcols = torch.sort(scores[tied], dim=1, descending=True, stable=True)
+        vals[tied], cols[tied] = tvals[:, :top], tcols[:, :top]
+    return vals, cols
+
+
+def _keep_entries(scores: torch.Tensor, rule: tuple[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kept entries of a chunk of code rows as (counts per row, items, scores) in CSR order."""
+    mode, value = rule
+    if mode == "threshold":
+        rows, cols = (scores > value).nonzero(as_tuple=True)  # row-major: rows, then items, ascending
+        vals = scores[rows, cols]
+    else:
+        vals, cols = _top_l(scores, int(value))
+        width = scores.shape[1]
+        cols = torch.where(vals > 0, cols, width)  # dropped entries sort last, then are cut
+        cols, order = torch.sort(cols, dim=1)
+        vals = vals.gather(1, order)
+        rows, pos = (cols < width).nonzero(as_tuple=True)
+        cols, vals = cols[rows, pos], vals[rows, pos]
+    counts = torch.bincount(rows, minlength=scores.shape[0])
+    if len(vals) and float(vals.max()) > FLOAT16_MAX:
+        raise ValueError(f"a kept score {float(vals.max()):.4g} exceeds the float16 range ({FLOAT16_MAX}); "
+                         "rescale the scores")
+    return counts.numpy().astype(np.int64), cols.numpy().astype(np.int32), vals.numpy().astype(np.float16)
+
+
+def _score_and_keep(
+    score_codes: ScoreCodes, codes: np.ndarray, num_items: int, rule: tuple[str, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the encoder on one chunk of codes and keep its entries (one unit of build work)."""
+    with torch.no_grad():
+        scores = score_codes(torch.from_numpy(codes))
+    scores = torch.as_tensor(scores).detach().to("cpu", torch.float32)
+    if tuple(scores.shape) != (len(codes), num_items):
+        raise ValueError(f"score_codes returned shape {tuple(scores.shape)} for {len(codes)} codes; "
+                         f"expected {(len(codes), num_items)}")
+    if torch.isnan(scores).any():
+        raise ValueError("score_codes returned NaN scores")
+    return _keep_entries(scores, rule)
+
+
+_WORKER_SCORER: ScoreCodes | None = None
+
+
+def _init_worker(score_codes: ScoreCodes, threads: int) -> None:
+    """Receive the encoder once per worker process (not once per chunk) and share the cores."""
+    global _WORKER_SCORER
+    _WORKER_SCORER = score_codes
+    torch.set_num_threads(threads)
+
+
+def _worker_chunk(codes: np.ndarray, num_items: int, rule: tuple[str, float]) -> tuple[np.ndarray, ...]:
+    assert _WORKER_SCORER is not None
+    return _score_and_keep(_WORKER_SCORER, codes, num_items, rule)
+
+
+def _chunk_results(
+    score_codes: ScoreCodes, codes: np.ndarray, num_items: int, rule: tuple[str, float],
+    code_chunk: int, workers: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per code chunk, in code order: in this process, or in ``workers`` spawned processes."""
+    chunks = [codes[lo : lo + code_chunk] for lo in range(0, len(codes), code_chunk)]
+    if workers <= 1:
+        for chunk in chunks:
+            yield _score_and_keep(score_codes, chunk, num_items, rule)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    threads = max(1, torch.get_num_threads() // workers)
+    # "spawn": fork is unsafe once torch (OpenMP, CUDA) threads exist in the parent.
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker, initargs=(score_codes, threads),
+    ) as pool:
+        yield from pool.map(partial(_worker_chunk, num_items=num_items, rule=rule), chunks)
+
+
+# ------------------------------------------------------------------------------------ index
+
+
+class SparseCodeIndex(Index):
+    """Inverted index code -> (item, score); search sums the posting lists of a user's codes."""
+
+    kind = "sparse_code"
+
+    def __init__(
+        self,
+        indptr: np.ndarray,
+        items: np.ndarray,
+        scores: np.ndarray,
+        code_ids: np.ndarray,
+        codes: np.ndarray,
+        code_vectors: np.ndarray,
+        num_items: int,
+        codebook_size: int,
+        keep: Keep = "nonzero",
+    ) -> None:
+        # np.asanyarray keeps a memory map when its dtype is already right (no read, no copy).
+        self._indptr = np.asanyarray(indptr, dtype=np.int64)
+        self._items = np.asanyarray(items, dtype=np.int32)
+        self._scores = np.asanyarray(scores, dtype=np.float16)
+        self._code_ids = np.asanyarray(code_ids, dtype=np.int64)
+        self._codes = np.asanyarray(codes, dtype=np.int32)
+        self._code_vectors = np.asanyarray(code_vectors, dtype=np.float32)
+        self.num_items = int(num_items)
+        self.codebook_size = int(codebook_size)
+        mode, value = _parse_keep(keep)  # canonical, JSON-friendly form (no numpy scalars)
+        self.keep: Keep = "nonzero" if keep == "nonzero" else (int(value) if mode == "top" else value)
+        self._nearest_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Cheap consistency checks (O(C), never O(nnz)), so a bad folder fails at load time."""
+        c = len(self._code_ids)
+        if c == 0 or self.num_items < 1:
+            raise ValueError("an index needs at least one code and one item")
+        if self._indptr.shape != (c + 1,) or self._codes.ndim != 2 or len(self._codes) != c:
+            raise ValueError(f"indptr {self._indptr.shape} / codes {self._codes.shape} do not match {c} code ids")
+        if self._code_vectors.ndim != 2 or len(self._code_vectors) != c:
+            raise ValueError(f"code_vectors {self._code_vectors.shape} do not match {c} code ids")
+        nnz = len(self._items)
+        if len(self._scores) != nnz or self._indptr[0] != 0 or self._indptr[-1] != nnz:
+            raise ValueError(f"indptr ends at {self._indptr[-1]} but there are {nnz} items, {len(self._scores)} scores")
+        if np.any(np.diff(self._indptr) < 0):
+            raise ValueError("indptr is not non-decreasing")
+        if np.any(np.diff(self._code_ids) <= 0):
+            raise ValueError("code_ids are not strictly increasing")
+        if not np.array_equal(encode_code_ids(self._codes, self.codebook_size), self._code_ids):
+            raise ValueError("code_ids do not match codes")
+
+    # -------------------------------------------------------------------------------- build
+
+    @classmethod
+    def build(
+        cls,
+        score_codes: ScoreCodes,
+        codes: torch.Tensor | np.ndarray,
+        code_vectors: torch.Tensor | np.ndarray,
+        num_items: int,
+        codebook_size: int,
+        *,
+        keep: Keep = "nonzero",
+        code_chunk: int = 1024,
+        workers: int = 1,
+        progress: bool = True,
+    ) -> SparseCodeIndex:
+        """Score every code in ``codes`` against the catalogue and keep the entries ``keep`` says.
+
+        ``codes`` [C, M] are the distinct tuples to index (typically those seen in training;
+        pass all N^M of them to enumerate the whole code space); ``code_vectors`` [C, D] their
+        reconstruction vectors. ``score_codes`` is called on chunks of ``code_chunk`` codes.
+        With ``workers > 1`` chunks are scored in spawned processes, so ``score_codes`` must be
+        picklable (a module-level function or an object of an importable class, e.g. an
+        ``nn.Module`` wrapper) and is sent once to each worker; torch's threads are divided
+        among the workers.
+        """
+        if code_chunk < 1 or workers < 1 or num_items < 1:
+            raise ValueError(f"need code_chunk, workers, num_items >= 1, got {code_chunk}, {workers}, {num_items}")
+        with Timer() as timer:
+            codes_np, vectors, ids = _sorted_codes(codes, code_vectors, codebook_size)
+            rule = _parse_keep(keep)
+            counts, items, scores = _collect(
+                _chunk_results(score_codes, codes_np, num_items, rule, code_chunk, workers),
+                total=math.ceil(len(codes_np) / code_chunk), progress=progress,
+            )
+            indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            index = cls(indptr, items, scores, ids, codes_np, vectors, num_items, codebook_size, keep)
+        index.build_seconds = timer.seconds
+        return index
+
+    # -------------------------------------------------------------------------------- search
+
+    def search(
+        self,
+        queries: CodeQueries | tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor,
+        k: int,
+        exclude: Ragged | None = None,
+        user_batch: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` items of every user, ``queries = CodeQueries(codes [B, K_u, M], vectors)``
+        (or the codes tensor alone when every code is known to be indexed).
+
+        Users are processed in blocks of ``user_batch`` (default: as many as fit a 64 MB dense
+        score block); the result does not depend on the block size.
+        """
+        if isinstance(queries, (torch.Tensor, np.ndarray)):  # codes alone: all must be indexed
+            queries = CodeQueries(queries, None)
+        rows = self.lookup(*queries)
+        exclude = check_exclude(exclude, len(rows))
+        batch = user_batch or max(1, DENSE_BLOCK // self.num_items)
+        parts = []
+        for lo in range(0, len(rows), batch):
+            hi = min(lo + batch, len(rows))
+            dense = self._accumulate(rows[lo:hi])
+            sub = exclude.take(np.arange(lo, hi))
+            parts.append(topk_items(_block_scorer(dense), hi - lo, self.num_items, sub, k, hi - lo, self.num_items))
+        if not parts:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def dense_scores(self, codes: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """The accumulated scores ``[B, num_items]`` float32 (no exclusions): what search ranks."""
+        return self._accumulate(self.lookup(codes, vectors))
+
+    def lookup(self, codes: torch.Tensor | np.ndarray, vectors: torch.Tensor | None = None) -> np.ndarray:
+        """Index rows ``[B, K_u]`` of the query codes; unindexed codes map to the nearest indexed
+        code by squared Euclidean distance between the token's vector and the code vectors."""
+        codes_np = _check_codes(codes, self.codebook_size, "query codes")
+        if codes_np.ndim != 3 or codes_np.shape[2] != self.num_codebooks:
+            raise ValueError(f"query codes must be [B, K_u, {self.num_codebooks}], got {codes_np.shape}")
+        ids = encode_code_ids(codes_np, self.codebook_size).reshape(-1)
+        rows = np.searchsorted(self._code_ids, ids).clip(max=self.num_codes - 1)
+        unseen = np.flatnonzero(self._code_ids[rows] != ids)
+        if len(unseen):
+            if vectors is None:
+                raise ValueError(f"{len(unseen)} query codes were not indexed and no vectors were given")
+            flat = torch.as_tensor(vectors).detach().to("cpu", torch.float32).reshape(-1, self.dim)
+            if len(flat) != len(ids):
+                raise ValueError(f"vectors must be [B, K_u, {self.dim}] matching the codes {codes_np.shape}")
+            rows[unseen] = self.nearest_codes(flat[torch.from_numpy(unseen)])
+        return rows.reshape(codes_np.shape[:2])
+
+    def nearest_codes(self, vectors: torch.Tensor) -> np.ndarray:
+        """Row of the indexed code nearest to each vector (ties: the lower code id)."""
+        table, norms = self._nearest_table()
+        vectors = torch.as_tensor(vectors, dtype=torch.float32)
+        block = max(1, NEAREST_BLOCK // self.num_codes)
+        out = []
+        for part in vectors.split(block):  # a loop over blocks of tokens, not over tokens
+            dist = norms[None, :] - 2.0 * part @ table.T + (part * part).sum(1, keepdim=True)
+            out.append(dist.argmin(dim=1))  # argmin returns the first minimum: the lower code id
+        return torch.cat(out).numpy().astype(np.int64)
+
+    def _nearest_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._nearest_cache is None:
+            table = torch.from_numpy(np.array(self._code_vectors))  # one read of C x D floats
+            self._nearest_cache = (table, (table * table).sum(1))
+        return self._nearest_cache
+
+    def _accumulate(self, rows: np.ndarray) -> torch.Tensor:
+        """Dense ``[b, num_items]`` sums of the posting lists of each user's codes.
+
+        The (user, item, score) triples of all b*K_u posting lists are gathered with one
+        vectorised CSR slice and added with one ``index_add_``: no loop over users or codes.
+        Accumulation is in float32, in token order per user.
+        """
+        b, k_u = rows.shape
+        flat = rows.reshape(-1)
+        starts = self._indptr[flat]
+        lengths = self._indptr[flat + 1] - starts
+        ends = np.cumsum(lengths)
+        pos = np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+        items = self._items[pos].astype(np.int64)
+        scores = self._scores[pos].astype(np.float32)
+        user = np.repeat(np.arange(len(flat), dtype=np.int64) // max(k_u, 1), lengths)
+        dense = torch.zeros(b, self.num_items)  # not a view: topk_items may then mask it in place
+        dense.view(-1).index_add_(0, torch.from_numpy(user * self.num_items + items), torch.from_numpy(scores))
+        return dense
+
+    # -------------------------------------------------------------------------------- sizes
+
+    @property
+    def num_codes(self) -> int:
+        return int(len(self._code_ids))
+
+    @property
+    def num_codebooks(self) -> int:
+        return int(self._codes.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self._code_vectors.shape[1])
+
+    @property
+    def nnz(self) -> int:
+        return int(len(self._items))
+
+    @property
+    def kept_fraction(self) -> float:
+        """Share of the code x item score table that is stored: nnz / (C * num_items)."""
+        return self.nnz / (self.num_codes * self.num_items)
+
+    def posting(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(items, scores) of code row ``row``, items ascending (for inspection and tests)."""
+        lo, hi = self._indptr[row], self._indptr[row + 1]
+        return np.asarray(self._items[lo:hi]), np.asarray(self._scores[lo:hi])
+
+    # -------------------------------------------------------------------------------- protocol
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "indptr": self._indptr,
+            "items": self._items,
+            "scores": self._scores,
+            "code_ids": self._code_ids,
+            "codes": self._codes,
+            "code_vectors": self._code_vectors,
+        }
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "num_items": self.num_items,
+            "codebook_size": self.codebook_size,
+            "num_codebooks": self.num_codebooks,
+            "dim": self.dim,
+            "codes_indexed": self.num_codes,
+            "nnz": self.nnz,
+            "kept_fraction": self.kept_fraction,
+            "keep": self.keep,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["code_space_covered"] = self.num_codes / self.codebook_size**self.num_codebooks
+        return info
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> SparseCodeIndex:
+        index = cls(
+            arrays["indptr"], arrays["items"], arrays["scores"], arrays["code_ids"], arrays["codes"],
+            arrays["code_vectors"], meta["num_items"], meta["codebook_size"], meta.get("keep", "nonzero"),
+        )
+        if index.nnz != meta["nnz"] or index.num_codes != meta["codes_indexed"]:
+            raise ValueError("array sizes disagree with the header")
+        return index
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _sorted_codes(
+    codes: torch.Tensor | np.ndarray, code_vectors: torch.Tensor | np.ndarray, codebook_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes, vectors and ids sorted by code id; a repeated code tuple is a ValueError, since two
+    rows for one code would make the index double-count or pick one arbitrarily."""
+    codes_np = _check_codes(codes, codebook_size, "codes")
+    if codes_np.ndim != 2 or len(codes_np) == 0:
+        raise ValueError(f"codes must be a non-empty [C, M] matrix, got shape {codes_np.shape}")
+    if isinstance(code_vectors, torch.Tensor):
+        code_vectors = code_vectors.detach().cpu().numpy()
+    vectors = np.asarray(code_vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(codes_np):
+        raise ValueError(f"code_vectors must be [{len(codes_np)}, D], got shape {vectors.shape}")
+    ids = encode_code_ids(codes_np, codebook_size)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    dup = np.flatnonzero(ids[1:] == ids[:-1])
+    if len(dup):
+        raise ValueError(f"codes holds {len(dup)} repeated code tuples, e.g. {codes_np[order[dup[0]]].tolist()}")
+    return codes_np[order], vectors[order], ids
+
+
+def _collect(
+    results: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], total: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate per-chunk (counts, items, scores), with a progress bar over chunks."""
+    from tqdm.auto import tqdm
+
+    parts = list(tqdm(results, total=total, desc="indexing codes", unit="chunk", disable=None if progress else True))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def _block_scorer(dense: torch.Tensor) -> Callable[[np.ndarray, int, int], torch.Tensor]:
+    """A ``topk_items`` scorer over an accumulated block (handed over whole when asked whole)."""
+
+    def scorer(rows: np.ndarray, start: int, stop: int) -> torch.Tensor:
+        if len(rows) == dense.shape[0] and start == 0 and stop == dense.shape[1]:
+            return dense  # fresh and ours: topk_items may mask it in place
+        return dense[torch.from_numpy(rows), start:stop]
+
+    return scorer

@@ -1,0 +1,299 @@
+"""Indexes: exact MIPS and SparCode's sparse code index against slow dense references."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crosstower.data.ragged import Ragged
+from crosstower.errors import CheckpointError
+from crosstower.evaluate.ranking import topk_items
+from crosstower.index import CodeQueries, ExactInnerProductIndex, Index, SparseCodeIndex, encode_code_ids
+
+torch.set_num_threads(1)
+
+
+class BilinearScorer:
+    """A random SparCode "model": ReLU(code_vector @ W - bias), rounded to quarters.
+
+    Rounding makes many scores exactly 0 (as ReLU does in SparCode) and many exact ties, and keeps
+    every score exact in float16, so references can compare scores with ``==``. A module-level
+    class, so it pickles for the multi-process build.
+    """
+
+    def __init__(self, codebook_size: int, num_codebooks: int, dim: int, num_items: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.n, self.m = codebook_size, num_codebooks
+        self.table = torch.randn(codebook_size**num_codebooks, dim, generator=g)  # vector of every code
+        self.weight = torch.randn(dim, num_items, generator=g)
+
+    def vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.table[torch.from_numpy(encode_code_ids(codes, self.n))]
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        raw = self.vectors(codes) @ self.weight - 1.5
+        return torch.round(torch.relu(raw) * 4) / 4
+
+
+def all_codes(n: int, m: int) -> torch.Tensor:
+    return torch.cartesian_prod(*[torch.arange(n)] * m).reshape(-1, m)
+
+
+def random_exclusions(num_rows: int, num_items: int, seed: int, per_row: int = 4) -> Ragged:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, per_row + 1, num_rows)
+    values = np.concatenate([rng.choice(num_items, n, replace=False) for n in lengths]).astype(np.int64)
+    return Ragged(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), values)
+
+
+# ------------------------------------------------------------------------------ slow references
+
+
+def kept_row(scores: np.ndarray, keep) -> np.ndarray:
+    """One code's kept scores as a dense row (0 where not kept), chosen item by item."""
+    out = np.zeros_like(scores)
+    if keep == "nonzero" or isinstance(keep, float):
+        t = 0.0 if keep == "nonzero" else keep
+        out[scores > t] = scores[scores > t]
+        return out
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # ties: lower item first
+    for i in [i for i in order if scores[i] > 0][:keep]:
+        out[i] = scores[i]
+    return out
+
+
+def reference_search(model, indexed, keep, codes, vectors, exclude, k):
+    """Full kept code x item matrix, summed over each user's token rows, then a stable sort."""
+    indexed = indexed.numpy()
+    table = np.stack([kept_row(model(torch.from_numpy(c[None]))[0].numpy(), keep) for c in indexed])
+    table = table.astype(np.float16).astype(np.float32)
+    known = {tuple(c): r for r, c in enumerate(indexed)}
+    idx_vectors = model.vectors(torch.from_numpy(indexed)).numpy()
+    dense = np.zeros((codes.shape[0], table.shape[1]), dtype=np.float32)
+    for u in range(codes.shape[0]):
+        for t in range(codes.shape[1]):
+            row = known.get(tuple(codes[u, t].tolist()))
+            if row is None:  # nearest indexed code vector
+                row = int(np.argmin(((idx_vectors - vectors[u, t].numpy()) ** 2).sum(1)))
+            dense[u] += table[row]
+    for u in range(codes.shape[0]):
+        dense[u, exclude.row(u)] = -np.inf
+    scores, items = torch.sort(torch.from_numpy(dense), dim=1, descending=True, stable=True)
+    return scores[:, :k], items[:, :k], torch.from_numpy(dense)
+
+
+def build(model, codes, keep, **kw) -> SparseCodeIndex:
+    return SparseCodeIndex.build(model, codes, model.vectors(codes), model.weight.shape[1], model.n,
+                                 keep=keep, code_chunk=kw.pop("code_chunk", 7), progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------ exact index
+
+
+def test_exact_index_equals_topk_items_and_round_trips(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    users = torch.randint(-2, 3, (9, 4), generator=g).float()  # small integers: many ties
+    items = torch.randint(-2, 3, (40, 4), generator=g).float()
+    exclude = random_exclusions(9, 40, seed=1)
+    index = ExactInnerProductIndex(items)
+    expected = topk_items(lambda r, s, e: users[torch.from_numpy(r)] @ items[s:e].T, 9, 40, exclude, 10)
+    got = index.search(users, 10, exclude, user_batch=4, item_chunk=7)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+    index.save(tmp_path / "exact")
+    loaded = Index.load(tmp_path / "exact")
+    assert isinstance(loaded, ExactInnerProductIndex)
+    assert isinstance(loaded.arrays()["item_vectors"], np.memmap)
+    again = loaded.search(users, 10, exclude)
+    assert torch.equal(again[0], expected[0]) and torch.equal(again[1], expected[1])
+    assert loaded.nbytes() == 40 * 4 * 4
+    assert loaded.describe()["kind"] == "exact_inner_product"
+    no_excl = index.search(users, 3)
+    assert torch.equal(no_excl[1], topk_items(lambda r, s, e: users[torch.from_numpy(r)] @ items[s:e].T, 9, 40,
+                                              Ragged(np.zeros(10, dtype=np.int64), np.zeros(0, dtype=np.int64)), 3)[1])
+
+
+# ------------------------------------------------------------------------------ sparse code index
+
+
+@pytest.mark.parametrize("keep", ["nonzero", 3, 0.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_served_search_equals_exhaustive_scoring_of_kept_entries(keep, seed: int) -> None:
+    n, m, dim, num_items, k_u = 4, 2, 5, 30, 3
+    model = BilinearScorer(n, m, dim, num_items, seed)
+    codes = all_codes(n, m)
+    rng = np.random.default_rng(seed)
+    indexed = codes[np.sort(rng.choice(len(codes), 10, replace=False))]  # "codes seen in training"
+    index = build(model, indexed[torch.from_numpy(rng.permutation(10))], keep)  # order must not matter
+    queries = torch.from_numpy(rng.integers(0, n, (8, k_u, m)))  # some of them never indexed
+    vectors = model.vectors(queries.reshape(-1, m)).reshape(8, k_u, dim) + 0.01
+    exclude = random_exclusions(8, num_items, seed)
+    ref_scores, ref_items, ref_dense = reference_search(model, indexed, keep, queries, vectors, exclude, 12)
+    scores, items = index.search(CodeQueries(queries, vectors), 12, exclude, user_batch=3)
+    assert torch.equal(items, ref_items)
+    assert torch.equal(scores, ref_scores)
+    dense = index.dense_scores(queries, vectors)
+    finite = torch.isfinite(ref_dense)
+    assert torch.equal(dense[finite], ref_dense[finite])
+    assert (dense >= 0).all()  # never-posted items score 0, not -inf
+
+
+def test_top_l_keeps_the_largest_positive_scores_per_code() -> None:
+    model = BilinearScorer(3, 2, 4, 25, seed=3)
+    codes = all_codes(3, 2)
+    index = build(model, codes, 4)
+    full = model(codes).numpy()
+    for row in range(len(codes)):
+        items, scores = index.posting(row)
+        positives = full[row][full[row] > 0]
+        assert len(items) == min(4, len(positives))
+        assert np.all(np.diff(items) > 0)  # ascending items within a posting list
+        np.testing.assert_array_equal(scores.astype(np.float32), full[row, items])
+        expected = np.flatnonzero(kept_row(full[row], 4))
+        np.testing.assert_array_equal(items, expected)  # boundary ties go to the lower item
+    assert any(np.sum(full[r] > 0) > 4 for r in range(len(codes)))  # the cut was exercised
+
+
+def test_nonzero_keeps_exactly_the_positive_scores_and_sizes_add_up() -> None:
+    n, m, dim, num_items = 3, 2, 4, 25
+    model = BilinearScorer(n, m, dim, num_items, seed=4)
+    codes = all_codes(n, m)
+    index = build(model, codes, "nonzero")
+    full = model(codes).numpy()
+    assert 0 < (full == 0).mean() < 1
+    for row in range(len(codes)):
+        items, scores = index.posting(row)
+        np.testing.assert_array_equal(items, np.flatnonzero(full[row] > 0))
+        np.testing.assert_array_equal(scores, full[row][full[row] > 0].astype(np.float16))
+    nnz, c = int((full > 0).sum()), len(codes)
+    assert index.nnz == nnz
+    assert index.kept_fraction == pytest.approx(nnz / (c * num_items))
+    assert index.nbytes() == (c + 1) * 8 + nnz * (4 + 2) + c * 8 + c * m * 4 + c * dim * 4
+    info = index.describe()
+    assert info["codes_indexed"] == c and info["nnz"] == nnz and info["nbytes"] == index.nbytes()
+    assert sum(info["bytes_per_part"].values()) == index.nbytes()
+    assert info["code_space_covered"] == 1.0
+    json.dumps(info)  # goes into metrics.json as is
+
+
+def test_save_load_mmap_round_trip_gives_identical_searches(tmp_path: Path) -> None:
+    model = BilinearScorer(4, 2, 5, 30, seed=5)
+    index = build(model, all_codes(4, 2)[::2], 3)
+    queries = torch.randint(0, 4, (6, 2, 2), generator=torch.Generator().manual_seed(0))
+    q = CodeQueries(queries, model.vectors(queries.reshape(-1, 2)).reshape(6, 2, 5))
+    exclude = random_exclusions(6, 30, seed=2)
+    path = tmp_path / "runs" / "sparse"
+    index.save(path)
+    index.save(path)  # overwriting an existing index is fine and leaves no temporary folders
+    assert sorted(p.name for p in path.parent.iterdir()) == ["sparse"]
+    loaded = SparseCodeIndex.load(path)
+    assert all(isinstance(a, np.memmap) for a in loaded.arrays().values())
+    for a, b in zip(index.search(q, 7, exclude), loaded.search(q, 7, exclude)):
+        assert torch.equal(a, b)
+    in_memory = SparseCodeIndex.load(path, mmap=False)
+    assert not isinstance(in_memory.arrays()["items"], np.memmap)
+    assert torch.equal(in_memory.search(q, 7)[1], index.search(q, 7)[1])
+    assert loaded.describe() == {**index.describe(), "build_seconds": loaded.describe()["build_seconds"]}
+    with pytest.raises(CheckpointError, match="expected 'exact_inner_product'"):
+        ExactInnerProductIndex.load(path)
+
+
+def test_unseen_code_falls_back_to_the_nearest_indexed_code() -> None:
+    n, num_items = 3, 6
+    indexed = torch.tensor([[0, 0], [1, 1], [2, 2]])
+    vectors = torch.eye(3) * 10
+    table = torch.tensor([[1.0, 0, 0, 0, 0, 2], [0, 3.0, 0, 0, 0, 0], [0, 0, 0, 4.0, 0.5, 0]])
+
+    def score(codes: torch.Tensor) -> torch.Tensor:
+        return table[codes[:, 0]]  # the diagonal codes score as their row
+
+    index = SparseCodeIndex.build(score, indexed, vectors, num_items, n, keep="nonzero", progress=False)
+    unseen = torch.tensor([[[0, 1]], [[2, 0]]])  # never indexed
+    near = torch.tensor([[[0.0, 1.0, 9.0]], [[9.0, 1.0, 0.0]]])  # nearest to codes (2,2) and (0,0)
+    dense = index.dense_scores(unseen, near)
+    assert torch.equal(dense, table[[2, 0]])
+    assert index.lookup(unseen, near).tolist() == [[2], [0]]
+    _, items = index.search(CodeQueries(unseen, near), 3)
+    assert items.tolist() == [[3, 4, 0], [5, 0, 1]]  # then items scoring 0 in index order
+    with pytest.raises(ValueError, match="not indexed and no vectors"):
+        index.search(CodeQueries(unseen, None), 3)
+
+
+def test_invalid_inputs_are_rejected() -> None:
+    model = BilinearScorer(3, 2, 4, 10, seed=0)
+    dup = torch.tensor([[0, 1], [2, 2], [0, 1]])
+    with pytest.raises(ValueError, match="repeated code tuples"):
+        build(model, dup, "nonzero")
+    for bad in (-1, 0, True, -0.5, float("nan"), "all"):
+        with pytest.raises(ValueError):
+            build(model, all_codes(3, 2), bad)
+    with pytest.raises(ValueError, match="outside"):
+        build(model, torch.tensor([[0, 3]]), "nonzero")
+    with pytest.raises(ValueError, match="float16"):
+        SparseCodeIndex.build(lambda c: torch.full((len(c), 10), 1e6), all_codes(3, 2), torch.zeros(9, 2), 10, 3,
+                              progress=False)
+
+
+def test_corrupt_or_missing_index_folder_raises_checkpoint_error(tmp_path: Path) -> None:
+    model = BilinearScorer(3, 2, 4, 10, seed=0)
+    path = tmp_path / "idx"
+    with pytest.raises(CheckpointError, match="not found"):
+        Index.load(path)
+    build(model, all_codes(3, 2), "nonzero").save(path)
+
+    items = path / "items.npy"
+    good = items.read_bytes()
+    items.write_bytes(good[: len(good) - 8])  # truncated
+    for mmap in (True, False):
+        with pytest.raises(CheckpointError, match=str(path)) as err:
+            SparseCodeIndex.load(path, mmap=mmap)
+        assert "\n" not in str(err.value)
+    items.write_bytes(good)
+
+    indptr = np.load(path / "indptr.npy")
+    np.save(path / "indptr.npy", indptr[::-1].copy())  # right shape, wrong content
+    with pytest.raises(CheckpointError, match="inconsistent"):
+        SparseCodeIndex.load(path)
+    np.save(path / "indptr.npy", indptr)
+    assert SparseCodeIndex.load(path).nnz == len(np.load(items))
+
+    (path / "scores.npy").unlink()
+    with pytest.raises(CheckpointError, match="missing scores.npy"):
+        SparseCodeIndex.load(path)
+    (path / "index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt index.json"):
+        SparseCodeIndex.load(path)
+
+
+def test_search_does_not_depend_on_the_user_block_size() -> None:
+    model = BilinearScorer(4, 2, 5, 30, seed=6)
+    index = build(model, all_codes(4, 2), 2)
+    queries = torch.randint(0, 4, (10, 4, 2), generator=torch.Generator().manual_seed(1))
+    q = CodeQueries(queries, None)
+    exclude = random_exclusions(10, 30, seed=3, per_row=29)  # some users have < k items left
+    whole = index.search(q, 8, exclude)
+    for batch in (1, 3):
+        part = index.search(q, 8, exclude, user_batch=batch)
+        assert torch.equal(whole[0], part[0]) and torch.equal(whole[1], part[1])
+    assert torch.equal(index.search(queries, 8, exclude)[1], whole[1])  # codes alone
+    empty = index.search(CodeQueries(queries[:0], None), 8)
+    assert empty[0].shape == (0, 8) and empty[1].shape == (0, 8)
+
+
+@pytest.mark.slow  # spawning two workers that import torch takes a few seconds
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a 2-worker build needs 2 cores to be meaningful")
+def test_multi_process_build_equals_single_process() -> None:
+    model = BilinearScorer(4, 2, 5, 30, seed=7)
+    codes = all_codes(4, 2)
+    start = time.perf_counter()
+    parallel = build(model, codes, 3, code_chunk=4, workers=2)
+    assert time.perf_counter() - start < 30
+    single = build(model, codes, 3, code_chunk=4)
+    for name, array in single.arrays().items():
+        np.testing.assert_array_equal(parallel.arrays()[name], array, err_msg=name)
