@@ -135,6 +135,9 @@ class SparCodeConfig(_TokenizerFields):
     commitment: float = Field(0.25, ge=0)
     vq_weight: float = Field(1.0, ge=0)
     sparsity_bias: float = 0.0
+    # Which (code, item) scores the index keeps: "nonzero", the top-L per code (an int), or
+    # the scores above a threshold (a float >= 0).
+    index_keep: Union[Literal["nonzero"], int, float] = "nonzero"
 
     @model_validator(mode="after")
     def _codebooks_divide_dim(self):

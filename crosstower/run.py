@@ -25,8 +25,10 @@ from crosstower.data.dataset import Dataset
 from crosstower.data.loaders import LOADERS, load_dataset
 from crosstower.data.splits import Split, make_split
 from crosstower.errors import ConfigError, CrosstowerError, DataError
-from crosstower.evaluate.model_eval import evaluate_split
-from crosstower.models import EmbeddingRecommender, Popularity, Recommender, build_model
+from crosstower.data.batching import UserInput
+from crosstower.data.ragged import Ragged
+from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
+from crosstower.models import EmbeddingRecommender, Popularity, Recommender, SparCode, build_model
 from crosstower.train.checkpoint import load_checkpoint
 from crosstower.train.trainer import Trainer, set_seed
 
@@ -119,6 +121,15 @@ def _train_and_evaluate(
         metrics[part], timing[f"{part}_eval_seconds"] = evaluate_split(
             model, getattr(split, part), dataset.num_items, config, progress=True
         )
+    index_summary = _index_summary(model)
+    if isinstance(model, SparCode) and model.quantizer is not None:
+        index = _build_sparcode_index(model, dataset, split, config)
+        index.save(workdir / "index")
+        index_summary = index.describe()
+        metrics["test_served"], timing["test_served_eval_seconds"] = evaluate_served(
+            model, index, split.test, dataset.num_items, config
+        )
+        timing["index_build_seconds"] = index.build_seconds
     if report is not None:
         timing.update(epochs=report.epochs_run, best_epoch=report.best_epoch, stopped_early=report.stopped_early,
                       resumed_from_epoch=report.resumed_from_epoch)
@@ -129,7 +140,7 @@ def _train_and_evaluate(
         "config": config.model_dump(mode="json"),
         "metrics": metrics,
         "timing": timing,
-        "index": _index_summary(model),
+        "index": index_summary,
         "data": fingerprint,
         "training_history": report.history if report else [],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -139,6 +150,15 @@ def _train_and_evaluate(
     torch.save({"model_name": config.model.name, "model": model.state_dict()}, workdir / "model.pt")
     (workdir / "metrics.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _build_sparcode_index(model: SparCode, dataset: Dataset, split: Split, config: RunConfig):
+    """Index the codes of every training user's tokens (their full training history as input)."""
+    users = np.unique(split.train["user"].to_numpy())
+    history = Ragged.from_groups(split.train["user"].to_numpy(), split.train["item"].to_numpy(), dataset.num_users)
+    user = UserInput(torch.from_numpy(users), torch.from_numpy(history.take(users).padded_tail(config.train.history_length)))
+    log.info("building the sparse code index from %d training users", len(users))
+    return model.build_index(user, keep=config.model.index_keep)
 
 
 def _index_summary(model: Recommender) -> dict:

@@ -120,3 +120,22 @@ def test_token_two_tower_trains_from_a_config(tmp_path, tokenizer):
     })
     results = run_experiment(config, tmp_path / "run")
     assert results["index"]["kind"] == "exact_inner_product" and results["index"]["dim"] == 8
+
+
+def test_sparcode_run_serves_from_its_index(tmp_path):
+    """With keep: nonzero the index holds every score the model can give a training code, so
+    served metrics equal exhaustive ones wherever test users' codes were indexed."""
+    from crosstower.index import SparseCodeIndex
+    from crosstower.run import run_experiment
+    from tests.test_training import TINY
+
+    config = parse_config({
+        "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
+        "model": {"name": "sparcode", "dim": 8, "user_tokens": 2, "item_tokens": 2, "tokenizer_hidden": [16],
+                  "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 8},
+        "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10, "negatives": {"num": 10}},
+    })
+    results = run_experiment(config, tmp_path / "run")
+    assert "test_served" in results["metrics"] and 0 < results["index"]["kept_fraction"] <= 1
+    index = SparseCodeIndex.load(tmp_path / "run" / "index")
+    assert index.nnz == results["index"]["nnz"]

@@ -51,6 +51,27 @@ def evaluate_split(
     )
 
 
+@torch.no_grad()
+def evaluate_served(
+    model, index, block: EvalUsers, num_items: int, config: RunConfig
+) -> tuple[dict[str, float], float]:
+    """Metrics of the index's answers: each user's scores are the sums of its codes' posting
+    lists (:meth:`SparseCodeIndex.dense_scores`), ranked by the same evaluator as exhaustive
+    scoring, so the two differ only by what the index did not keep."""
+    model.eval()
+    start = time.perf_counter()
+    length, cfg = config.train.history_length, config.evaluate
+
+    def scorer(rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+        queries = model.code_queries(eval_user_input(block, rows, length))
+        return index.dense_scores(queries.codes, queries.vectors)[:, lo:hi]
+
+    metrics = evaluate_ranking(
+        scorer, len(block), num_items, block.exclude, block.targets, tuple(cfg.ks), cfg.user_batch, num_items
+    )
+    return metrics, time.perf_counter() - start
+
+
 def _scorer(model: Recommender, block: EvalUsers, history_length: int) -> Scorer:
     if isinstance(model, EmbeddingRecommender):
         # Encode every evaluated user once (not once per item chunk), in fixed blocks.

@@ -70,6 +70,9 @@ class InteractionMLP(nn.Module):
         self.token_in = nn.Linear(dim, hidden[0])
         self.item_in = nn.Linear(item_tokens * dim, hidden[0], bias=False)
         self.rest = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), MLP([*hidden, 1], dropout))
+        # Start every (token, item) score positive: a ReLU'd score that starts <= 0 everywhere
+        # has no gradient and never recovers. Training then pushes negatives' scores to exact 0.
+        nn.init.constant_(self.rest[-1][-1].bias, 1.0)
 
     def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``tokens [..., T, D]`` x ``items [..., N, K_i, D]`` -> scores ``[..., T, N]``."""
@@ -128,6 +131,34 @@ class SparCode(Recommender):
     def training_stats(self) -> dict[str, float]:
         """Codebook usage and perplexity of the last training batch (collapse shows here first)."""
         return {f"vq_{k}": v for k, v in self.quantizer.stats().items()} if self.quantizer is not None else {}
+
+    @torch.no_grad()
+    def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 1024, workers: int = 1):
+        """The sparse (code -> item, score) index of every code that ``users``' tokens occur as.
+
+        Enumerating all N^M codes stays possible through :meth:`SparseCodeIndex.build` directly;
+        indexing the codes that occur is the default because most of N^M never do.
+        """
+        from crosstower.index import SparseCodeIndex
+
+        if self.quantizer is None:
+            raise ValueError("an unquantised (all-to-all) model has no codes to index")
+        self.eval()
+        _, codes = self.user_tokens(users)
+        distinct = torch.unique(codes.reshape(-1, self.settings.num_codebooks), dim=0)
+        item_tokens = self.item_tokenizer(torch.arange(self.num_items))
+        return SparseCodeIndex.build(
+            lambda c: self.score_codes(c, item_tokens), distinct, self.quantizer.lookup(distinct),
+            self.num_items, self.settings.codebook_size, keep=keep, code_chunk=code_chunk, workers=workers,
+        )
+
+    @torch.no_grad()
+    def code_queries(self, user: UserInput):
+        """The index query of a user batch: its token codes and quantised token vectors."""
+        from crosstower.index import CodeQueries
+
+        vectors, codes = self.user_tokens(user)
+        return CodeQueries(codes, vectors)
 
     # ---- the model contract ---------------------------------------------------------------
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
