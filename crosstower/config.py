@@ -127,6 +127,7 @@ class SparCodeConfig(_TokenizerFields):
     """SparCode; ``name: alltoall`` is the same model unquantised (the exhaustive upper bound)."""
 
     name: Literal["sparcode", "alltoall"]
+    interaction: Literal["mlp", "sa"] = "mlp"
     user_tokens: int = Field(4, ge=1)
     item_tokens: int = Field(4, ge=1)
     interaction_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)

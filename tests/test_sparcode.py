@@ -122,7 +122,8 @@ def test_token_two_tower_trains_from_a_config(tmp_path, tokenizer):
     assert results["index"]["kind"] == "exact_inner_product" and results["index"]["dim"] == 8
 
 
-def test_sparcode_run_serves_from_its_index(tmp_path):
+@pytest.mark.parametrize("interaction", ["mlp", "sa"])
+def test_sparcode_run_serves_from_its_index(tmp_path, interaction):
     """With keep: nonzero the index holds every score the model can give a training code, so
     served metrics equal exhaustive ones wherever test users' codes were indexed."""
     from crosstower.index import SparseCodeIndex
@@ -131,11 +132,36 @@ def test_sparcode_run_serves_from_its_index(tmp_path):
 
     config = parse_config({
         "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
-        "model": {"name": "sparcode", "dim": 8, "user_tokens": 2, "item_tokens": 2, "tokenizer_hidden": [16],
-                  "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 8},
-        "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10, "negatives": {"num": 10}},
+        "model": {"name": "sparcode", "interaction": interaction, "dim": 8, "user_tokens": 2, "item_tokens": 2,
+                  "tokenizer_hidden": [16], "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 8},
+        "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10,
+                  "negatives": {"num": 10, "in_batch": True}},
     })
     results = run_experiment(config, tmp_path / "run")
     assert "test_served" in results["metrics"] and 0 < results["index"]["kept_fraction"] <= 1
     index = SparseCodeIndex.load(tmp_path / "run" / "index")
     assert index.nnz == results["index"]["nnz"]
+
+
+def test_sa_interaction_equals_a_full_transformer_layer_at_the_first_position():
+    from crosstower.models.sparcode import InteractionSA
+
+    torch.manual_seed(0)
+    enc = InteractionSA(dim=8, heads=2, hidden=[16]).eval()
+    tokens, items = torch.randn(3, 2, 8), torch.randn(5, 4, 8)
+    fast = enc(tokens, items)
+    ref = torch.zeros(3, 2, 5)
+    for b in range(3):
+        for t in range(2):
+            for n in range(5):
+                seq = torch.cat([tokens[b, t][None], items[n]])  # [1 + K_i, D]
+                h = enc.norm_in(seq)
+                q, k, v = enc.qkv(h).chunk(3, dim=-1)
+                q, k, v = (z.view(5, 2, 4).transpose(0, 1) for z in (q, k, v))  # [H, L, dh]
+                att = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v  # [H, L, dh]
+                x = seq + enc.attn_out(att.transpose(0, 1).reshape(5, 8))
+                x = x + enc.ffn(enc.norm_mid(x))
+                ref[b, t, n] = enc.score_head(enc.norm_out(x[0])).squeeze()
+    assert torch.allclose(fast, ref, atol=1e-5)
+    per_user_items = items[None].expand(3, -1, -1, -1)  # the training layout [B, C, K_i, D]
+    assert torch.allclose(enc(tokens, per_user_items), fast, atol=1e-6)

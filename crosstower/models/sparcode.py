@@ -34,6 +34,9 @@ from crosstower.nn.fields import MLP, FieldEmbedder
 from crosstower.nn.tokenizers import DNNTokenizer, ItemTokenizer, SATokenizer
 
 
+SCORE_SLICE = 256  # items per encoder call in exhaustive scoring
+
+
 @dataclass
 class SparCodeSettings:
     tokenizer: str = "dnn"  # "dnn" or "sa"
@@ -47,6 +50,7 @@ class SparCodeSettings:
     max_history: int = 50
     sa_layers: int = 2
     sa_heads: int = 2
+    interaction: str = "mlp"  # "mlp" or "sa"
     interaction_hidden: list[int] = field(default_factory=lambda: [128, 64])
     quantize: bool = True
     num_codebooks: int = 2
@@ -96,12 +100,60 @@ def build_tokenizers(
     return tokenizer, ItemTokenizer(item_fields, s.dim, item_tokens, s.item_hidden, s.dropout)
 
 
+class InteractionSA(nn.Module):
+    """``E(token, item)``: one pre-norm transformer layer over ``[token; item tokens]``, scored
+    from the first position.
+
+    Only the first position's output is scored, so only its row of attention is computed: the
+    token's query against the keys of the token and of the ``K_i`` item tokens. The result is
+    exactly that of a full layer over the ``1 + K_i`` tokens (tested against one), at the cost of
+    one attention row per (token, item) pair.
+    """
+
+    def __init__(self, dim: int, heads: int, hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by {heads} heads")
+        self.heads, self.head_dim = heads, dim // heads
+        self.norm_in, self.norm_mid, self.norm_out = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_out = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden[0]), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden[0], dim))
+        self.score_head = nn.Linear(dim, 1)
+        nn.init.constant_(self.score_head.bias, 1.0)  # start positive, as in InteractionMLP
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(self.norm_in(x)).chunk(3, dim=-1)
+        shape = (*x.shape[:-1], self.heads, self.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+    def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, T, D]`` x ``items [N, K_i, D]`` or ``[B, N, K_i, D]`` -> ``[B, T, N]``."""
+        if items.dim() == 3:
+            items = items.unsqueeze(0)
+        q, k_t, v_t = self._split(tokens)  # [B, T, H, dh]
+        _, k_i, v_i = self._split(items)  # [Bi, N, K_i, H, dh]
+        scale = self.head_dim**-0.5
+        self_logit = (q * k_t).sum(-1)[:, :, None, None, :] * scale  # [B, T, 1, 1, H]
+        item_logit = (q[:, :, None, None] * k_i[:, None]).sum(-1) * scale  # [B, T, N, K_i, H]
+        weights = torch.softmax(torch.cat([self_logit.expand(-1, -1, item_logit.shape[2], -1, -1), item_logit], 3), 3)
+        mixed = weights[..., :1, :, None] * v_t[:, :, None, None] + (weights[..., 1:, :, None] * v_i[:, None]).sum(
+            3, keepdim=True
+        )  # [B, T, N, 1, H, dh]
+        x = tokens[:, :, None] + self.attn_out(mixed.squeeze(3).flatten(-2))  # [B, T, N, D]
+        x = x + self.ffn(self.norm_mid(x))
+        return self.score_head(self.norm_out(x)).squeeze(-1)
+
+
 class SparCode(Recommender):
     def __init__(self, dataset: Dataset, settings: SparCodeSettings):
         super().__init__(dataset.num_items)
         s = self.settings = settings
         self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, s, s.user_tokens, s.item_tokens)
-        self.interaction = InteractionMLP(s.dim, s.item_tokens, s.interaction_hidden, s.dropout)
+        if s.interaction == "mlp":
+            self.interaction = InteractionMLP(s.dim, s.item_tokens, s.interaction_hidden, s.dropout)
+        else:
+            self.interaction = InteractionSA(s.dim, s.sa_heads, s.interaction_hidden, s.dropout)
         self.quantizer = None
         if s.quantize:
             from crosstower.nn.quantizer import ProductQuantizer
@@ -172,7 +224,10 @@ class SparCode(Recommender):
 
         def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
             tokens, _ = self.user_tokens(user)
-            return self.token_scores(tokens, item_tokens[start:stop]).sum(-2)
+            # Items in slices: the encoder's activations grow with users x tokens x items.
+            parts = [self.token_scores(tokens, item_tokens[lo : min(lo + SCORE_SLICE, stop)]).sum(-2)
+                     for lo in range(start, stop, SCORE_SLICE)]
+            return torch.cat(parts, dim=1)
 
         return scorer
 
