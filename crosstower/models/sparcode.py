@@ -128,7 +128,10 @@ class InteractionSA(nn.Module):
         return q.reshape(shape), k.reshape(shape), v.reshape(shape)
 
     def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``tokens [B, T, D]`` x ``items [N, K_i, D]`` or ``[B, N, K_i, D]`` -> ``[B, T, N]``."""
+        """``tokens [B, T, D]`` x ``items [N, K_i, D]`` or ``[B, N, K_i, D]`` -> ``[B, T, N]``;
+        ``tokens [T, D]`` (codes to index) x ``items [N, K_i, D]`` -> ``[T, N]``."""
+        if tokens.dim() == 2:
+            return self.forward(tokens.unsqueeze(0), items)[0]
         if items.dim() == 3:
             items = items.unsqueeze(0)
         q, k_t, v_t = self._split(tokens)  # [B, T, H, dh]
