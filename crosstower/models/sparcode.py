@@ -179,16 +179,24 @@ class SparCode(Recommender):
         """Sparsified per-token scores ``ReLU(E(token, item) + b)``: ``[..., T, N]``."""
         return F.relu(self.interaction(tokens, item_tokens) + self.settings.sparsity_bias)
 
+    def sliced_token_scores(self, tokens: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`token_scores` against a whole catalogue, a slice of items at a time, because the
+        encoder's activations grow with tokens x items."""
+        n = item_tokens.shape[0]
+        return torch.cat(
+            [self.token_scores(tokens, item_tokens[lo : lo + SCORE_SLICE]) for lo in range(0, n, SCORE_SLICE)], dim=-1
+        )
+
     def score_codes(self, codes: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
         """What the index stores: the score of each code ``[C, M]`` against each item ``[C, N]``."""
-        return self.token_scores(self.quantizer.lookup(codes), item_tokens)
+        return self.sliced_token_scores(self.quantizer.lookup(codes), item_tokens)
 
     def training_stats(self) -> dict[str, float]:
         """Codebook usage and perplexity of the last training batch (collapse shows here first)."""
         return {f"vq_{k}": v for k, v in self.quantizer.stats().items()} if self.quantizer is not None else {}
 
     @torch.no_grad()
-    def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 1024, workers: int = 1):
+    def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1):
         """The sparse (code -> item, score) index of every code that ``users``' tokens occur as.
 
         Enumerating all N^M codes stays possible through :meth:`SparseCodeIndex.build` directly;
@@ -227,10 +235,7 @@ class SparCode(Recommender):
 
         def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
             tokens, _ = self.user_tokens(user)
-            # Items in slices: the encoder's activations grow with users x tokens x items.
-            parts = [self.token_scores(tokens, item_tokens[lo : min(lo + SCORE_SLICE, stop)]).sum(-2)
-                     for lo in range(start, stop, SCORE_SLICE)]
-            return torch.cat(parts, dim=1)
+            return self.sliced_token_scores(tokens, item_tokens[start:stop]).sum(-2)
 
         return scorer
 
