@@ -1,0 +1,662 @@
+"""Serving speed: SparCode's sparse code index against the two-tower model served by brute force
+and by faiss, side by side in one process (issue 3, item 7).
+
+Run (the reference configuration; run it alone on the machine, the 1M build takes minutes):
+
+    python benchmarks/bench_serving.py --sizes 10000 100000 1000000 --threads 1
+
+Quick look (seconds):
+
+    python benchmarks/bench_serving.py --sizes 10000 --queries 200 --batches 3
+
+Writes ``benchmarks/out/serving.json`` (``--out``) and prints one table per catalogue size.
+
+What is measured, per catalogue size N (synthetic, seeded; nothing is trained):
+
+* Two-tower: random item vectors ``[N, D]`` (float32) and a user tower of the project's default
+  size (``MLP [2D, 128, D]`` over a user-field embedding and the mean of 50 history item
+  embeddings). Served by ``exact_torch`` (``torch.topk(u @ V.T)``), ``exact_index``
+  (:class:`ExactInnerProductIndex`, the project's exact index with its tie rule), ``faiss_flat_ip``
+  (``IndexFlatIP``) and ``faiss_hnsw`` (``IndexHNSWFlat``, inner product, M=32, efConstruction
+  80, efSearch 128; ``--hnsw-m``, ``--ef-construction``, ``--ef-search``).
+* SparCode: the same user input through a DNN tokenizer of the project's default size
+  (``MLP [2D, 256, K_u * D]``, K_u = 4 tokens) and a :class:`ProductQuantizer` (M = 2 codebooks
+  of 256); the index holds the ``--codes`` most frequent code tuples of 20,000 simulated training
+  users (4,096 of the 65,536 possible), each keeping its top L items, L = min(1000, N // 100)
+  (``--keep-per-code``), so about 1% (10k, 100k) or 0.1% (1M) of the code x item table is stored.
+  The scores come from a random low-rank ReLU model with a popularity term (posting lists
+  overlap and favour popular items, as trained ones do); building it is not what is timed, but
+  its time and bytes are reported. Query tokens whose code was not indexed go through the index's
+  nearest-code fallback, as in real serving (``query_tokens_unindexed`` says how many).
+  ``sparcode_index`` serves with ``SparseCodeIndex.search``; ``sparcode_fastpath`` is a
+  benchmark-only path built from the index's public ``lookup`` / ``posting`` that accumulates only
+  the K_u posting lists instead of a dense ``[B, N]`` block (it returns exactly what ``search``
+  returns; ``identical_to_index_search`` checks it).
+
+Every timed query is one user: ``encoder`` (tower / tokenizer + quantizer forward), then
+``index`` (search); ``p50_ms`` / ``p99_ms`` are end to end (both), ``index_p50_ms`` /
+``index_p99_ms`` the search alone, from the same calls. Batch-1 latency is over ``--queries``
+users after ``--warmup`` warm-up queries, methods interleaved query by query (so drift of the
+machine hits every method alike). Throughput is queries/s at batch ``--batch`` (256): the median
+over ``--batches`` batches of distinct users, methods interleaved batch by batch. torch and faiss
+use ``--threads`` threads for every measurement (builds use ``--build-threads``). With
+``--threads 1`` (the reference) no library keeps worker threads. With more, note that the faiss-cpu
+wheel bundles its own OpenMP runtime beside torch's: each one's idle workers spin for a while
+after a call and slow whichever library runs next (on a busy 2-core machine, 2 threads, a faiss
+search added 1-3 ms to the torch call after it). That is a real cost of serving a torch tower and a faiss index in
+one process, but it depends on the machine; ``OMP_WAIT_POLICY=PASSIVE`` trades the spinning for
+wake-up latency. The environment variables that steer this are recorded under ``machine.env``.
+
+``recall@50``: for two-tower methods, the share of the exact top-50 (``ExactInnerProductIndex``
+on the very user vectors the method served) that the method returned. For SparCode methods, the
+share of returned items whose accumulated score is at least the 50th best score of the dense
+reference (``SparseCodeIndex.dense_scores``), i.e. tie-aware agreement with the index's exact
+answer (1.0 = exact). It is not a recommendation-quality metric: the data are random.
+
+``bar`` (per size): the issue's bar, SparCode's batch-1 p50 at most faiss ``IndexFlatIP``'s in
+the same run (stated for 1M items), end to end and index only, for both SparCode methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+
+from crosstower.index import CodeQueries, ExactInnerProductIndex, SparseCodeIndex, encode_code_ids
+from crosstower.nn.fields import MLP
+from crosstower.nn.quantizer import ProductQuantizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "out" / "serving.json"
+DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
+
+# The project's default tower sizes (TwoTowerSettings.user_hidden, SparCodeSettings.tokenizer_hidden).
+TWO_TOWER_HIDDEN = [128]
+TOKENIZER_HIDDEN = [256]
+USER_VOCAB = 1_000  # values of the one user field (think age x region); Zipf-distributed
+HISTORY = 50  # history items per user (SparCodeSettings.max_history)
+SCORE_RANK = 16  # rank of the synthetic code x item score model
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+DENSE_BUDGET = 1 << 26  # floats per dense block when building the index or its reference (256 MB)
+
+
+@dataclass
+class Settings:
+    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    dim: int = 64
+    k: int = 50
+    user_tokens: int = 4
+    num_codebooks: int = 2
+    codebook_size: int = 256
+    codes: int = 4096
+    keep_per_code: int = 0  # 0: min(1000, N // 100)
+    train_users: int = 20_000
+    queries: int = 200
+    warmup: int = 20
+    batch: int = 256
+    batches: int = 5
+    threads: int = 1
+    build_threads: int = 0  # 0: every core
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    seed: int = 0
+    methods: list[str] | None = None  # None: all
+
+    def keep_for(self, num_items: int) -> int:
+        return self.keep_per_code or max(1, min(1000, num_items // 100))
+
+
+ALL_METHODS = ("exact_torch", "exact_index", "faiss_flat_ip", "faiss_hnsw", "sparcode_index", "sparcode_fastpath")
+
+
+# ------------------------------------------------------------------------------------ workload
+
+
+@dataclass
+class Users:
+    """Raw user input, identical for both models: one user-field id and a history of item ids."""
+
+    field_ids: torch.Tensor  # int64 [U]
+    history: torch.Tensor  # int64 [U, HISTORY]
+
+    def __len__(self) -> int:
+        return len(self.field_ids)
+
+    def slice(self, lo: int, hi: int) -> Users:
+        return Users(self.field_ids[lo:hi], self.history[lo:hi])
+
+
+def draw_users(num: int, num_items: int, gen: torch.Generator) -> Users:
+    """Users with a Zipf-distributed field value and a uniformly random history."""
+    ranks = torch.arange(1, USER_VOCAB + 1, dtype=torch.float64)
+    field_ids = torch.multinomial(1.0 / ranks, num, replacement=True, generator=gen)
+    history = torch.randint(num_items, (num, HISTORY), generator=gen)
+    return Users(field_ids, history)
+
+
+class UserInput(nn.Module):
+    """What both towers read: ``[user-field embedding; mean history item embedding]`` (2D)."""
+
+    def __init__(self, num_items: int, dim: int):
+        super().__init__()
+        self.fields = nn.Embedding(USER_VOCAB, dim)
+        self.items = nn.Embedding(num_items, dim)
+
+    def forward(self, users: Users) -> torch.Tensor:
+        return torch.cat([self.fields(users.field_ids), self.items(users.history).mean(1)], dim=-1)
+
+
+class UserTower(nn.Module):
+    """The two-tower user tower: input -> MLP -> user vector [B, D]."""
+
+    def __init__(self, inputs: UserInput, dim: int):
+        super().__init__()
+        self.inputs = inputs
+        self.mlp = MLP([2 * dim, *TWO_TOWER_HIDDEN, dim])
+
+    def forward(self, users: Users) -> torch.Tensor:
+        return self.mlp(self.inputs(users))
+
+
+class CodeTokenizer(nn.Module):
+    """SparCode's user side: input -> DNN tokenizer (K_u tokens) -> product quantizer -> codes."""
+
+    def __init__(self, inputs: UserInput, dim: int, tokens: int, quantizer: ProductQuantizer):
+        super().__init__()
+        self.inputs, self.tokens, self.dim = inputs, tokens, dim
+        self.mlp = MLP([2 * dim, *TOKENIZER_HIDDEN, tokens * dim])
+        self.quantizer = quantizer
+
+    def tokenize(self, users: Users) -> torch.Tensor:
+        return self.mlp(self.inputs(users)).view(len(users), self.tokens, self.dim)
+
+    def forward(self, users: Users) -> CodeQueries:
+        out = self.quantizer(self.tokenize(users))  # as SparCode.code_queries: codes and quantised vectors
+        return CodeQueries(out.codes, out.quantized)
+
+
+class LowRankScores:
+    """Synthetic ``score_codes``: ``ReLU(<P c, F_i> + pop_i)`` for a code's reconstruction vector c.
+
+    Low rank makes posting lists of nearby codes overlap; the Zipf popularity term puts popular
+    items into many lists; the ReLU zeroes about half the table, as a trained SparCode encoder's
+    sparsity bias does. Scores are O(1), well inside float16.
+    """
+
+    def __init__(self, codebooks: torch.Tensor, num_items: int, rank: int, gen: torch.Generator):
+        self.codebooks = codebooks.clone()  # [M, N, D/M]
+        dim = codebooks.shape[0] * codebooks.shape[2]
+        self.proj = torch.randn(dim, rank, generator=gen)
+        self.item_factors = torch.randn(num_items, rank, generator=gen) / math.sqrt(rank)
+        log_pop = -torch.log(torch.randperm(num_items, generator=gen).double() + 1.0)
+        self.item_bias = (0.5 * (log_pop - log_pop.mean()) / log_pop.std()).float()
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        books = torch.arange(self.codebooks.shape[0])
+        vectors = self.codebooks[books, codes.long()].reshape(len(codes), -1)
+        vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.relu((vectors @ self.proj) @ self.item_factors.T + self.item_bias)
+
+
+@dataclass
+class Method:
+    """One way of serving: ``encode(users)`` -> query, ``search(query, k)`` -> items [B, k]."""
+
+    name: str
+    family: str  # "two_tower" or "sparcode"
+    encode: Callable[[Users], Any]
+    search: Callable[[Any, int], np.ndarray]
+    index_bytes: int
+    build_seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _items(result: Any) -> np.ndarray:
+    items = result[1] if isinstance(result, tuple) else result
+    return items.numpy() if isinstance(items, torch.Tensor) else np.asarray(items)
+
+
+def sparcode_fast_search(index: SparseCodeIndex, queries: CodeQueries, k: int) -> np.ndarray:
+    """Top-``k`` items of each query from the index's public ``lookup`` / ``posting`` only.
+
+    Benchmark-only fast path for small batches: instead of a dense ``[B, N]`` block it adds up
+    the K_u posting lists (a few thousand entries) and ranks only those candidates. It returns
+    what :meth:`SparseCodeIndex.search` returns (no exclusions): float32 sums in token order
+    (``index_add_``, as the index does), ties to the lower item id, and when fewer than ``k``
+    items have a positive score, the lowest-numbered remaining items (score 0) fill the list.
+    """
+    rows = index.lookup(queries.codes, queries.vectors)
+    out = np.empty((len(rows), k), dtype=np.int64)
+    for b, user_rows in enumerate(rows):
+        postings = [index.posting(int(r)) for r in user_rows]
+        items = np.concatenate([p[0] for p in postings])
+        scores = torch.from_numpy(np.concatenate([p[1] for p in postings]).astype(np.float32))
+        cand, inverse = np.unique(items, return_inverse=True)  # ascending item ids
+        sums = torch.zeros(len(cand)).index_add_(0, torch.from_numpy(inverse.reshape(-1)), scores)
+        top = cand[_top_positions(sums, k)].astype(np.int64)
+        if len(top) < k:  # pad with the zero-score items, ascending, as the dense top-k would
+            pool = np.arange(min(index.num_items, k + len(cand)), dtype=np.int64)
+            fill = np.setdiff1d(pool, cand, assume_unique=True)[: k - len(top)]
+            top = np.concatenate([top, fill, np.full(k - len(top) - len(fill), -1, dtype=np.int64)])
+        out[b] = top
+    return out
+
+
+def _top_positions(sums: torch.Tensor, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest ``sums`` by (score descending, position ascending).
+
+    ``torch.topk`` finds the k-th value; everything above it is in, and of the entries equal to
+    it the lowest positions fill the rest (positions follow item ids, so ties go to the lower
+    item, the index's rule). Only the <= k chosen entries are then sorted.
+    """
+    values = sums.numpy()
+    if len(values) > k:
+        kth = values.dtype.type(torch.topk(sums, k, sorted=False).values.min())
+        above = np.flatnonzero(values > kth)
+        chosen = np.concatenate([above, np.flatnonzero(values == kth)[: k - len(above)]])
+    else:
+        chosen = np.arange(len(values))
+    return chosen[np.lexsort((chosen, -values[chosen]))]
+
+
+def _hnsw_bytes(index: faiss.IndexHNSWFlat) -> int:
+    """Vectors plus graph (neighbour ids, per-node offsets and levels)."""
+    h = index.hnsw
+    return int(index.ntotal * index.d * 4 + h.neighbors.size() * 4 + h.offsets.size() * 8 + h.levels.size() * 4)
+
+
+@dataclass
+class Workload:
+    """The serving methods of one catalogue size, plus the references their answers are checked by."""
+
+    methods: list[Method]
+    info: dict[str, Any]
+    exact: ExactInnerProductIndex  # two-tower reference (and the ``exact_index`` method)
+    sparse: SparseCodeIndex | None  # SparCode's index (None when no SparCode method was asked for)
+    tower: UserTower
+    tokenizer: CodeTokenizer
+
+
+def build_workload(n: int, s: Settings, log: Callable[[str], None] = print) -> Workload:
+    """Every serving method for a catalogue of ``n`` items (seeded: same ``s`` and ``n``, same data)."""
+    gen = torch.Generator().manual_seed(s.seed * 1_000_003 + n)
+    torch.manual_seed(s.seed)  # the quantizer's init draws from the global generator
+    wanted = set(s.methods or ALL_METHODS)
+    d = s.dim
+    inputs = UserInput(n, d)
+    with torch.no_grad():
+        inputs.fields.weight.copy_(torch.randn(USER_VOCAB, d, generator=gen))
+        inputs.items.weight.copy_(torch.randn(n, d, generator=gen))
+    tower = UserTower(inputs, d).eval()
+    quantizer = ProductQuantizer(d, s.num_codebooks, s.codebook_size)
+    tokenizer = CodeTokenizer(inputs, d, s.user_tokens, quantizer).eval()
+    item_vectors = torch.randn(n, d, generator=gen).numpy()
+    methods: list[Method] = []
+    info: dict[str, Any] = {"num_items": n, "dim": d, "k": s.k}
+
+    def encode_vectors(users: Users) -> torch.Tensor:
+        return tower(users)
+
+    # ---- two-tower
+    if "exact_torch" in wanted:
+        items_t = torch.from_numpy(item_vectors)
+
+        def exact_torch(u: torch.Tensor, k: int) -> torch.Tensor:
+            return torch.topk(u @ items_t.T, k, dim=1).indices
+
+        methods.append(Method("exact_torch", "two_tower", encode_vectors, exact_torch, item_vectors.nbytes, 0.0))
+    exact = ExactInnerProductIndex(item_vectors)  # also the two-tower recall reference
+    if "exact_index" in wanted:
+        methods.append(Method("exact_index", "two_tower", encode_vectors, lambda u, k: exact.search(u, k),
+                              exact.nbytes(), exact.build_seconds))
+    if "faiss_flat_ip" in wanted:
+        t0 = time.perf_counter()
+        flat = faiss.IndexFlatIP(d)
+        flat.add(item_vectors)
+        built = time.perf_counter() - t0
+        methods.append(Method("faiss_flat_ip", "two_tower", encode_vectors,
+                              lambda u, k: flat.search(u.numpy(), k)[1], int(flat.ntotal) * d * 4, built))
+    if "faiss_hnsw" in wanted:
+        log(f"  building HNSW (M={s.hnsw_m}, efConstruction={s.ef_construction}) over {n:,} vectors ...")
+        t0 = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(d, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = s.ef_construction
+        hnsw.add(item_vectors)
+        built = time.perf_counter() - t0
+        hnsw.hnsw.efSearch = max(s.ef_search, s.k)
+        methods.append(Method("faiss_hnsw", "two_tower", encode_vectors,
+                              lambda u, k: hnsw.search(u.numpy(), k)[1], _hnsw_bytes(hnsw), built,
+                              {"M": s.hnsw_m, "efConstruction": s.ef_construction, "efSearch": hnsw.hnsw.efSearch}))
+
+    # ---- SparCode: codebooks and indexed codes from simulated training users
+    sparse = None
+    if wanted & {"sparcode_index", "sparcode_fastpath"}:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            train = draw_users(s.train_users, n, gen)
+            tokens = tokenizer.tokenize(train)
+            quantizer.init_from(tokens)  # data-dependent codebooks, as training starts
+            codes = quantizer(tokens).codes.reshape(-1, s.num_codebooks)
+            ids = quantizer.code_ids(codes)
+            uniq, counts = torch.unique(ids, return_counts=True)
+            order = np.lexsort((uniq.numpy(), -counts.numpy()))[: s.codes]  # most frequent, then lower id
+            kept = uniq[torch.from_numpy(np.sort(order))]
+            index_codes = quantizer.codes_from_ids(kept)
+            code_vectors = quantizer.lookup(index_codes)
+        covered = float(counts[torch.from_numpy(order)].sum()) / len(ids)
+        keep = s.keep_for(n)
+        log(f"  building SparCode index: {len(index_codes):,} codes x top-{keep} of {n:,} items ...")
+        scorer = LowRankScores(quantizer.codebooks, n, SCORE_RANK, gen)
+        sparse = SparseCodeIndex.build(scorer, index_codes, code_vectors, n, s.codebook_size, keep=keep,
+                                       code_chunk=max(1, DENSE_BUDGET // n), progress=False)
+        sparse_info = {
+            "codes_indexed": sparse.num_codes,
+            "codes_seen_in_training": int(len(uniq)),
+            "train_tokens_covered": round(covered, 4),
+            "keep_per_code": keep,
+            "kept_fraction": sparse.kept_fraction,
+            "nnz": sparse.nnz,
+            "code_selection_seconds": round(time.perf_counter() - t0 - sparse.build_seconds, 3),
+        }
+        info["sparcode"] = sparse_info
+        per_method = {key: sparse_info[key] for key in ("codes_indexed", "keep_per_code", "kept_fraction")}
+
+        def encode_codes(users: Users) -> CodeQueries:
+            return tokenizer(users)
+
+        if "sparcode_index" in wanted:
+            methods.append(Method("sparcode_index", "sparcode", encode_codes, lambda q, k: sparse.search(q, k),
+                                  sparse.nbytes(), sparse.build_seconds, per_method))
+        if "sparcode_fastpath" in wanted:
+            methods.append(Method("sparcode_fastpath", "sparcode", encode_codes,
+                                  lambda q, k: sparcode_fast_search(sparse, q, k),
+                                  sparse.nbytes(), sparse.build_seconds, per_method))
+    info["encoder_params"] = {
+        "user_tower": sum(p.numel() for p in tower.mlp.parameters()),
+        "tokenizer": sum(p.numel() for p in tokenizer.mlp.parameters()),
+        "quantizer_codebooks": int(quantizer.codebooks.numel()),
+    }
+    return Workload(methods, info, exact, sparse, tower, tokenizer)
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def measure_latency(methods: list[Method], users: Users, warmup: int, k: int) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency, methods interleaved query by query (in rotating order)."""
+    singles = [users.slice(i, i + 1) for i in range(len(users))]
+    enc = {m.name: [] for m in methods}
+    idx = {m.name: [] for m in methods}
+    kept: dict[str, list[tuple[Any, np.ndarray]]] = {m.name: [] for m in methods}
+    with torch.no_grad():
+        for i in range(-warmup, len(singles)):
+            user = singles[i % len(singles)]
+            for j in range(len(methods)):
+                m = methods[(i + j) % len(methods)]
+                t0 = time.perf_counter_ns()
+                query = m.encode(user)
+                t1 = time.perf_counter_ns()
+                result = m.search(query, k)
+                t2 = time.perf_counter_ns()
+                if i >= 0:
+                    enc[m.name].append((t1 - t0) / 1e6)
+                    idx[m.name].append((t2 - t1) / 1e6)
+                    kept[m.name].append((query, _items(result)))
+    out = {}
+    for m in methods:
+        total = [a + b for a, b in zip(enc[m.name], idx[m.name])]
+        out[m.name] = {
+            "p50_ms": _percentile(total, 50), "p99_ms": _percentile(total, 99),
+            "index_p50_ms": _percentile(idx[m.name], 50), "index_p99_ms": _percentile(idx[m.name], 99),
+            "encoder_p50_ms": _percentile(enc[m.name], 50),
+            "_served": kept[m.name],
+        }
+    return out
+
+
+def measure_throughput(
+    methods: list[Method], users: Users, batch: int, batches: int, k: int
+) -> dict[str, dict[str, float]]:
+    """Queries/s at ``batch`` users per call: median over ``batches`` batches, after one warm-up."""
+    blocks = [users.slice(lo, lo + batch) for lo in range(0, batch * batches, batch)]
+    total = {m.name: [] for m in methods}
+    index = {m.name: [] for m in methods}
+    with torch.no_grad():
+        for i in range(-1, len(blocks)):
+            block = blocks[max(i, 0)]
+            for j in range(len(methods)):
+                m = methods[(i + j) % len(methods)]
+                t0 = time.perf_counter()
+                query = m.encode(block)
+                t1 = time.perf_counter()
+                m.search(query, k)
+                t2 = time.perf_counter()
+                if i >= 0:
+                    total[m.name].append(t2 - t0)
+                    index[m.name].append(t2 - t1)
+    return {
+        m.name: {
+            f"qps_batch{batch}": batch / statistics.median(total[m.name]),
+            f"index_qps_batch{batch}": batch / statistics.median(index[m.name]),
+        }
+        for m in methods
+    }
+
+
+# ------------------------------------------------------------------------------------ accuracy
+
+
+def _stack(queries: list[Any]) -> Any:
+    if isinstance(queries[0], CodeQueries):
+        return CodeQueries(torch.cat([q.codes for q in queries]), torch.cat([q.vectors for q in queries]))
+    return torch.cat(queries)
+
+
+def two_tower_recall(exact: ExactInnerProductIndex, served: list[tuple[torch.Tensor, np.ndarray]], k: int) -> float:
+    """Share of the exact top-k (on the very user vectors served) that the method returned."""
+    users = _stack([q for q, _ in served])
+    ref = exact.search(users, k)[1].numpy()
+    got = np.concatenate([items for _, items in served])
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(got, ref)]))
+
+
+def sparcode_agreement(index: SparseCodeIndex, served: list[tuple[CodeQueries, np.ndarray]], k: int) -> dict[str, Any]:
+    """Tie-aware recall against the dense reference, and whether the lists equal ``search``'s."""
+    queries = _stack([q for q, _ in served])
+    got = np.concatenate([items for _, items in served])
+    block = max(1, DENSE_BUDGET // index.num_items)
+    hits = []
+    for lo in range(0, len(got), block):
+        dense = index.dense_scores(queries.codes[lo : lo + block], queries.vectors[lo : lo + block])
+        kth = torch.topk(dense, k, dim=1).values[:, -1:]
+        mine = dense.gather(1, torch.from_numpy(got[lo : lo + block]).clamp_min(0))
+        hits.append(((mine >= kth) & torch.from_numpy(got[lo : lo + block] >= 0)).float().mean(1))
+    searched = index.search(queries, k)[1].numpy()
+    rows = index.lookup(queries.codes, queries.vectors)
+    return {
+        "recall@50" if k == 50 else f"recall@{k}": float(torch.cat(hits).mean()),
+        "identical_to_index_search": float(np.mean(np.all(got == searched, axis=1))),
+        "query_tokens_unindexed": float(np.mean(
+            index.arrays()["code_ids"][rows] != encode_code_ids(queries.codes, index.codebook_size))),
+    }
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def run_size(n: int, s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    log(f"N = {n:,}")
+    set_threads(s.build_threads or os.cpu_count() or 1)
+    work = build_workload(n, s, log)
+    methods, info, exact, sparse = work.methods, work.info, work.exact, work.sparse
+    set_threads(s.threads)
+    gen = torch.Generator().manual_seed(s.seed * 7919 + n + 1)
+    latency_users = draw_users(s.queries, n, gen)
+    batch_users = draw_users(s.batch * s.batches, n, gen)
+    log(f"  batch-1 latency: {s.queries} queries x {len(methods)} methods (+{s.warmup} warm-up) ...")
+    latency = measure_latency(methods, latency_users, s.warmup, s.k)
+    log(f"  throughput: {s.batches} batches of {s.batch} x {len(methods)} methods ...")
+    throughput = measure_throughput(methods, batch_users, s.batch, s.batches, s.k)
+    results: dict[str, Any] = {}
+    for m in methods:
+        lat = latency[m.name]
+        served = lat.pop("_served")
+        entry: dict[str, Any] = {"family": m.family, **lat, **throughput[m.name],
+                                 "index_bytes": int(m.index_bytes), "build_seconds": round(m.build_seconds, 3)}
+        if m.family == "two_tower":
+            entry[f"recall@{s.k}"] = two_tower_recall(exact, served, s.k)
+            entry["recall_reference"] = "ExactInnerProductIndex on the served user vectors"
+        else:
+            entry.update(sparcode_agreement(sparse, served, s.k))
+            entry["recall_reference"] = "SparseCodeIndex.dense_scores (tie-aware)"
+        entry.update(m.info)
+        results[m.name] = entry
+    return {**info, "methods": results, "bar": bar(results)}
+
+
+def bar(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's bar: SparCode's batch-1 p50 at most faiss IndexFlatIP's (same run)."""
+    if "faiss_flat_ip" not in results:
+        return {}
+    out: dict[str, Any] = {}
+    for measure, key in (("end_to_end", "p50_ms"), ("index_only", "index_p50_ms")):
+        ref = results["faiss_flat_ip"][key]
+        entry: dict[str, Any] = {"faiss_flat_ip_p50_ms": ref}
+        for name in ("sparcode_index", "sparcode_fastpath"):
+            if name in results:
+                entry[f"{name}_p50_ms"] = results[name][key]
+                entry[f"met_by_{name}"] = bool(results[name][key] <= ref)
+        out[measure] = entry
+    return out
+
+
+def machine(s: Settings) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "threads": s.threads,
+        "build_threads": s.build_threads or os.cpu_count(),
+        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+# (heading, width, format) of the printed table; the JSON holds the same numbers unrounded.
+COLUMNS = [
+    ("method", 18, "{:<18}"), ("p50 ms", 8, "{:>8.3f}"), ("p99 ms", 8, "{:>8.3f}"), ("qps", 9, "{:>9.0f}"),
+    ("idx p50", 8, "{:>8.3f}"), ("idx p99", 8, "{:>8.3f}"), ("idx qps", 9, "{:>9.0f}"), ("enc p50", 8, "{:>8.3f}"),
+    ("index MB", 9, "{:>9.1f}"), ("build s", 8, "{:>8.2f}"), ("recall", 7, "{:>7.4f}"),
+]
+
+
+def table(result: dict[str, Any], s: Settings) -> str:
+    """One line per method; qps columns are at batch ``s.batch``, recall at ``s.k``."""
+    lines = [" ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w, _) in enumerate(COLUMNS))]
+    for name, r in result["methods"].items():
+        values = [name, r["p50_ms"], r["p99_ms"], r[f"qps_batch{s.batch}"], r["index_p50_ms"], r["index_p99_ms"],
+                  r[f"index_qps_batch{s.batch}"], r["encoder_p50_ms"], r["index_bytes"] / 2**20,
+                  r["build_seconds"], r[f"recall@{s.k}"]]
+        lines.append(" ".join(fmt.format(v) for (_, _, fmt), v in zip(COLUMNS, values)))
+    title = f"N = {result['num_items']:,}: qps at batch {s.batch}, recall@{s.k}, {s.threads} thread(s)"
+    return "\n".join([title, *lines])
+
+
+def parse(argv: Sequence[str] | None) -> tuple[Settings, Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Settings()
+    p.add_argument("--sizes", type=int, nargs="+", default=d.sizes, help="catalogue sizes N")
+    p.add_argument("--dim", type=int, default=d.dim)
+    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--user-tokens", type=int, default=d.user_tokens, help="K_u")
+    p.add_argument("--num-codebooks", type=int, default=d.num_codebooks, help="M")
+    p.add_argument("--codebook-size", type=int, default=d.codebook_size, help="N of each codebook")
+    p.add_argument("--codes", type=int, default=d.codes, help="code tuples indexed (the most frequent)")
+    p.add_argument("--keep-per-code", type=int, default=d.keep_per_code, help="L; 0: min(1000, N // 100)")
+    p.add_argument("--train-users", type=int, default=d.train_users, help="users whose codes are indexed")
+    p.add_argument("--queries", type=int, default=d.queries, help="batch-1 queries timed per method")
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--batch", type=int, default=d.batch, help="throughput batch size")
+    p.add_argument("--batches", type=int, default=d.batches, help="throughput batches timed per method")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch and faiss threads while timing")
+    p.add_argument("--build-threads", type=int, default=d.build_threads, help="threads for builds (0: all)")
+    p.add_argument("--hnsw-m", type=int, default=d.hnsw_m)
+    p.add_argument("--ef-construction", type=int, default=d.ef_construction)
+    p.add_argument("--ef-search", type=int, default=d.ef_search)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=None, help="subset (default: all)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = vars(p.parse_args(argv))
+    out = args.pop("out")
+    s = Settings(**args)
+    if s.k < 1 or s.queries < 1 or s.batch < 1 or s.batches < 1 or s.threads < 1 or min(s.sizes) < 1:
+        p.error("k, queries, batch, batches, threads and sizes must be >= 1")
+    if min(s.sizes) < s.k:
+        p.error(f"every size must be at least k={s.k}")
+    return s, out
+
+
+def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    s, out = parse(argv)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report: dict[str, Any] = {
+        "benchmark": "serving",
+        "command": shlex.join(["python", "benchmarks/bench_serving.py", *argv]),
+        "started": started,
+        "machine": machine(s),
+        "settings": asdict(s),
+        "results": [],
+    }
+    for n in s.sizes:
+        result = run_size(n, s, log)
+        report["results"].append(result)
+        log(table(result, s))
+        out.parent.mkdir(parents=True, exist_ok=True)  # written after every size: a long run keeps its parts
+        out.write_text(json.dumps(report, indent=2))
+    log(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Smoke test of benchmarks/bench_serving.py: it runs end to end at a tiny size, writes the report
+it promises, and every method returns what its exact reference returns where it should."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+N = 2_000
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_serving", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def small(bench, **kw):
+    base = dict(sizes=[N], queries=20, warmup=2, batch=16, batches=2, train_users=2_000, codes=512, threads=1,
+                build_threads=1)
+    return bench.Settings(**{**base, **kw})
+
+
+def test_report_structure_and_agreement(bench, tmp_path):
+    out = tmp_path / "serving.json"
+    argv = ["--sizes", str(N), "--queries", "20", "--warmup", "2", "--batch", "16", "--batches", "2",
+            "--train-users", "2000", "--codes", "512", "--build-threads", "1", "--out", str(out)]
+    bench.main(argv, log=lambda *_: None)
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python benchmarks/bench_serving.py --sizes 2000")
+    for key in ("platform", "cpu_count", "torch", "faiss", "numpy", "threads"):
+        assert key in report["machine"]
+    assert report["machine"]["threads"] == 1
+    (result,) = report["results"]
+    assert result["num_items"] == N and result["k"] == 50
+    methods = result["methods"]
+    assert set(methods) == set(bench.ALL_METHODS)
+    for name, m in methods.items():
+        for key in ("p50_ms", "p99_ms", "index_p50_ms", "index_p99_ms", "encoder_p50_ms", "qps_batch16",
+                    "index_qps_batch16", "recall@50"):
+            assert np.isfinite(m[key]) and m[key] >= 0, (name, key)
+        assert m["p99_ms"] >= m["p50_ms"] > 0 and m["index_bytes"] > 0
+    # Exact methods are exact; HNSW is approximate but must be a recall in [0, 1].
+    for name in ("exact_torch", "exact_index", "faiss_flat_ip"):
+        assert methods[name]["recall@50"] == 1.0, name
+    assert 0.0 <= methods["faiss_hnsw"]["recall@50"] <= 1.0
+    assert methods["faiss_hnsw"]["efSearch"] >= 50
+    # SparCode: search equals its dense reference, the benchmark's fast path equals search.
+    for name in ("sparcode_index", "sparcode_fastpath"):
+        assert methods[name]["recall@50"] == 1.0
+        assert methods[name]["identical_to_index_search"] == 1.0
+    sc = result["sparcode"]
+    assert sc["keep_per_code"] == N // 100 and sc["codes_indexed"] <= 512
+    assert sc["kept_fraction"] <= 0.0101
+    assert set(result["bar"]) == {"end_to_end", "index_only"}
+    assert "met_by_sparcode_index" in result["bar"]["end_to_end"]
+
+
+def test_exact_brute_force_equals_faiss_flat_ip(bench):
+    work = bench.build_workload(N, small(bench, methods=["exact_torch", "exact_index", "faiss_flat_ip"]),
+                                log=lambda *_: None)
+    users = bench.draw_users(40, N, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        vectors = work.tower(users)
+        answers = {m.name: bench._items(m.search(vectors, 50)) for m in work.methods}
+    for name in ("exact_index", "faiss_flat_ip"):
+        for a, b in zip(answers["exact_torch"], answers[name]):
+            assert set(a.tolist()) == set(b.tolist()), name
+
+
+@pytest.mark.parametrize("keep", [0, 5])  # 5: 4 codes x 5 items < k, so zero-score items fill the list
+def test_sparcode_search_equals_dense_reference(bench, keep):
+    work = bench.build_workload(N, small(bench, methods=["sparcode_index", "sparcode_fastpath"], keep_per_code=keep),
+                                log=lambda *_: None)
+    index = work.sparse
+    users = bench.draw_users(40, N, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        queries = work.tokenizer(users)
+    dense = index.dense_scores(queries.codes, queries.vectors)
+    reference = torch.sort(dense, dim=1, descending=True, stable=True).indices[:, :50].numpy()
+    searched = index.search(queries, 50)[1].numpy()
+    fast = bench.sparcode_fast_search(index, queries, 50)
+    np.testing.assert_array_equal(searched, reference)
+    np.testing.assert_array_equal(fast, reference)
+    # Batch-1 calls answer as the batch does.
+    np.testing.assert_array_equal(
+        bench.sparcode_fast_search(index, bench.CodeQueries(queries.codes[:1], queries.vectors[:1]), 50), fast[:1])
+
+
+def test_top_positions_breaks_ties_by_position(bench):
+    sums = torch.tensor([1.0, 2.0, 2.0, 0.5, 2.0, 3.0])
+    assert bench._top_positions(sums, 3).tolist() == [5, 1, 2]
+    assert bench._top_positions(sums, 4).tolist() == [5, 1, 2, 4]
+    assert bench._top_positions(sums, 10).tolist() == [5, 1, 2, 4, 0, 3]
