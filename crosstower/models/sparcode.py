@@ -14,8 +14,8 @@ sums the posting lists of the user's ``K_u`` codes (:mod:`crosstower.index.spars
 With ``quantize: false`` the same tokenizer and encoder, unquantised and scored exhaustively,
 give the all-to-all upper bound the index is measured against.
 
-Status: model, loss and exact scoring are here and tested; training configs, the index build
-from a trained model, served evaluation and the reference numbers are the rest of issue 3.
+Status: the model, its loss, exhaustive scoring, the index build from a trained model and
+served evaluation are here and tested; tuning and the reference numbers are still open.
 """
 
 from __future__ import annotations
@@ -207,8 +207,11 @@ class SparCode(Recommender):
         if self.quantizer is None:
             raise ValueError("an unquantised (all-to-all) model has no codes to index")
         self.eval()
-        _, codes = self.user_tokens(users)
-        distinct = torch.unique(codes.reshape(-1, self.settings.num_codebooks), dim=0)
+        blocks = [
+            self.user_tokens(UserInput(users.users[lo : lo + 1024], users.history[lo : lo + 1024]))[1]
+            for lo in range(0, len(users), 1024)
+        ]
+        distinct = torch.unique(torch.cat(blocks).reshape(-1, self.settings.num_codebooks), dim=0)
         item_tokens = self.item_tokenizer(torch.arange(self.num_items))
         return SparseCodeIndex.build(
             lambda c: self.score_codes(c, item_tokens), distinct, self.quantizer.lookup(distinct),
