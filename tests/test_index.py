@@ -135,9 +135,10 @@ def test_served_search_equals_exhaustive_scoring_of_kept_entries(keep, seed: int
     vectors = model.vectors(queries.reshape(-1, m)).reshape(8, k_u, dim) + 0.01
     exclude = random_exclusions(8, num_items, seed)
     ref_scores, ref_items, ref_dense = reference_search(model, indexed, keep, queries, vectors, exclude, 12)
-    scores, items = index.search(CodeQueries(queries, vectors), 12, exclude, user_batch=3)
-    assert torch.equal(items, ref_items)
-    assert torch.equal(scores, ref_scores)
+    for sparse in (None, True, False):  # ranking over posting-list items only, or densely
+        scores, items = index.search(CodeQueries(queries, vectors), 12, exclude, user_batch=3, sparse=sparse)
+        assert torch.equal(items, ref_items)
+        assert torch.equal(scores, ref_scores)
     dense = index.dense_scores(queries, vectors)
     finite = torch.isfinite(ref_dense)
     assert torch.equal(dense[finite], ref_dense[finite])
@@ -271,6 +272,21 @@ def test_corrupt_or_missing_index_folder_raises_checkpoint_error(tmp_path: Path)
         SparseCodeIndex.load(path)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_ranking_equals_dense_ranking_with_ties_and_exclusions(seed: int) -> None:
+    """Few posting items per code (top-4) against 200 items: at small k the sparse path ranks,
+    at large k users run out of candidates and the search must give the dense answer."""
+    model = BilinearScorer(6, 2, 5, 200, seed)
+    index = build(model, all_codes(6, 2), 4)
+    rng = np.random.default_rng(seed)
+    queries = torch.from_numpy(rng.integers(0, 6, (20, 3, 2)))
+    exclude = random_exclusions(20, 200, seed, per_row=6)
+    for k in (1, 5, 12, 30):
+        dense = index.search(queries, k, exclude, sparse=False)
+        sparse = index.search(queries, k, exclude, sparse=True)
+        assert torch.equal(dense[0], sparse[0]) and torch.equal(dense[1], sparse[1])
+
+
 def test_search_does_not_depend_on_the_user_block_size() -> None:
     model = BilinearScorer(4, 2, 5, 30, seed=6)
     index = build(model, all_codes(4, 2), 2)
@@ -278,6 +294,7 @@ def test_search_does_not_depend_on_the_user_block_size() -> None:
     q = CodeQueries(queries, None)
     exclude = random_exclusions(10, 30, seed=3, per_row=29)  # some users have < k items left
     whole = index.search(q, 8, exclude)
+    assert all(torch.equal(a, b) for a, b in zip(whole, index.search(q, 8, exclude, sparse=True)))
     for batch in (1, 3):
         part = index.search(q, 8, exclude, user_batch=batch)
         assert torch.equal(whole[0], part[0]) and torch.equal(whole[1], part[1])

@@ -313,9 +313,14 @@ class SparseCodeIndex(Index):
         k: int,
         exclude: Ragged | None = None,
         user_batch: int | None = None,
+        sparse: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` items of every user, ``queries = CodeQueries(codes [B, K_u, M], vectors)``
         (or the codes tensor alone when every code is known to be indexed).
+
+        ``sparse`` forces (True) or forbids (False) ranking over the posting-list items only;
+        by default it is used when they are far fewer than the catalogue. Both give the same
+        result (tested).
 
         Users are processed in blocks of ``user_batch`` (default: as many as fit a 64 MB dense
         score block); the result does not depend on the block size.
@@ -328,12 +333,26 @@ class SparseCodeIndex(Index):
         parts = []
         for lo in range(0, len(rows), batch):
             hi = min(lo + batch, len(rows))
-            dense = self._accumulate(rows[lo:hi])
             sub = exclude.take(np.arange(lo, hi))
-            parts.append(topk_items(_block_scorer(dense), hi - lo, self.num_items, sub, k, hi - lo, self.num_items))
+            parts.append(self._search_block(rows[lo:hi], sub, k, sparse))
         if not parts:
             return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _search_block(
+        self, rows: np.ndarray, exclude: Ragged, k: int, sparse: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of one block: over the posting-list items only when they are few (the result is
+        the same; the cost then follows the posting lists, not the catalogue), else densely."""
+        users, items, scores = self._gather(rows)
+        if sparse is None:
+            sparse = 8 * len(items) < len(rows) * self.num_items
+        if sparse:
+            found = _sparse_topk(users, items, scores, len(rows), self.num_items, exclude, k)
+            if found is not None:
+                return found
+        dense = self._dense(users, items, scores, len(rows))
+        return topk_items(_block_scorer(dense), len(rows), self.num_items, exclude, k, len(rows), self.num_items)
 
     def dense_scores(self, codes: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """The accumulated scores ``[B, num_items]`` float32 (no exclusions): what search ranks."""
@@ -375,23 +394,25 @@ class SparseCodeIndex(Index):
         return self._nearest_cache
 
     def _accumulate(self, rows: np.ndarray) -> torch.Tensor:
-        """Dense ``[b, num_items]`` sums of the posting lists of each user's codes.
+        """Dense ``[b, num_items]`` sums of the posting lists of each user's codes."""
+        return self._dense(*self._gather(rows), len(rows))
 
-        The (user, item, score) triples of all b*K_u posting lists are gathered with one
-        vectorised CSR slice and added with one ``index_add_``: no loop over users or codes.
-        Accumulation is in float32, in token order per user.
-        """
+    def _gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (user, item, score) triples of all b*K_u posting lists, in token order per user,
+        gathered with one vectorised CSR slice: no loop over users or codes."""
         b, k_u = rows.shape
         flat = rows.reshape(-1)
         starts = self._indptr[flat]
         lengths = self._indptr[flat + 1] - starts
         ends = np.cumsum(lengths)
         pos = np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
-        items = self._items[pos].astype(np.int64)
-        scores = self._scores[pos].astype(np.float32)
         user = np.repeat(np.arange(len(flat), dtype=np.int64) // max(k_u, 1), lengths)
+        return user, self._items[pos].astype(np.int64), self._scores[pos].astype(np.float32)
+
+    def _dense(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, b: int) -> torch.Tensor:
+        """The triples added into ``[b, num_items]`` float32 with one ``index_add_``."""
         dense = torch.zeros(b, self.num_items)  # not a view: topk_items may then mask it in place
-        dense.view(-1).index_add_(0, torch.from_numpy(user * self.num_items + items), torch.from_numpy(scores))
+        dense.view(-1).index_add_(0, torch.from_numpy(users * self.num_items + items), torch.from_numpy(scores))
         return dense
 
     # -------------------------------------------------------------------------------- sizes
@@ -495,6 +516,31 @@ def _collect(
 
     parts = list(tqdm(results, total=total, desc="indexing codes", unit="chunk", disable=None if progress else True))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def _sparse_topk(
+    users: np.ndarray, items: np.ndarray, scores: np.ndarray, b: int, num_items: int, exclude: Ragged, k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-k over the posting-list items only, or None when some user has fewer than ``k``
+    of them left after exclusion (its list would continue with score-0 items; the dense path
+    handles that). Sums are added in the same order as the dense path, so scores are identical,
+    and equal scores rank by lower item index, as in evaluation."""
+    keys = torch.from_numpy(users * num_items + items)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    sums = torch.zeros(len(unique)).index_add_(0, inverse, torch.from_numpy(scores)).numpy()
+    unique = unique.numpy()
+    excluded = np.repeat(np.arange(exclude.num_rows), exclude.lengths) * num_items + exclude.values
+    keep = ~np.isin(unique, excluded)
+    unique, sums = unique[keep], sums[keep]
+    user, item = unique // num_items, unique % num_items
+    if (np.bincount(user, minlength=b) < k).any():
+        return None
+    order = np.lexsort((item, -sums, user))  # by user, then score descending, then item
+    counts = np.bincount(user, minlength=b)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    take = (first[:, None] + np.arange(k)[None, :]).reshape(-1)
+    chosen = order[take]
+    return torch.from_numpy(sums[chosen].reshape(b, k)), torch.from_numpy(item[chosen].reshape(b, k))
 
 
 def _block_scorer(dense: torch.Tensor) -> Callable[[np.ndarray, int, int], torch.Tensor]:
