@@ -346,7 +346,7 @@ class SparseCodeIndex(Index):
         the same; the cost then follows the posting lists, not the catalogue), else densely."""
         users, items, scores = self._gather(rows)
         if sparse is None:
-            sparse = 8 * len(items) < len(rows) * self.num_items
+            sparse = 32 * len(items) < len(rows) * self.num_items  # sorting n triples beats a dense block only when n is small
         if sparse:
             found = _sparse_topk(users, items, scores, len(rows), self.num_items, exclude, k)
             if found is not None:
