@@ -25,6 +25,12 @@ class Ragged:
     def row(self, r: int) -> np.ndarray:
         return self.values[self.indptr[r] : self.indptr[r + 1]]
 
+    def pair_keys(self, width: int) -> np.ndarray:
+        """``row * width + value`` for every entry: one int64 per (row, value) pair, so set
+        operations over whole tables (dedup, exclusion) are single numpy calls."""
+        rows = np.repeat(np.arange(self.num_rows, dtype=np.int64), self.lengths)
+        return rows * width + np.asarray(self.values, dtype=np.int64)
+
     def take(self, rows: np.ndarray) -> "Ragged":
         """The sub-table of ``rows`` (vectorised; no Python loop over rows)."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -177,12 +177,8 @@ def _eval_block(users: np.ndarray, history: Ragged, exclude: Ragged, targets: Ra
 
 
 def _clean_targets(exclude: Ragged, targets: Ragged) -> Ragged:
-    row = np.repeat(np.arange(targets.num_rows), targets.lengths)
-    frame = pd.DataFrame({"row": row, "item": targets.values})
-    excluded = pd.DataFrame({"row": np.repeat(np.arange(exclude.num_rows), exclude.lengths), "item": exclude.values})
-    frame = frame.drop_duplicates()
-    if len(excluded):
-        merged = frame.merge(excluded.drop_duplicates(), how="left", indicator=True)
-        frame = merged[merged["_merge"] == "left_only"][["row", "item"]]
-    frame = frame.sort_values(["row", "item"], kind="stable")
-    return Ragged.from_groups(frame["row"].to_numpy(), frame["item"].to_numpy(), targets.num_rows)
+    """Targets as sets: unique per row, in item order, without the row's excluded items."""
+    width = int(max(targets.values.max(initial=0), exclude.values.max(initial=0))) + 1
+    keys = np.unique(targets.pair_keys(width))
+    keys = keys[~np.isin(keys, exclude.pair_keys(width))]
+    return Ragged.from_groups(keys // width, keys % width, targets.num_rows)

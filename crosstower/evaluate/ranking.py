@@ -245,11 +245,8 @@ def _clean_targets(targets: Ragged, exclude: Ragged, num_items: int) -> np.ndarr
 
     One flat sorted array makes hit counting a single binary search for the whole batch.
     """
-    t_rows = np.repeat(np.arange(targets.num_rows, dtype=np.int64), targets.lengths)
-    e_rows = np.repeat(np.arange(exclude.num_rows, dtype=np.int64), exclude.lengths)
-    t_keys = np.unique(t_rows * num_items + np.asarray(targets.values, dtype=np.int64))
-    e_keys = e_rows * num_items + np.asarray(exclude.values, dtype=np.int64)
-    return t_keys[~np.isin(t_keys, e_keys)]
+    t_keys = np.unique(targets.pair_keys(num_items))
+    return t_keys[~np.isin(t_keys, exclude.pair_keys(num_items))]
 
 
 def _hits(keys: np.ndarray, rows: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:

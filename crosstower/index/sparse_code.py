@@ -529,8 +529,7 @@ def _sparse_topk(
     unique, inverse = torch.unique(keys, return_inverse=True)
     sums = torch.zeros(len(unique)).index_add_(0, inverse, torch.from_numpy(scores)).numpy()
     unique = unique.numpy()
-    excluded = np.repeat(np.arange(exclude.num_rows), exclude.lengths) * num_items + exclude.values
-    keep = ~np.isin(unique, excluded)
+    keep = ~np.isin(unique, exclude.pair_keys(num_items))
     unique, sums = unique[keep], sums[keep]
     user, item = unique // num_items, unique % num_items
     if (np.bincount(user, minlength=b) < k).any():

@@ -229,7 +229,7 @@ class SparCode(Recommender):
     # ---- the model contract ---------------------------------------------------------------
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.user_tokens(user)
-        return self.token_scores(tokens, self.item_tokenizer(items)).sum(-2)
+        return self.sliced_token_scores(tokens, self.item_tokenizer(items)).sum(-2)
 
     def item_scorer(self):
         """Tokenises the catalogue once; each call scores a range of it."""
