@@ -131,10 +131,17 @@ class SparCodeConfig(_TokenizerFields):
     user_tokens: int = Field(4, ge=1)
     item_tokens: int = Field(4, ge=1)
     interaction_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    # MLP encoder only: add a factorised bilinear term (A token) * (B item) to its first layer.
+    interaction_products: bool = False
     num_codebooks: int = Field(2, ge=1)
     codebook_size: int = Field(256, ge=2)
     commitment: float = Field(0.25, ge=0)
     vq_weight: float = Field(1.0, ge=0)
+    # Epochs trained unquantised before the codebooks are set by k-means on the learned tokens
+    # (of ``kmeans_examples`` training examples) and quantisation starts; 0 quantises from the
+    # first batch. Warm-up epochs are never selected as the best epoch.
+    vq_warmup_epochs: int = Field(0, ge=0)
+    kmeans_examples: int = Field(8192, ge=1)
     sparsity_bias: float = 0.0
     # Which (code, item) scores the index keeps: "nonzero", the top-L per code (an int), or
     # the scores above a threshold (a float >= 0).
@@ -178,6 +185,9 @@ class RunConfig(Strict):
         has_negatives = negatives.in_batch or (negatives.sampler != "none" and negatives.num > 0)
         if self.model.name != "popularity" and not has_negatives:
             raise ValueError("train.negatives: no negatives (set num > 0 with a sampler, or in_batch: true)")
+        warmup = getattr(self.model, "vq_warmup_epochs", 0)
+        if self.model.name == "sparcode" and warmup >= self.train.epochs:
+            raise ValueError(f"model.vq_warmup_epochs: {warmup} leaves no quantised epoch in train.epochs {self.train.epochs}")
         return self
 
     @property

@@ -183,6 +183,17 @@ def test_nonzero_keeps_exactly_the_positive_scores_and_sizes_add_up() -> None:
     json.dumps(info)  # goes into metrics.json as is
 
 
+@pytest.mark.parametrize("keep", [1, 3, 0.5, 1.25])
+def test_pruning_a_nonzero_index_equals_building_with_the_sparser_rule(keep) -> None:
+    """Scores are exact in float16 here (quarters), so pruning and building agree entry for entry."""
+    model = BilinearScorer(3, 2, 4, 25, seed=5)
+    codes = all_codes(3, 2)
+    pruned, built = build(model, codes, "nonzero").pruned(keep), build(model, codes, keep)
+    for name, array in built.arrays().items():
+        np.testing.assert_array_equal(pruned.arrays()[name], array, err_msg=name)
+    assert pruned.keep == built.keep and pruned.nnz < build(model, codes, "nonzero").nnz
+
+
 def test_save_load_mmap_round_trip_gives_identical_searches(tmp_path: Path) -> None:
     model = BilinearScorer(4, 2, 5, 30, seed=5)
     index = build(model, all_codes(4, 2)[::2], 3)

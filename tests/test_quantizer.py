@@ -232,3 +232,25 @@ def test_invalid_arguments_raise_value_error():
         pq(torch.randn(3, 6))
     with pytest.raises(ValueError, match="last dimension 2"):
         pq.lookup(torch.zeros(3, 3, dtype=torch.int64))
+
+
+def test_kmeans_init_puts_one_entry_on_each_cluster():
+    """Tokens from 16 well-separated clusters per codebook: every k-means entry is in use and the
+    reconstruction error is a small part of the tokens' spread (k-means may still merge two
+    clusters and split another, so no exact recovery is asserted)."""
+    torch.manual_seed(0)
+    centres = torch.randn(2, 16, 4) * 3
+    x = _clustered(centres, 4000, spread=0.01)
+    pq = ProductQuantizer(8, num_codebooks=2, codebook_size=16)
+    pq.init_kmeans(x, seed=0)
+    assert bool(pq.initialized)
+    out = pq.eval()(x)
+    assert (out.usage == 1).all()
+    assert (out.quantized - x).pow(2).sum(-1).mean() < 0.1 * (x - x.mean(0)).pow(2).sum(-1).mean()
+    assert torch.allclose(pq.cluster_size_ema.mean(-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(pq.embed_sum_ema / pq.cluster_size_ema.unsqueeze(-1), pq.codebooks, atol=1e-5)
+
+
+def test_kmeans_init_needs_as_many_vectors_as_entries():
+    with pytest.raises(ValueError, match="at least 16 vectors"):
+        ProductQuantizer(8, num_codebooks=2, codebook_size=16).init_kmeans(torch.randn(10, 8))

@@ -16,7 +16,8 @@ torch.set_num_threads(1)
 
 
 def reference_score(model: SparCode, tokens: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
-    """One pair at a time: sum_k ReLU(MLP([token_k; flattened item tokens]) + b)."""
+    """One pair at a time: sum_k ReLU(MLP([token_k; flattened item tokens]) + b), the MLP's first
+    layer plus (A token_k) * (B item) when the encoder has the multiplicative term."""
     enc = model.interaction
     weight = torch.cat([enc.token_in.weight, enc.item_in.weight], dim=1)
     scores = torch.zeros(tokens.shape[0], item_tokens.shape[0])
@@ -25,19 +26,21 @@ def reference_score(model: SparCode, tokens: torch.Tensor, item_tokens: torch.Te
             for k in range(tokens.shape[1]):
                 x = torch.cat([tokens[u, k], item_tokens[i].flatten()])
                 hidden = x @ weight.T + enc.token_in.bias
+                if enc.token_gate is not None:
+                    hidden = hidden + (enc.token_gate.weight @ tokens[u, k]) * (enc.item_gate.weight @ item_tokens[i].flatten())
                 s = enc.rest(hidden).squeeze()
                 scores[u, i] += torch.relu(s + model.settings.sparsity_bias)
     return scores
 
 
-@pytest.mark.parametrize("tokenizer", ["dnn", "sa"])
-def test_batched_score_equals_per_pair_reference(tokenizer):
+@pytest.mark.parametrize("tokenizer,products", [("dnn", False), ("sa", False), ("dnn", True)])
+def test_batched_score_equals_per_pair_reference(tokenizer, products):
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(0)
     settings = SparCodeSettings(tokenizer=tokenizer, dim=8, user_tokens=3, item_tokens=2, tokenizer_hidden=[16],
                                 item_hidden=[16], interaction_hidden=[16, 8], quantize=False, sparsity_bias=-0.05,
-                                max_history=10, sa_layers=1)
+                                max_history=10, sa_layers=1, interaction_products=products)
     model = SparCode(ds, settings).eval()
     user = eval_user_input(split.test, np.arange(len(split.test)), 10)
     items = torch.arange(ds.num_items)
@@ -165,3 +168,29 @@ def test_sa_interaction_equals_a_full_transformer_layer_at_the_first_position():
     assert torch.allclose(fast, ref, atol=1e-5)
     per_user_items = items[None].expand(3, -1, -1, -1)  # the training layout [B, C, K_i, D]
     assert torch.allclose(enc(tokens, per_user_items), fast, atol=1e-6)
+
+
+def test_sparcode_warm_up_trains_unquantised_then_quantises_from_kmeans_codebooks(tmp_path):
+    """Epoch 0 trains the all-to-all model (no codes, never the best epoch); epoch 1 starts from
+    k-means codebooks, so most entries are in use and the run serves from its index."""
+    from crosstower.run import run_experiment
+    from tests.test_training import TINY
+
+    config = parse_config({
+        "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
+        "model": {"name": "sparcode", "dim": 8, "user_tokens": 2, "item_tokens": 2, "tokenizer_hidden": [16],
+                  "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 16, "vq_warmup_epochs": 1,
+                  "kmeans_examples": 1000},
+        "train": {"epochs": 2, "threads": 1, "batch_size": 256, "history_length": 10, "negatives": {"num": 10}},
+    })
+    results = run_experiment(config, tmp_path / "run")
+    first, second = results["training_history"]
+    assert "vq_usage" not in first and second["vq_usage"] > 0.5
+    assert results["timing"]["best_epoch"] == 1 and "test_served" in results["metrics"]
+
+
+def test_warm_up_must_leave_a_quantised_epoch():
+    from crosstower.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vq_warmup_epochs"):
+        parse_config({"model": {"name": "sparcode", "vq_warmup_epochs": 3}, "train": {"epochs": 3}})

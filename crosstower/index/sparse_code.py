@@ -305,6 +305,30 @@ class SparseCodeIndex(Index):
         index.build_seconds = timer.seconds
         return index
 
+    def pruned(self, keep: Keep) -> SparseCodeIndex:
+        """A sparser index from this one's stored entries: its top-L per code or those above a
+        threshold, ties at the boundary going to the lower item index (as in :meth:`build`).
+
+        This is how the accuracy / size trade-off is measured without running the encoder again;
+        it equals building with ``keep`` whenever this index kept every entry the new rule keeps
+        (e.g. it was built with ``"nonzero"``), up to the float16 rounding of the stored scores.
+        """
+        mode, value = _parse_keep(keep)
+        rows = np.repeat(np.arange(self.num_codes), np.diff(self._indptr))
+        scores = np.asarray(self._scores)
+        if mode == "threshold":
+            kept = np.flatnonzero(scores > value)
+        else:
+            order = np.lexsort((np.asarray(self._items), -scores.astype(np.float32), rows))
+            rank = np.arange(len(order)) - self._indptr[rows[order]]
+            kept = np.sort(order[rank < value])  # back in (row, item) order
+        counts = np.bincount(rows[kept], minlength=self.num_codes)
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return SparseCodeIndex(
+            indptr, np.asarray(self._items)[kept], scores[kept], self._code_ids, self._codes,
+            self._code_vectors, self.num_items, self.codebook_size, keep,
+        )
+
     # -------------------------------------------------------------------------------- search
 
     def search(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
 from crosstower.losses import sampled_softmax
 
 ItemRangeScorer = Callable[[UserInput, int, int], torch.Tensor]
@@ -36,6 +36,12 @@ class Recommender(nn.Module):
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, len(items)]`` of every user in ``user`` against every item in ``items``."""
         raise NotImplementedError
+
+    warmup_epochs: int = 0
+    """Epochs at the start of training that are never selected as the best (see SparCode)."""
+
+    def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:
+        """Called by the trainer before epoch ``epoch`` (also after a resume); a no-op here."""
 
     def training_stats(self) -> dict[str, float]:
         """Model-specific numbers worth logging after an epoch (e.g. codebook usage)."""

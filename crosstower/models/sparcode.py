@@ -20,8 +20,10 @@ served evaluation are here and tested; tuning and the reference numbers are stil
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,8 @@ from crosstower.models.base import Recommender
 from crosstower.nn.fields import MLP, FieldEmbedder
 from crosstower.nn.tokenizers import DNNTokenizer, ItemTokenizer, SATokenizer
 
+
+log = logging.getLogger("crosstower.sparcode")
 
 SCORE_SLICE = 256  # items per encoder call in exhaustive scoring
 
@@ -52,27 +56,39 @@ class SparCodeSettings:
     sa_heads: int = 2
     interaction: str = "mlp"  # "mlp" or "sa"
     interaction_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    interaction_products: bool = False
     quantize: bool = True
     num_codebooks: int = 2
     codebook_size: int = 256
     commitment: float = 0.25
     vq_weight: float = 1.0
+    vq_warmup_epochs: int = 0
+    kmeans_examples: int = 8192
     sparsity_bias: float = 0.0
     dropout: float = 0.0
 
 
 class InteractionMLP(nn.Module):
-    """``E(token, item) = MLP([token; item tokens])`` with the first layer split by input part.
+    """``E(token, item) = MLP([token; item tokens])``, optionally with a multiplicative term.
 
-    ``W [t; v] = W_t t + W_v v``: projecting tokens and items separately and adding them is the
-    same function as the MLP on the concatenation, but scores all T x N pairs without ever
-    building T x N concatenated inputs.
+    The first layer is split by input part. ``W [t; v] = W_t t + W_v v``: projecting tokens and
+    items separately and adding them is the same function as the MLP on the concatenation, but
+    scores all T x N pairs without ever building T x N concatenated inputs.
+
+    With ``products``, the first layer also adds ``(A t) * (B v)`` (element-wise): a factorised
+    bilinear term. An MLP over a plain concatenation learns multiplicative interactions (a
+    similarity, a conjunction such as "the token's cluster is the item's cluster") only slowly
+    and approximately (Rendle et al., RecSys 2020); with this term an inner product of the token
+    and the item is one layer away, and per pair it costs one more element-wise product of the
+    two projections, not a matrix product.
     """
 
-    def __init__(self, dim: int, item_tokens: int, hidden: list[int], dropout: float = 0.0):
+    def __init__(self, dim: int, item_tokens: int, hidden: list[int], dropout: float = 0.0, products: bool = False):
         super().__init__()
         self.token_in = nn.Linear(dim, hidden[0])
         self.item_in = nn.Linear(item_tokens * dim, hidden[0], bias=False)
+        self.token_gate = nn.Linear(dim, hidden[0], bias=False) if products else None
+        self.item_gate = nn.Linear(item_tokens * dim, hidden[0], bias=False) if products else None
         self.rest = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), MLP([*hidden, 1], dropout))
         # Start every (token, item) score positive: a ReLU'd score that starts <= 0 everywhere
         # has no gradient and never recovers. Training then pushes negatives' scores to exact 0.
@@ -80,9 +96,11 @@ class InteractionMLP(nn.Module):
 
     def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``tokens [..., T, D]`` x ``items [..., N, K_i, D]`` -> scores ``[..., T, N]``."""
-        token_part = self.token_in(tokens).unsqueeze(-2)  # [..., T, 1, H]
-        item_part = self.item_in(items.flatten(-2)).unsqueeze(-3)  # [..., 1, N, H]
-        return self.rest(token_part + item_part).squeeze(-1)
+        items = items.flatten(-2)
+        hidden = self.token_in(tokens).unsqueeze(-2) + self.item_in(items).unsqueeze(-3)  # [..., T, N, H]
+        if self.token_gate is not None:
+            hidden = hidden + self.token_gate(tokens).unsqueeze(-2) * self.item_gate(items).unsqueeze(-3)
+        return self.rest(hidden).squeeze(-1)
 
 
 def build_tokenizers(
@@ -154,7 +172,7 @@ class SparCode(Recommender):
         s = self.settings = settings
         self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, s, s.user_tokens, s.item_tokens)
         if s.interaction == "mlp":
-            self.interaction = InteractionMLP(s.dim, s.item_tokens, s.interaction_hidden, s.dropout)
+            self.interaction = InteractionMLP(s.dim, s.item_tokens, s.interaction_hidden, s.dropout, s.interaction_products)
         else:
             self.interaction = InteractionSA(s.dim, s.sa_heads, s.interaction_hidden, s.dropout)
         self.quantizer = None
@@ -162,13 +180,29 @@ class SparCode(Recommender):
             from crosstower.nn.quantizer import ProductQuantizer
 
             self.quantizer = ProductQuantizer(s.dim, s.num_codebooks, s.codebook_size, commitment=s.commitment)
+            self.warmup_epochs = s.vq_warmup_epochs
+        # Whether tokens are quantised now: off during the warm-up epochs. A buffer, so that a
+        # checkpoint resumes in the right phase.
+        self.register_buffer("quantizing", torch.tensor(self.quantizer is not None and self.warmup_epochs == 0))
         self.last_vq_loss = torch.zeros(())
+
+    @torch.no_grad()
+    def begin_epoch(self, epoch: int, examples) -> None:
+        """At the end of the warm-up: k-means codebooks from the tokens learned so far, then quantise."""
+        if self.quantizer is None or bool(self.quantizing) or epoch < self.warmup_epochs:
+            return
+        sample = torch.randperm(len(examples))[: self.settings.kmeans_examples].numpy()
+        self.eval()
+        tokens = torch.cat([self.tokenizer(examples.user_input(block)) for block in np.array_split(sample, -(-len(sample) // 1024))])
+        self.quantizer.init_kmeans(tokens.reshape(-1, self.settings.dim), seed=epoch)
+        self.quantizing.fill_(True)
+        log.info("epoch %d: codebooks set by k-means on %d tokens; quantisation on", epoch, len(tokens.reshape(-1, self.settings.dim)))
 
     # ---- the pieces the index needs -------------------------------------------------------
     def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Quantised user tokens ``[B, K_u, D]`` and their codes ``[B, K_u, M]`` (None unquantised)."""
         tokens = self.tokenizer(user)
-        if self.quantizer is None:
+        if self.quantizer is None or not bool(self.quantizing):
             self.last_vq_loss = torch.zeros(())
             return tokens, None
         out = self.quantizer(tokens)
@@ -193,7 +227,9 @@ class SparCode(Recommender):
 
     def training_stats(self) -> dict[str, float]:
         """Codebook usage and perplexity of the last training batch (collapse shows here first)."""
-        return {f"vq_{k}": v for k, v in self.quantizer.stats().items()} if self.quantizer is not None else {}
+        if self.quantizer is None or not bool(self.quantizing):
+            return {}
+        return {f"vq_{k}": v for k, v in self.quantizer.stats().items()}
 
     @torch.no_grad()
     def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1):
@@ -204,8 +240,8 @@ class SparCode(Recommender):
         """
         from crosstower.index import SparseCodeIndex
 
-        if self.quantizer is None:
-            raise ValueError("an unquantised (all-to-all) model has no codes to index")
+        if self.quantizer is None or not bool(self.quantizing):
+            raise ValueError("an unquantised (all-to-all or still warming up) model has no codes to index")
         self.eval()
         blocks = [
             self.user_tokens(UserInput(users.users[lo : lo + 1024], users.history[lo : lo + 1024]))[1]

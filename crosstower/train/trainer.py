@@ -126,7 +126,9 @@ class Trainer:
             report.epochs_run = epoch + 1
             extra = "".join(f" {k} {v:.3g}" for k, v in stats.items())
             log.info("epoch %d loss %.4f val %s %.4f%s", epoch, loss, self.eval_cfg.early_stopping_metric, value, extra)
-            if value > report.best_value:
+            if epoch < self.model.warmup_epochs:
+                pass  # a warm-up epoch trains a different model (SparCode unquantised): not a candidate
+            elif value > report.best_value:
                 report.best_value, report.best_epoch, bad_epochs = value, epoch, 0
                 best_state = copy.deepcopy(self.model.state_dict())
             else:
@@ -169,6 +171,8 @@ class Trainer:
         epoch_seed = cfg.seed * 1_000_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)  # dropout and any other use of the global generator
+        self.model.begin_epoch(epoch, self.examples)
+        self.model.train()
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
         for index in progress:

@@ -1,0 +1,104 @@
+"""SparCode's accuracy against the share of code-item scores its index keeps.
+
+    python benchmarks/sparcode_tradeoff.py runs/reference/synthetic-sparcode-sa-p2 \
+        --fractions 1 0.1 0.01 0.001 --out benchmarks/out/tradeoff-synthetic.json \
+        --plot docs/sparcode_tradeoff.png
+
+Reads a finished SparCode run (its config, split, model and the ``nonzero`` index it saved),
+prunes that index to the top ``L = fraction * num_items`` scores of every code
+(:meth:`SparseCodeIndex.pruned`, no encoder call), and evaluates the served test metrics at each
+level with the same evaluator as the run. Fraction 1 keeps every positive score, i.e. the index
+the run served. The run's exhaustive test metrics (the model scored on every item) are written
+beside them: they are what an index that kept everything would reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from crosstower.data.loaders import load_dataset
+from crosstower.data.splits import Split
+from crosstower.evaluate.model_eval import evaluate_served
+from crosstower.index import SparseCodeIndex
+from crosstower.models import build_model
+from crosstower.run import load_run, resolve_dataset_path
+from crosstower.train.checkpoint import load_checkpoint
+
+METRICS = ("recall@50", "ndcg@50", "precision@50")
+
+
+def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None) -> dict:
+    config, saved = load_run(run_dir)
+    torch.set_num_threads(config.train.threads)
+    dataset = load_dataset(config.dataset.name, resolve_dataset_path(config, data_dir), dict(config.dataset.options))
+    split = Split.load(run_dir / "split.npz")
+    model = build_model(config.model, dataset, split.protocol, config.train.history_length)
+    model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
+    full = SparseCodeIndex.load(run_dir / "index")
+    rows = []
+    for fraction in sorted(fractions, reverse=True):
+        top = max(1, round(fraction * dataset.num_items))
+        index = full if top >= dataset.num_items else full.pruned(top)
+        metrics, seconds = evaluate_served(model, index, split.test, dataset.num_items, config)
+        rows.append({
+            "fraction_asked": fraction, "keep": index.keep, "kept_fraction": index.kept_fraction,
+            "nnz": index.nnz, "index_bytes": index.nbytes(), "eval_seconds": seconds,
+            **{m: metrics[m] for m in METRICS},
+        })
+        print(f"keep {index.keep}: kept {index.kept_fraction:.5f}, {index.nbytes() / 2**20:.1f} MiB, "
+              + ", ".join(f"{m} {metrics[m]:.4f}" for m in METRICS), flush=True)
+    return {
+        "run": str(run_dir), "dataset": saved["dataset"], "protocol": saved["protocol"], "model": saved["model"],
+        "codes_indexed": full.num_codes, "num_items": dataset.num_items,
+        "exhaustive_test": {m: saved["metrics"]["test"][m] for m in METRICS}, "levels": rows,
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Recall@50 against the kept share (log scale), one line per run, exhaustive as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        levels = r["levels"]
+        label = f"{r['dataset']} {r['protocol'].upper()}"
+        line, = ax.plot([x["kept_fraction"] for x in levels], [x["recall@50"] for x in levels], "o-", label=f"{label}: served")
+        ax.axhline(r["exhaustive_test"]["recall@50"], color=line.get_color(), ls="--", lw=1, label=f"{label}: exhaustive")
+    ax.set_xscale("log")
+    ax.set_xlabel("share of code-item scores kept in the index")
+    ax.set_ylabel("test Recall@50")
+    ax.set_title("SparCode: accuracy against index sparsity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished SparCode run folders")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.1, 0.01, 0.001])
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/sparcode_tradeoff.json"))
+    parser.add_argument("--plot", type=Path, help="PNG to write")
+    args = parser.parse_args(argv)
+    if any(not 0 < f <= 1 for f in args.fractions):
+        parser.error("--fractions must lie in (0, 1]")
+    results = [tradeoff(run, args.fractions, args.data_dir) for run in args.runs]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
