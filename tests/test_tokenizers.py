@@ -59,6 +59,19 @@ def test_user_tokenizers_shape_and_padding(fields, kind):
     assert torch.isfinite(tokenizer(empty)).all()
 
 
+def test_sa_tokenizer_queries_read_the_user_summary(fields):
+    """Two users with different histories get different tokens even with the attention layers'
+    contribution removed: the query tokens themselves start from the pooled user summary."""
+    users, items, _ = fields
+    torch.manual_seed(0)
+    tokenizer = SATokenizer(users, items, dim=8, num_tokens=2, max_history=4, layers=1, heads=2).eval()
+    for block in tokenizer.encoder.blocks:  # blocks become identities: output = norm(input)
+        for p in (*block.attention.out.parameters(), *block.mlp[-1].parameters()):
+            torch.nn.init.zeros_(p)
+    tokens = tokenizer(UserInput(torch.tensor([0, 0]), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])))
+    assert not torch.allclose(tokens[0], tokens[1], atol=1e-3)
+
+
 def test_item_tokenizer(fields):
     _, items, ds = fields
     tokenizer = ItemTokenizer(items, dim=8, num_tokens=2, hidden=[16])
