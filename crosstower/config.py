@@ -142,6 +142,11 @@ class SparCodeConfig(_TokenizerFields):
     # first batch. Warm-up epochs are never selected as the best epoch.
     vq_warmup_epochs: int = Field(0, ge=0)
     kmeans_examples: int = Field(8192, ge=1)
+    # A codebook entry whose EMA count (sub-vectors assigned per batch) falls below this is moved
+    # onto a random token of the batch. 0.1 restarts an entry within a few hundred steps of its
+    # last win; the quantiser's own default (1e-3) took longer than an epoch, while the tokens of
+    # the synthetic default collapsed onto 3% of the entries.
+    vq_dead_threshold: float = Field(0.1, ge=0)
     sparsity_bias: float = 0.0
     # Which (code, item) scores the index keeps: "nonzero", the top-L per code (an int), or
     # the scores above a threshold (a float >= 0).

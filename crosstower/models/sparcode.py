@@ -66,6 +66,7 @@ class SparCodeSettings:
     commitment: float = 0.25
     vq_weight: float = 1.0
     vq_warmup_epochs: int = 0
+    vq_dead_threshold: float = 0.1
     kmeans_examples: int = 8192
     sparsity_bias: float = 0.0
     dropout: float = 0.0
@@ -182,7 +183,9 @@ class SparCode(Recommender):
         if s.quantize:
             from crosstower.nn.quantizer import ProductQuantizer
 
-            self.quantizer = ProductQuantizer(s.dim, s.num_codebooks, s.codebook_size, commitment=s.commitment)
+            self.quantizer = ProductQuantizer(
+                s.dim, s.num_codebooks, s.codebook_size, commitment=s.commitment, dead_threshold=s.vq_dead_threshold
+            )
             self.warmup_epochs = s.vq_warmup_epochs
         # Whether tokens are quantised now: off during the warm-up epochs. A buffer, so that a
         # checkpoint resumes in the right phase.
