@@ -5,9 +5,10 @@
         --plot docs/sparcode_tradeoff.png
 
 Reads a finished SparCode run (its config, split, model and the ``nonzero`` index it saved),
-prunes that index to the top ``L = fraction * num_items`` scores of every code
-(:meth:`SparseCodeIndex.pruned`, no encoder call), and evaluates the served test metrics at each
-level with the same evaluator as the run. Fraction 1 keeps every positive score, i.e. the index
+prunes that index (:meth:`SparseCodeIndex.pruned`, no encoder call) to each fraction by two rules,
+the top ``L = fraction * num_items`` scores of every code (``top_l``) and the largest scores of
+the whole table whatever their code (``threshold``), and evaluates the served test metrics at
+each level with the same evaluator as the run. Fraction 1 keeps every positive score, i.e. the index
 the run served. The run's exhaustive test metrics (the model scored on every item) are written
 beside them: they are what an index that kept everything would reach.
 """
@@ -19,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from crosstower.data.loaders import load_dataset
@@ -42,21 +44,31 @@ def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None) -> di
     full = SparseCodeIndex.load(run_dir / "index")
     rows = []
     for fraction in sorted(fractions, reverse=True):
-        top = max(1, round(fraction * dataset.num_items))
-        index = full if top >= dataset.num_items else full.pruned(top)
-        metrics, seconds = evaluate_served(model, index, split.test, dataset.num_items, config)
-        rows.append({
-            "fraction_asked": fraction, "keep": index.keep, "kept_fraction": index.kept_fraction,
-            "nnz": index.nnz, "index_bytes": index.nbytes(), "eval_seconds": seconds,
-            **{m: metrics[m] for m in METRICS},
-        })
-        print(f"keep {index.keep}: kept {index.kept_fraction:.5f}, {index.nbytes() / 2**20:.1f} MiB, "
-              + ", ".join(f"{m} {metrics[m]:.4f}" for m in METRICS), flush=True)
+        for rule, keep in (("top_l", max(1, round(fraction * dataset.num_items))), ("threshold", _threshold(full, fraction))):
+            index = full if keep is None or (rule == "top_l" and keep >= dataset.num_items) else full.pruned(keep)
+            metrics, seconds = evaluate_served(model, index, split.test, dataset.num_items, config)
+            rows.append({
+                "fraction_asked": fraction, "rule": rule, "keep": index.keep, "kept_fraction": index.kept_fraction,
+                "nnz": index.nnz, "index_bytes": index.nbytes(), "eval_seconds": seconds,
+                **{m: metrics[m] for m in METRICS},
+            })
+            print(f"{rule} keep {index.keep}: kept {index.kept_fraction:.5f}, {index.nbytes() / 2**20:.1f} MiB, "
+                  + ", ".join(f"{m} {metrics[m]:.4f}" for m in METRICS), flush=True)
     return {
         "run": str(run_dir), "dataset": saved["dataset"], "protocol": saved["protocol"], "model": saved["model"],
         "codes_indexed": full.num_codes, "num_items": dataset.num_items,
         "exhaustive_test": {m: saved["metrics"]["test"][m] for m in METRICS}, "levels": rows,
     }
+
+
+def _threshold(index: SparseCodeIndex, fraction: float) -> float | None:
+    """The score threshold that keeps about ``fraction`` of the code x item table (the largest
+    stored scores, whatever their code); None when the index keeps no more than that already."""
+    target = int(fraction * index.num_codes * index.num_items)
+    if target >= index.nnz:
+        return None
+    scores = np.sort(np.asarray(index.arrays()["scores"], dtype=np.float32))[::-1]
+    return float(scores[max(target, 1) - 1])
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -68,9 +80,12 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
-        levels = r["levels"]
         label = f"{r['dataset']} {r['protocol'].upper()}"
-        line, = ax.plot([x["kept_fraction"] for x in levels], [x["recall@50"] for x in levels], "o-", label=f"{label}: served")
+        line = None
+        for rule, style in (("top_l", "o-"), ("threshold", "s:")):
+            levels = [x for x in r["levels"] if x["rule"] == rule]
+            line, = ax.plot([x["kept_fraction"] for x in levels], [x["recall@50"] for x in levels], style,
+                            color=line.get_color() if line else None, label=f"{label}: served, {rule}")
         ax.axhline(r["exhaustive_test"]["recall@50"], color=line.get_color(), ls="--", lw=1, label=f"{label}: exhaustive")
     ax.set_xscale("log")
     ax.set_xlabel("share of code-item scores kept in the index")

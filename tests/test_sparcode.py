@@ -228,3 +228,25 @@ def test_resume_across_the_end_of_the_warm_up_continues_exactly(tmp_path):
     assert resumed.resumed_from_epoch == 1
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert torch.equal(resumed_model.quantizer.codebooks, full_model.quantizer.codebooks)
+
+
+def test_sparsity_weight_leaves_fewer_nonzero_code_item_scores(tmp_path):
+    """The L1 penalty on negatives' scores is what makes the index small: the same run with it
+    keeps a clearly smaller share of the code x item table."""
+    from crosstower.run import run_experiment
+    from tests.test_training import TINY
+
+    def kept(weight):
+        config = parse_config({
+            "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
+            "model": {"name": "sparcode", "dim": 8, "user_tokens": 2, "item_tokens": 2, "tokenizer_hidden": [16],
+                      "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 8, "sparsity_weight": weight},
+            "train": {"epochs": 3, "threads": 1, "batch_size": 64, "lr": 0.02, "patience": 5, "history_length": 10,
+                      "negatives": {"num": 10}},
+        })
+        results = run_experiment(config, tmp_path / f"run-{weight}")
+        history = results["training_history"]
+        assert all("sparsity" not in h for h in history)  # training stats, not loss parts
+        return results["index"]["kept_fraction"]
+
+    assert kept(2.0) < 0.5 * kept(0.0)

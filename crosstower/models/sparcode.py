@@ -14,8 +14,9 @@ sums the posting lists of the user's ``K_u`` codes (:mod:`crosstower.index.spars
 With ``quantize: false`` the same tokenizer and encoder, unquantised and scored exhaustively,
 give the all-to-all upper bound the index is measured against.
 
-Training: sampled softmax over the candidates (plus in-batch negatives with logQ, optionally)
-and the quantiser's commitment loss. With ``vq_warmup_epochs`` the model first trains
+Training: sampled softmax over the candidates (plus in-batch negatives with logQ, optionally),
+the quantiser's commitment loss and, with ``sparsity_weight``, an L1 penalty on the sampled
+negatives' per-token scores that drives the score table towards exact zeros. With ``vq_warmup_epochs`` the model first trains
 unquantised (the all-to-all model), then :meth:`begin_epoch` sets the codebooks by k-means on the
 tokens it has learned and quantisation starts; seeding the codebooks from the first batch of an
 untrained tokenizer instead collapsed to 3 of 256 entries in use on the synthetic default.
@@ -69,6 +70,7 @@ class SparCodeSettings:
     vq_dead_threshold: float = 0.1
     kmeans_examples: int = 8192
     sparsity_bias: float = 0.0
+    sparsity_weight: float = 0.0
     dropout: float = 0.0
 
 
@@ -291,12 +293,18 @@ class SparCode(Recommender):
         unique, inverse = torch.unique(candidates, return_inverse=True)
         flat = self.item_tokenizer(unique).flatten(1)
         item_tokens = F.embedding(inverse, flat).view(*candidates.shape, self.settings.item_tokens, -1)
-        logits = self.token_scores(tokens, item_tokens).sum(-2)  # [B, 1 + K]
+        token_scores = self.token_scores(tokens, item_tokens)  # [B, K_u, 1 + K]
+        logits = token_scores.sum(-2)
         in_batch_logits = None
         if batch.in_batch_mask is not None:
             # every user against every row's positive: [B, K_u, D] x [B, K_i, D] -> [B, B]
             in_batch_logits = self.token_scores(tokens, item_tokens[:, 0]).sum(-2)
         negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch_logits)
         softmax = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
-        total = softmax + self.settings.vq_weight * self.last_vq_loss
-        return total, {"softmax": float(softmax.detach()), "vq": float(self.last_vq_loss.detach())}
+        # L1 on the sampled negatives' (code, item) scores: pushes them to exact zeros, which is
+        # what lets the index keep few entries per code (the FLOPS-style regulariser of learned
+        # sparse retrieval, e.g. SPLADE, applied to SparCode's score table).
+        sparsity = token_scores[..., 1:].mean() if batch.negatives.shape[1] else token_scores.new_zeros(())
+        total = softmax + self.settings.vq_weight * self.last_vq_loss + self.settings.sparsity_weight * sparsity
+        return total, {"softmax": float(softmax.detach()), "vq": float(self.last_vq_loss.detach()),
+                       "sparsity": float(sparsity.detach())}
