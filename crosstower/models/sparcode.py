@@ -16,10 +16,11 @@ give the all-to-all upper bound the index is measured against.
 
 Training: sampled softmax over the candidates (plus in-batch negatives with logQ, optionally),
 the quantiser's commitment loss and, with ``sparsity_weight``, an L1 penalty on the sampled
-negatives' per-token scores that drives the score table towards exact zeros. With ``vq_warmup_epochs`` the model first trains
-unquantised (the all-to-all model), then :meth:`begin_epoch` sets the codebooks by k-means on the
-tokens it has learned and quantisation starts; seeding the codebooks from the first batch of an
-untrained tokenizer instead collapsed to 3 of 256 entries in use on the synthetic default.
+negatives' per-token scores that drives the score table towards exact zeros. With
+``vq_warmup_epochs`` the model first trains unquantised (the all-to-all model), then
+:meth:`begin_epoch` sets the codebooks by k-means on the tokens it has learned and quantisation
+starts; seeding the codebooks from the first batch of an untrained tokenizer instead collapsed to
+3 of 256 entries in use on the synthetic default.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.losses import sampled_softmax
 from crosstower.models.base import Recommender
@@ -195,16 +196,17 @@ class SparCode(Recommender):
         self.last_vq_loss = torch.zeros(())
 
     @torch.no_grad()
-    def begin_epoch(self, epoch: int, examples) -> None:
+    def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:
         """At the end of the warm-up: k-means codebooks from the tokens learned so far, then quantise."""
         if self.quantizer is None or bool(self.quantizing) or epoch < self.warmup_epochs:
             return
         sample = torch.randperm(len(examples))[: self.settings.kmeans_examples].numpy()
+        blocks = np.array_split(sample, -(-len(sample) // 1024))
         self.eval()
-        tokens = torch.cat([self.tokenizer(examples.user_input(block)) for block in np.array_split(sample, -(-len(sample) // 1024))])
-        self.quantizer.init_kmeans(tokens.reshape(-1, self.settings.dim), seed=epoch)
+        tokens = torch.cat([self.tokenizer(examples.user_input(block)) for block in blocks]).flatten(0, 1)
+        self.quantizer.init_kmeans(tokens, seed=epoch)
         self.quantizing.fill_(True)
-        log.info("epoch %d: codebooks set by k-means on %d tokens; quantisation on", epoch, len(tokens.reshape(-1, self.settings.dim)))
+        log.info("epoch %d: codebooks set by k-means on %d tokens; quantisation on", epoch, len(tokens))
 
     # ---- the pieces the index needs -------------------------------------------------------
     def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -126,13 +126,13 @@ class Trainer:
             report.epochs_run = epoch + 1
             extra = "".join(f" {k} {v:.3g}" for k, v in stats.items())
             log.info("epoch %d loss %.4f val %s %.4f%s", epoch, loss, self.eval_cfg.early_stopping_metric, value, extra)
-            if epoch < self.model.warmup_epochs:
-                pass  # a warm-up epoch trains a different model (SparCode unquantised): not a candidate
-            elif value > report.best_value:
-                report.best_value, report.best_epoch, bad_epochs = value, epoch, 0
-                best_state = copy.deepcopy(self.model.state_dict())
-            else:
-                bad_epochs += 1
+            # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
+            if epoch >= self.model.warmup_epochs:
+                if value > report.best_value:
+                    report.best_value, report.best_epoch, bad_epochs = value, epoch, 0
+                    best_state = copy.deepcopy(self.model.state_dict())
+                else:
+                    bad_epochs += 1
             report.seconds = time.perf_counter() - started
             out_of_time = cfg.max_minutes is not None and report.seconds > 60 * cfg.max_minutes
             report.stopped_early = bad_epochs >= cfg.patience or out_of_time
