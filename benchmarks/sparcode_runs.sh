@@ -17,7 +17,7 @@ for dataset in ${DATASETS[@]}; do
     RUNS+=("runs/reference/$name")
   done
 done
-.venv/bin/python benchmarks/results_table.py "${RUNS[@]}" > runs/reference/sparcode-table.md
+.venv/bin/python benchmarks/results_table.py --served "${RUNS[@]}" > runs/reference/sparcode-table.md
 cat runs/reference/sparcode-table.md
 TRADEOFF=()
 for dataset in ${DATASETS[@]}; do TRADEOFF+=("runs/reference/$dataset-sparcode-sa-p2"); done
