@@ -148,8 +148,8 @@ class SparCodeConfig(_TokenizerFields):
     # the synthetic default collapsed onto 3% of the entries.
     vq_dead_threshold: float = Field(0.1, ge=0)
     sparsity_bias: float = 0.0
-    # Weight of the L1 penalty on sampled negatives' per-token scores (0: none); larger weights
-    # leave fewer non-zero (code, item) scores for the index to keep.
+    # Weight of the L1 penalty on sampled negatives' per-token scores (0: none), applied once
+    # quantisation is on; larger weights leave fewer non-zero (code, item) scores to index.
     sparsity_weight: float = Field(0.0, ge=0)
     # Which (code, item) scores the index keeps: "nonzero", the top-L per code (an int), or
     # the scores above a threshold (a float >= 0).

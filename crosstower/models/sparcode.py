@@ -16,7 +16,7 @@ give the all-to-all upper bound the index is measured against.
 
 Training: sampled softmax over the candidates (plus in-batch negatives with logQ, optionally),
 the quantiser's commitment loss and, with ``sparsity_weight``, an L1 penalty on the sampled
-negatives' per-token scores that drives the score table towards exact zeros. With
+negatives' per-token scores (once quantised) that drives the score table towards exact zeros. With
 ``vq_warmup_epochs`` the model first trains unquantised (the all-to-all model), then
 :meth:`begin_epoch` sets the codebooks by k-means on the tokens it has learned and quantisation
 starts; seeding the codebooks from the first batch of an untrained tokenizer instead collapsed to
@@ -305,8 +305,12 @@ class SparCode(Recommender):
         softmax = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
         # L1 on the sampled negatives' (code, item) scores: pushes them to exact zeros, which is
         # what lets the index keep few entries per code (the FLOPS-style regulariser of learned
-        # sparse retrieval, e.g. SPLADE, applied to SparCode's score table).
-        sparsity = token_scores[..., 1:].mean() if batch.negatives.shape[1] else token_scores.new_zeros(())
+        # sparse retrieval, e.g. SPLADE, applied to SparCode's score table). Only once quantised:
+        # from the first step it drove every score of the synthetic default to zero, where the
+        # ReLU passes no gradient and training cannot recover.
+        sparsity = token_scores.new_zeros(())
+        if bool(self.quantizing) and batch.negatives.shape[1]:
+            sparsity = token_scores[..., 1:].mean()
         total = softmax + self.settings.vq_weight * self.last_vq_loss + self.settings.sparsity_weight * sparsity
         return total, {"softmax": float(softmax.detach()), "vq": float(self.last_vq_loss.detach()),
                        "sparsity": float(sparsity.detach())}
