@@ -254,3 +254,16 @@ def test_kmeans_init_puts_one_entry_on_each_cluster():
 def test_kmeans_init_needs_as_many_vectors_as_entries():
     with pytest.raises(ValueError, match="at least 16 vectors"):
         ProductQuantizer(8, num_codebooks=2, codebook_size=16).init_kmeans(torch.randn(10, 8))
+
+
+def test_window_stats_cover_every_batch_since_the_last_call():
+    """Two batches that each use half the entries: the window sees all of them, the last batch half."""
+    pq = ProductQuantizer(2, num_codebooks=1, codebook_size=4, decay=0.9, restart_dead=False)
+    _set_codebooks(pq, torch.tensor([[[0.0, 0.0], [0.0, 10.0], [10.0, 0.0], [10.0, 10.0]]]))
+    pq.train()
+    pq(torch.tensor([[0.0, 0.0], [0.0, 10.0]]))
+    pq(torch.tensor([[10.0, 0.0], [10.0, 10.0]]))
+    assert pq.stats()["usage"] == 0.5
+    window = pq.window_stats()
+    assert window["usage"] == 1.0 and math.isclose(window["perplexity"], 4.0, rel_tol=1e-6)
+    assert "usage" not in pq.window_stats()  # a new, empty window

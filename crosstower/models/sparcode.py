@@ -236,10 +236,10 @@ class SparCode(Recommender):
         return self.sliced_token_scores(self.quantizer.lookup(codes), item_tokens)
 
     def training_stats(self) -> dict[str, float]:
-        """Codebook usage and perplexity of the last training batch (collapse shows here first)."""
+        """Codebook usage and perplexity over the epoch's batches (collapse shows here first)."""
         if self.quantizer is None or not bool(self.quantizing):
             return {}
-        return {f"vq_{k}": v for k, v in self.quantizer.stats().items()}
+        return {f"vq_{k}": v for k, v in self.quantizer.window_stats().items()}
 
     @torch.no_grad()
     def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1):

@@ -106,6 +106,7 @@ class ProductQuantizer(nn.Module):
         self.register_buffer("embed_sum_ema", codebooks.clone())
         self.register_buffer("initialized", torch.tensor(not data_init))
         self._last: dict[str, Tensor] = {}
+        self._window: dict[str, Tensor] = {}  # counts and restarts since the last window_stats()
 
     # ------------------------------------------------------------------ code arithmetic
     @property
@@ -159,6 +160,10 @@ class ProductQuantizer(nn.Module):
         if self.training and sub.shape[1] > 0:
             restarted = self._update(sub, codes, counts)
             self._last = {"perplexity": perplexity, "usage": usage, "restarted": restarted}
+            self._window = {
+                "counts": self._window.get("counts", 0) + counts,
+                "restarted": self._window.get("restarted", 0) + restarted,
+            }
         # Straight-through: the value is exactly q (x - x.detach() is exactly 0); d quantized / d x = I.
         quantized = q.detach() + (x - x.detach())
         return QuantizerOutput(quantized, codes_out, loss, perplexity, usage)
@@ -289,6 +294,28 @@ class ProductQuantizer(nn.Module):
             "perplexity": perplexity.mean().item(),
             "perplexity_min": perplexity.min().item(),
             "restarted": float(self._last["restarted"].sum().item()),
+            "live": live,
+        }
+
+    def window_stats(self) -> dict[str, float]:
+        """Usage, perplexity and restarts over every training batch since the previous call (an
+        epoch, when called once per epoch), then start a new window.
+
+        The last batch alone can mislead: an epoch's last batch may hold a handful of rows, which
+        can use only a handful of entries.
+        """
+        live = (self.cluster_size_ema >= self.dead_threshold).float().mean().item()
+        window, self._window = self._window, {}
+        if not window:
+            return {"live": live}
+        counts = window["counts"]
+        usage, perplexity = (counts > 0).float().mean(-1), _perplexity(counts)
+        return {
+            "usage": usage.mean().item(),
+            "usage_min": usage.min().item(),
+            "perplexity": perplexity.mean().item(),
+            "perplexity_min": perplexity.min().item(),
+            "restarted": float(window["restarted"].sum().item()),
             "live": live,
         }
 
