@@ -46,6 +46,8 @@ def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None) -> di
     for fraction in sorted(fractions, reverse=True):
         for rule, keep in (("top_l", max(1, round(fraction * dataset.num_items))), ("threshold", _threshold(full, fraction))):
             index = full if keep is None or (rule == "top_l" and keep >= dataset.num_items) else full.pruned(keep)
+            if index is full and rule == "threshold" and rows and rows[-1]["keep"] == full.keep:
+                continue  # both rules keep the whole index at this fraction: one row is enough
             metrics, seconds = evaluate_served(model, index, split.test, dataset.num_items, config)
             rows.append({
                 "fraction_asked": fraction, "rule": rule, "keep": index.keep, "kept_fraction": index.kept_fraction,
