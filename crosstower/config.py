@@ -143,9 +143,9 @@ class SparCodeConfig(_TokenizerFields):
     vq_warmup_epochs: int = Field(0, ge=0)
     kmeans_examples: int = Field(8192, ge=1)
     # A codebook entry whose EMA count (sub-vectors assigned per batch) falls below this is moved
-    # onto a random token of the batch. 0.1 restarts an entry within a few hundred steps of its
-    # last win; the quantiser's own default (1e-3) took longer than an epoch, while the tokens of
-    # the synthetic default collapsed onto 3% of the entries.
+    # onto a random token of the batch. 0.1 restarts an entry a few hundred steps after its last
+    # win; the quantiser's own default (1e-3) waits about 700 steps at decay 0.99, longer than an
+    # epoch of the synthetic default.
     vq_dead_threshold: float = Field(0.1, ge=0)
     sparsity_bias: float = 0.0
     # Weight of the L1 penalty on sampled negatives' per-token scores (0: none), applied once
