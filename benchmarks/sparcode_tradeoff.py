@@ -21,26 +21,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from crosstower.data.loaders import load_dataset
-from crosstower.data.splits import Split
 from crosstower.evaluate.model_eval import evaluate_served
 from crosstower.index import SparseCodeIndex
-from crosstower.models import build_model
-from crosstower.run import load_run, resolve_dataset_path
-from crosstower.train.checkpoint import load_checkpoint
+from crosstower.run import load_trained
 
 METRICS = ("recall@50", "ndcg@50", "precision@50")
 
 
 def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None) -> dict:
-    config, saved = load_run(run_dir)
-    torch.set_num_threads(config.train.threads)
-    dataset = load_dataset(config.dataset.name, resolve_dataset_path(config, data_dir), dict(config.dataset.options))
-    split = Split.load(run_dir / "split.npz")
-    model = build_model(config.model, dataset, split.protocol, config.train.history_length)
-    model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
+    config, saved, dataset, split, model = load_trained(run_dir, data_dir)
     full = SparseCodeIndex.load(run_dir / "index")
     rows = []
     for fraction in sorted(fractions, reverse=True):
@@ -69,8 +59,9 @@ def _threshold(index: SparseCodeIndex, fraction: float) -> float | None:
     target = int(fraction * index.num_codes * index.num_items)
     if target >= index.nnz:
         return None
-    scores = np.sort(np.asarray(index.arrays()["scores"], dtype=np.float32))[::-1]
-    return float(scores[max(target, 1) - 1])
+    scores = np.asarray(index.arrays()["scores"], dtype=np.float32)
+    position = len(scores) - max(target, 1)  # the target-th largest score
+    return float(np.partition(scores, position)[position])
 
 
 def plot(results: list[dict], path: Path) -> None:

@@ -192,8 +192,9 @@ def load_run(run_dir: Path) -> tuple[RunConfig, dict]:
     return load_config(run_dir / "config.yaml"), json.loads(metrics_path.read_text())
 
 
-def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
-    """Recompute the metrics of a finished run from its saved config, split and model."""
+def load_trained(run_dir: Path, data_dir: Path | None = None) -> tuple[RunConfig, dict, Dataset, Split, Recommender]:
+    """A finished run's config, saved results, data set (checked against the run's), split and
+    trained model, ready to evaluate or serve."""
     config, saved = load_run(run_dir)
     torch.set_num_threads(config.train.threads)
     path = resolve_dataset_path(config, data_dir)
@@ -203,4 +204,10 @@ def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
     split = Split.load(run_dir / "split.npz")
     model = build_model(config.model, dataset, split.protocol, config.train.history_length)
     model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
+    return config, saved, dataset, split, model
+
+
+def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
+    """Recompute the metrics of a finished run from its saved config, split and model."""
+    config, _, dataset, split, model = load_trained(run_dir, data_dir)
     return {part: evaluate_split(model, getattr(split, part), dataset.num_items, config)[0] for part in ("val", "test")}

@@ -190,8 +190,8 @@ class SparCode(Recommender):
                 s.dim, s.num_codebooks, s.codebook_size, commitment=s.commitment, dead_threshold=s.vq_dead_threshold
             )
             self.warmup_epochs = s.vq_warmup_epochs
-        # Whether tokens are quantised now: off during the warm-up epochs. A buffer, so that a
-        # checkpoint resumes in the right phase.
+        # Whether tokens are quantised now: never without a quantiser, off during the warm-up
+        # epochs. A buffer, so that a checkpoint resumes in the right phase.
         self.register_buffer("quantizing", torch.tensor(self.quantizer is not None and self.warmup_epochs == 0))
         self.last_vq_loss = torch.zeros(())
 
@@ -212,7 +212,7 @@ class SparCode(Recommender):
     def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Quantised user tokens ``[B, K_u, D]`` and their codes ``[B, K_u, M]`` (None unquantised)."""
         tokens = self.tokenizer(user)
-        if self.quantizer is None or not bool(self.quantizing):
+        if not bool(self.quantizing):
             self.last_vq_loss = torch.zeros(())
             return tokens, None
         out = self.quantizer(tokens)
@@ -237,7 +237,7 @@ class SparCode(Recommender):
 
     def training_stats(self) -> dict[str, float]:
         """Codebook usage and perplexity over the epoch's batches (collapse shows here first)."""
-        if self.quantizer is None or not bool(self.quantizing):
+        if not bool(self.quantizing):
             return {}
         return {f"vq_{k}": v for k, v in self.quantizer.window_stats().items()}
 
@@ -250,7 +250,7 @@ class SparCode(Recommender):
         """
         from crosstower.index import SparseCodeIndex
 
-        if self.quantizer is None or not bool(self.quantizing):
+        if not bool(self.quantizing):
             raise ValueError("an unquantised (all-to-all or still warming up) model has no codes to index")
         self.eval()
         blocks = [

@@ -284,18 +284,9 @@ class ProductQuantizer(nn.Module):
         whose EMA cluster size is at least ``dead_threshold``. It summarises many batches, not
         just the last one.
         """
-        live = (self.cluster_size_ema >= self.dead_threshold).float().mean().item()
         if not self._last:
-            return {"live": live}
-        usage, perplexity = self._last["usage"], self._last["perplexity"]
-        return {
-            "usage": usage.mean().item(),
-            "usage_min": usage.min().item(),
-            "perplexity": perplexity.mean().item(),
-            "perplexity_min": perplexity.min().item(),
-            "restarted": float(self._last["restarted"].sum().item()),
-            "live": live,
-        }
+            return self._summary()
+        return self._summary(self._last["usage"], self._last["perplexity"], self._last["restarted"])
 
     def window_stats(self) -> dict[str, float]:
         """Usage, perplexity and restarts over every training batch since the previous call (an
@@ -304,18 +295,26 @@ class ProductQuantizer(nn.Module):
         The last batch alone can mislead: an epoch's last batch may hold a handful of rows, which
         can use only a handful of entries.
         """
-        live = (self.cluster_size_ema >= self.dead_threshold).float().mean().item()
         window, self._window = self._window, {}
         if not window:
-            return {"live": live}
+            return self._summary()
         counts = window["counts"]
-        usage, perplexity = (counts > 0).float().mean(-1), _perplexity(counts)
+        return self._summary((counts > 0).float().mean(-1), _perplexity(counts), window["restarted"])
+
+    def _summary(
+        self, usage: Tensor | None = None, perplexity: Tensor | None = None, restarted: Tensor | None = None
+    ) -> dict[str, float]:
+        """The logged numbers: per-codebook ``[M]`` usage and perplexity as mean and worst, the
+        restart count, and the EMA liveness (alone when there are no batch statistics)."""
+        live = (self.cluster_size_ema >= self.dead_threshold).float().mean().item()
+        if usage is None:
+            return {"live": live}
         return {
             "usage": usage.mean().item(),
             "usage_min": usage.min().item(),
             "perplexity": perplexity.mean().item(),
             "perplexity_min": perplexity.min().item(),
-            "restarted": float(window["restarted"].sum().item()),
+            "restarted": float(restarted.sum().item()),
             "live": live,
         }
 

@@ -166,7 +166,6 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> float:
         cfg = self.train_cfg
-        self.model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.examples))
         epoch_seed = cfg.seed * 1_000_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)
