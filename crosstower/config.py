@@ -162,12 +162,83 @@ class SparCodeConfig(_TokenizerFields):
         return self
 
 
+class MVKEConfig(Strict):
+    """MVKE: K virtual kernels attend over the user fields, one expert per kernel, item-gated.
+
+    One ``dim`` serves the field tokens, the kernels and both towers' outputs: the item gate
+    dots the item vector with the raw kernels, so the two must have the same size.
+    """
+
+    name: Literal["mvke"]
+    kernels: int = Field(3, ge=1)
+    dim: int = Field(64, ge=1)
+    expert_hidden: list[int] = Field(default_factory=lambda: [128])
+    item_hidden: list[int] = Field(default_factory=lambda: [128])
+    user_fields: list[str] | None = None
+    item_fields: list[str] | None = None
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class AttentionBlocksConfig(Strict):
+    """Which attention blocks of the cross encoder are on: query side then key side."""
+
+    uu: bool = True  # user tokens attend to user tokens
+    ui: bool = True  # user tokens attend to item tokens
+    iu: bool = True  # item tokens attend to user tokens
+    ii: bool = True  # item tokens attend to item tokens
+
+
+class CrossConfig(Strict):
+    """The all-to-all cross encoder: one transformer over [user tokens; item tokens]."""
+
+    name: Literal["cross"]
+    dim: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    user_fields: list[str] | None = None
+    item_fields: list[str] | None = None
+    blocks: AttentionBlocksConfig = Field(default_factory=AttentionBlocksConfig)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    pair_chunk: int = Field(4096, ge=1)  # pairs per transformer call in exhaustive scoring
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+
+class LateInteractionConfig(Strict):
+    """ColBERT-style late interaction (MaxSim) on the substrate's two token towers."""
+
+    name: Literal["colbert"]
+    dim: int = Field(64, ge=1)
+    projection_dim: int = Field(32, ge=1)
+    user_layers: int = Field(2, ge=1)
+    item_layers: int = Field(1, ge=1)
+    heads: int = Field(2, ge=1)
+    user_fields: list[str] | None = None
+    item_fields: list[str] | None = None
+    expansion_tokens: int = Field(0, ge=0)
+    item_cls: bool = False
+    temperature: float = Field(1.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+
 ModelConfig = Annotated[
-    Union[PopularityConfig, DSSMConfig, YouTubeDNNConfig, TokenTwoTowerConfig, SparCodeConfig], Field(discriminator="name")
+    Union[PopularityConfig, DSSMConfig, YouTubeDNNConfig, TokenTwoTowerConfig, SparCodeConfig, MVKEConfig, CrossConfig,
+          LateInteractionConfig],
+    Field(discriminator="name"),
 ]
 
 
-MODEL_NAMES = ("popularity", "dssm", "youtubednn", "twotower", "sparcode", "alltoall")
+MODEL_NAMES = ("popularity", "dssm", "youtubednn", "twotower", "sparcode", "alltoall", "mvke", "cross", "colbert")
 
 
 class RunConfig(Strict):

@@ -5,15 +5,19 @@ from __future__ import annotations
 from dataclasses import fields
 
 from crosstower.config import DSSMConfig, PopularityConfig, SparCodeConfig, TokenTwoTowerConfig, YouTubeDNNConfig
+from crosstower.config import CrossConfig, LateInteractionConfig, MVKEConfig
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender, Recommender
+from crosstower.models.cross import CrossEncoder, CrossSettings
+from crosstower.models.late_interaction import LateInteraction, LateInteractionSettings
+from crosstower.models.mvke import MVKE, MVKESettings
 from crosstower.models.popularity import Popularity
 from crosstower.models.sparcode import SparCode, SparCodeSettings
 from crosstower.models.token_two_tower import TokenTwoTower
 from crosstower.models.two_tower import TwoTower, TwoTowerSettings
 
-__all__ = ["build_model", "Recommender", "EmbeddingRecommender", "Popularity", "SparCode", "TwoTower"]
+__all__ = ["build_model", "Recommender", "EmbeddingRecommender", "MVKE", "Popularity", "SparCode", "TwoTower"]
 
 
 def _settings(settings_class, config, **fixed):
@@ -41,6 +45,15 @@ def build_model(config, dataset: Dataset, protocol: str = "p1", history_length: 
     """
     if isinstance(config, PopularityConfig):
         return Popularity(dataset.num_items)
+    if isinstance(config, (CrossConfig, LateInteractionConfig)):
+        settings_class, model_class = (
+            (CrossSettings, CrossEncoder) if isinstance(config, CrossConfig) else (LateInteractionSettings, LateInteraction)
+        )
+        settings = _settings(settings_class, config, max_history=history_length)
+        if isinstance(config, CrossConfig):
+            settings.blocks = config.blocks.model_dump()
+        settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
+        return model_class(dataset, settings)
     if isinstance(config, (SparCodeConfig, TokenTwoTowerConfig)):
         settings = _settings(SparCodeSettings, config, quantize=config.name == "sparcode", max_history=history_length)
         settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
@@ -53,4 +66,8 @@ def build_model(config, dataset: Dataset, protocol: str = "p1", history_length: 
         if settings.use_example_age and not dataset.has_time:
             settings.use_example_age = False  # no time stamps: example age carries nothing
         return TwoTower(dataset, settings)
+    if isinstance(config, MVKEConfig):
+        settings = _settings(MVKESettings, config, use_history=protocol != "p3")
+        settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
+        return MVKE(dataset, settings)
     raise TypeError(f"no model for config {type(config).__name__}")

@@ -33,13 +33,18 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, LayerTrace]:
-        """``x [B, L, d]``; ``mask [B, L]`` True for real tokens (padding keys get no weight)."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerTrace]:
+        """``x [B, L, d]``; ``mask [B, L]`` True for real tokens (padding keys get no weight);
+        ``allowed [L, L]`` True where query position ``a`` may attend to key position ``b``."""
         b, length, _ = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         logits = q @ k.transpose(-1, -2) / self.head_dim**0.5
         if mask is not None:
             logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         attention = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no real key -> zeros
         mixed = (self.dropout(attention) @ v).transpose(1, 2).reshape(b, length, -1)
         return self.out(mixed), LayerTrace(attention, q, k)
@@ -53,8 +58,10 @@ class TransformerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden or 4 * dim), nn.GELU(), nn.Linear(hidden or 4 * dim, dim))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, LayerTrace]:
-        attended, trace = self.attention(self.norm1(x), mask)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerTrace]:
+        attended, trace = self.attention(self.norm1(x), mask, allowed)
         x = x + self.dropout(attended)
         return x + self.dropout(self.mlp(self.norm2(x))), trace
 
@@ -68,11 +75,13 @@ class TransformerEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, return_traces: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, return_traces: bool = False,
+        allowed: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[LayerTrace]]:
+        """``allowed [L, L]``: which positions may attend to which (default: all)."""
         traces = []
         for block in self.blocks:
-            x, trace = block(x, mask)
+            x, trace = block(x, mask, allowed)
             traces.append(trace)
         x = self.norm(x)
         return (x, traces) if return_traces else x

@@ -1,0 +1,146 @@
+"""ColBERT-style late interaction (methods.md §8) on the two token towers of the substrate.
+
+Each side is encoded alone (so items can be precomputed, as in a two-tower model), every token
+state is projected by one shared ``W_c`` and L2-normalised, and the score is MaxSim:
+
+    s(u, i) = sum over user tokens a of  max over item tokens b of  q_a . d_b
+
+Max over item tokens, then sum over user tokens: a sum over all pairs would collapse into one dot
+product of the summed vectors and lose the point. Several user tokens (fields, history items,
+optional learned expansion tokens) can each match a different item token, which is what lets one
+user express several interests that a single vector would average away.
+
+:func:`maxsim` and :func:`maxsim_pairs` are pure functions shared by the loss, exhaustive
+evaluation and the late-interaction index, so the number trained is the number served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.dataset import Dataset
+from crosstower.losses import sampled_softmax
+from crosstower.models.base import ItemRangeScorer, Recommender
+from crosstower.nn.tokens import TokenSequence, TokenSubstrate
+from crosstower.nn.transformer import TransformerEncoder
+
+ITEM_SLICE = 512  # items per MaxSim call in exhaustive scoring: memory grows with B x L_u x N x L_i
+
+
+def maxsim(users: TokenSequence, items: TokenSequence) -> torch.Tensor:
+    """Every user ``[B, L_u, m]`` against every item ``[N, L_i, m]``: scores ``[B, N]``.
+
+    Padding item tokens never win the max; padding user tokens add nothing.
+    """
+    sim = torch.einsum("bam,nkm->bank", users.tokens, items.tokens)
+    sim = sim.masked_fill(~items.mask[None, None], float("-inf"))
+    best = sim.amax(dim=-1).nan_to_num(0.0, neginf=0.0)  # an item with no real token scores 0
+    return (best * users.mask[..., None]).sum(dim=1)
+
+
+def maxsim_pairs(users: TokenSequence, items: TokenSequence) -> torch.Tensor:
+    """User ``b`` ``[B, L_u, m]`` against its own candidates ``[B, C, L_i, m]``: ``[B, C]``."""
+    sim = torch.einsum("bam,bckm->bcak", users.tokens, items.tokens)
+    sim = sim.masked_fill(~items.mask[:, :, None], float("-inf"))
+    best = sim.amax(dim=-1).nan_to_num(0.0, neginf=0.0)
+    return (best * users.mask[:, None]).sum(dim=-1)
+
+
+@dataclass
+class LateInteractionSettings:
+    dim: int = 64
+    projection_dim: int = 32  # m: the stored size of every token vector
+    user_layers: int = 2
+    item_layers: int = 1
+    heads: int = 2
+    max_history: int = 20
+    user_fields: list[str] | None = None
+    item_fields: list[str] | None = None
+    expansion_tokens: int = 0  # learned extra user tokens (ColBERT's [MASK] augmentation)
+    item_cls: bool = False  # whether the item [CLS] token takes part in the max
+    temperature: float = 1.0
+    dropout: float = 0.0
+
+
+class LateInteraction(Recommender):
+    def __init__(self, dataset: Dataset, settings: LateInteractionSettings):
+        super().__init__(dataset.num_items)
+        s = self.settings = settings
+        self.substrate = TokenSubstrate(dataset, s.dim, s.max_history, s.user_fields, s.item_fields)
+        self.user_encoder = TransformerEncoder(s.dim, s.user_layers, s.heads, s.dropout)
+        self.item_encoder = TransformerEncoder(s.dim, s.item_layers, s.heads, s.dropout)
+        self.expansion = nn.Parameter(torch.randn(s.expansion_tokens, s.dim) * 0.02)
+        self.projection = nn.Linear(s.dim, s.projection_dim, bias=False)
+
+    # ---- token vectors -----------------------------------------------------------------------
+    def encode_user_tokens(self, user: UserInput) -> TokenSequence:
+        """Normalised user token vectors ``[B, L_u (+ expansion), m]`` and their mask."""
+        seq = self.substrate.users(user)
+        tokens, mask = seq.tokens, seq.mask
+        if self.settings.expansion_tokens:
+            b = len(user)
+            tokens = torch.cat([tokens, self.expansion.expand(b, -1, -1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(b, self.settings.expansion_tokens)], dim=1)
+        hidden = self.user_encoder(tokens, mask)
+        return TokenSequence(F.normalize(self.projection(hidden), dim=-1), mask)
+
+    def encode_item_tokens(self, items: torch.Tensor) -> TokenSequence:
+        """Normalised item token vectors ``[N, L_i, m]`` (the [CLS] dropped unless ``item_cls``)."""
+        seq = self.substrate.items(items)
+        hidden = self.item_encoder(seq.tokens, seq.mask)
+        start = 0 if self.settings.item_cls else 1
+        return TokenSequence(F.normalize(self.projection(hidden[:, start:]), dim=-1), seq.mask[:, start:])
+
+    @torch.no_grad()
+    def catalogue_tokens(self, chunk: int = 8192) -> TokenSequence:
+        """The whole catalogue's item token vectors, encoded in chunks (what an index stores)."""
+        parts = [self.encode_item_tokens(c) for c in torch.arange(self.num_items).split(chunk)]
+        return TokenSequence(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
+
+    # ---- the model contract ------------------------------------------------------------------
+    def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        return _sliced_maxsim(self.encode_user_tokens(user), self.encode_item_tokens(items))
+
+    def item_scorer(self) -> ItemRangeScorer:
+        """Encodes the catalogue's tokens once; each call runs MaxSim against a range of it."""
+        catalogue = self.catalogue_tokens()
+
+        def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
+            items = TokenSequence(catalogue.tokens[start:stop], catalogue.mask[start:stop])
+            return _sliced_maxsim(self.encode_user_tokens(user), items)
+
+        return scorer
+
+    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Listwise softmax (temperature ``tau``) over sampled and, optionally, in-batch negatives."""
+        users = self.encode_user_tokens(batch.user)
+        candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)
+        unique, inverse = torch.unique(candidates.reshape(-1), return_inverse=True)
+        item_seq = self.encode_item_tokens(unique)
+        tokens = F.embedding(inverse, item_seq.tokens.flatten(1)).view(*candidates.shape, *item_seq.tokens.shape[1:])
+        logits = maxsim_pairs(users, TokenSequence(tokens, item_seq.mask[inverse].view(*candidates.shape, -1)))
+        in_batch = None
+        if batch.in_batch_mask is not None:
+            positives = TokenSequence(tokens[:, 0], item_seq.mask[inverse].view(*candidates.shape, -1)[:, 0])
+            in_batch = maxsim(users, positives) / self.settings.temperature
+        logits = logits / self.settings.temperature
+        negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch)
+        total = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
+        return total, {"softmax": float(total.detach())}
+
+
+def _sliced_maxsim(users: TokenSequence, items: TokenSequence) -> torch.Tensor:
+    n = items.tokens.shape[0]
+    return torch.cat(
+        [
+            maxsim(users, TokenSequence(items.tokens[lo : lo + ITEM_SLICE], items.mask[lo : lo + ITEM_SLICE]))
+            for lo in range(0, n, ITEM_SLICE)
+        ]
+        or [users.tokens.new_zeros(users.tokens.shape[0], 0)],
+        dim=1,
+    )
