@@ -222,6 +222,7 @@ class LateInteractionConfig(Strict):
     expansion_tokens: int = Field(0, ge=0)
     item_cls: bool = False
     temperature: float = Field(1.0, gt=0)
+    item_bias: bool = False  # a learned per-item term added to MaxSim
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")

@@ -81,8 +81,10 @@ def test_cross_encoder_batched_scores_equal_per_pair_reference(data, blocks):
         reference = cross_reference(model, user, items)
         ranged = model.item_scorer()(user, 2, 9)
         candidates = torch.randint(0, ds.num_items, (len(user), 3))
-        pairs = model.score_pairs(user, candidates).scores.view(len(user), 3)
+        pairs = model.forward_candidates(user, candidates).scores.view(len(user), 3)
+        single = model.score_pairs(user, candidates[:, 0])
     assert torch.allclose(batched, reference, atol=1e-5)
+    assert torch.allclose(single, pairs[:, 0], atol=1e-5)
     assert torch.allclose(ranged, batched[:, 2:9], atol=1e-6)
     assert torch.allclose(pairs, batched.gather(1, candidates), atol=1e-5)
 
@@ -93,7 +95,7 @@ def test_cross_encoder_exposes_attention_blocks_for_distillation(data):
     model = CrossEncoder(ds, CrossSettings(dim=8, layers=2, heads=2, max_history=HISTORY,
                                            blocks={"uu": True, "ui": False, "iu": True, "ii": True})).eval()
     with torch.no_grad():
-        out = model.score_pairs(user, torch.zeros(len(user), 2, dtype=torch.long), return_traces=True)
+        out = model.forward_candidates(user, torch.zeros(len(user), 2, dtype=torch.long), return_traces=True)
     lu, li = model.substrate.user_length, model.substrate.item_length
     assert len(out.traces) == 2 and out.traces[0].attention.shape == (2 * len(user), 2, lu + li, lu + li)
     attention = out.traces[1].attention
@@ -105,7 +107,7 @@ def test_cross_encoder_exposes_attention_blocks_for_distillation(data):
     assert out.traces[0].queries.shape == (2 * len(user), 2, lu + li, 4)
     # with user->item attention off, the user tokens' states do not depend on the item
     with torch.no_grad():
-        other = model.score_pairs(user, torch.ones(len(user), 2, dtype=torch.long))
+        other = model.forward_candidates(user, torch.ones(len(user), 2, dtype=torch.long))
     assert torch.allclose(out.hidden[:, :lu], other.hidden[:, :lu], atol=1e-6)
     assert not torch.allclose(out.hidden[:, lu:], other.hidden[:, lu:])
 
@@ -163,22 +165,27 @@ def test_maxsim_is_max_over_item_tokens_then_sum_over_user_tokens():
     assert not torch.allclose(maxsim(users, items), all_pairs)
 
 
-@pytest.mark.parametrize("expansion,item_cls", [(0, False), (2, True)])
-def test_late_interaction_scores_equal_per_pair_maxsim(data, expansion, item_cls):
+@pytest.mark.parametrize("expansion,item_cls,item_bias", [(0, False, False), (2, True, True)])
+def test_late_interaction_scores_equal_per_pair_maxsim(data, expansion, item_cls, item_bias):
     ds, _, user = data
     torch.manual_seed(0)
     model = LateInteraction(ds, LateInteractionSettings(
         dim=8, projection_dim=4, user_layers=1, item_layers=1, heads=2, max_history=HISTORY,
-        expansion_tokens=expansion, item_cls=item_cls)).eval()
+        expansion_tokens=expansion, item_cls=item_cls, item_bias=item_bias)).eval()
+    if item_bias:
+        torch.nn.init.normal_(model.bias.weight)
     items = torch.arange(ds.num_items)
     with torch.no_grad():
         users, catalogue = model.encode_user_tokens(user), model.encode_item_tokens(items)
         batched = model.score(user, items)
         ranged = model.item_scorer()(user, 4, 10)
+        pairs = model.score_pairs(user, torch.arange(len(user)) % ds.num_items)
+    assert torch.allclose(pairs, batched[torch.arange(len(user)), torch.arange(len(user)) % ds.num_items], atol=1e-5)
     assert users.tokens.shape[1] == model.substrate.user_length + expansion
     assert catalogue.tokens.shape[1] == model.substrate.item_length - (0 if item_cls else 1)
     assert torch.allclose(users.tokens.norm(dim=-1), torch.ones(users.tokens.shape[:2]), atol=1e-5)
-    assert torch.allclose(batched, maxsim_reference(users, catalogue), atol=1e-5)
+    bias = model.bias.weight[:, 0] if item_bias else torch.zeros(ds.num_items)
+    assert torch.allclose(batched, maxsim_reference(users, catalogue) + bias, atol=1e-5)
     assert torch.allclose(ranged, batched[:, 4:10], atol=1e-6)
 
 
@@ -188,7 +195,9 @@ def test_late_interaction_loss_is_sampled_softmax_at_temperature(data, tmp_path,
     batch = batch_of(ds, split, tmp_path, in_batch)
     torch.manual_seed(0)
     model = LateInteraction(ds, LateInteractionSettings(dim=8, projection_dim=4, user_layers=1, item_layers=1,
-                                                        heads=2, max_history=HISTORY, temperature=0.5)).eval()
+                                                        heads=2, max_history=HISTORY, temperature=0.5,
+                                                        item_bias=True)).eval()
+    torch.nn.init.normal_(model.bias.weight)
     loss, _ = model.loss(batch)
     loss.backward()
     assert model.projection.weight.grad is not None

@@ -67,6 +67,18 @@ class TrainBatch:
         return logits, mask, log_q
 
 
+@dataclass
+class PointwiseBatch:
+    """Labelled (user, item) rows for pointwise training and pre-ranking (protocol P4)."""
+
+    user: UserInput  # [B] users with their histories before each row
+    items: torch.Tensor  # int64 [B] the row's item
+    labels: torch.Tensor  # float [B] 1.0 positive, 0.0 negative
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class TrainExamples:
     """All training interactions as examples, with vectorised history gathering."""
 

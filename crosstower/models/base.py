@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
+from crosstower.data.batching import PointwiseBatch, TrainBatch, TrainExamples, UserInput
 from crosstower.losses import sampled_softmax
 
 ItemRangeScorer = Callable[[UserInput, int, int], torch.Tensor]
@@ -36,6 +36,19 @@ class Recommender(nn.Module):
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, len(items)]`` of every user in ``user`` against every item in ``items``."""
         raise NotImplementedError
+
+    def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B]`` of user ``b`` against its own item ``items[b]`` (pre-ranking, P4).
+
+        This default scores every user against every row's item and keeps the diagonal, B^2
+        work; models that can score pairs directly override it.
+        """
+        return torch.diagonal(self.score(user, items))
+
+    def pointwise_loss(self, batch: PointwiseBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Binary cross-entropy of :meth:`score_pairs` against the labels (protocol P4)."""
+        total = F.binary_cross_entropy_with_logits(self.score_pairs(batch.user, batch.items), batch.labels)
+        return total, {"bce": float(total.detach())}
 
     warmup_epochs: int = 0
     """Epochs at the start of training that are never selected as the best (see SparCode)."""
@@ -63,6 +76,9 @@ class EmbeddingRecommender(Recommender):
 
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         return self.encode_users(user) @ self.encode_items(items).T
+
+    def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        return (self.encode_users(user) * self.encode_items(items)).sum(-1)
 
     @torch.no_grad()
     def item_vectors(self, chunk: int = 65536) -> torch.Tensor:

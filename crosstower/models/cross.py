@@ -103,7 +103,7 @@ class CrossEncoder(Recommender):
         scores = self.head(hidden[:, 0]).squeeze(-1)
         return CrossOutput(scores, hidden, mask, traces, users.tokens.shape[1])
 
-    def score_pairs(self, user: UserInput, items: torch.Tensor, return_traces: bool = False) -> CrossOutput:
+    def forward_candidates(self, user: UserInput, items: torch.Tensor, return_traces: bool = False) -> CrossOutput:
         """Every user ``b`` against its own candidates ``items [B, C]``: scores ``[B * C]``."""
         b, c = items.shape
         user_seq = self.substrate.users(user)
@@ -118,6 +118,8 @@ class CrossEncoder(Recommender):
         return self.forward_pairs(pairs_users, pairs_items, return_traces)
 
     # ---- the model contract ------------------------------------------------------------------
+    def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        return self.forward_candidates(user, items[:, None]).scores
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, N]``, ``pair_chunk`` pairs per transformer call (memory grows with pairs)."""
         b, n = len(user), len(items)
@@ -137,7 +139,7 @@ class CrossEncoder(Recommender):
     def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Sampled softmax of the positive against the sampled (and in-batch) negatives."""
         candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)
-        logits = self.score_pairs(batch.user, candidates).scores.view(candidates.shape)
+        logits = self.forward_candidates(batch.user, candidates).scores.view(candidates.shape)
         in_batch = None
         if batch.in_batch_mask is not None:
             # every user against every row's positive: B x B more transformer passes

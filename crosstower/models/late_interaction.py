@@ -64,6 +64,7 @@ class LateInteractionSettings:
     expansion_tokens: int = 0  # learned extra user tokens (ColBERT's [MASK] augmentation)
     item_cls: bool = False  # whether the item [CLS] token takes part in the max
     temperature: float = 1.0
+    item_bias: bool = False  # a learned per-item term added to MaxSim (popularity)
     dropout: float = 0.0
 
 
@@ -76,6 +77,11 @@ class LateInteraction(Recommender):
         self.item_encoder = TransformerEncoder(s.dim, s.item_layers, s.heads, s.dropout)
         self.expansion = nn.Parameter(torch.randn(s.expansion_tokens, s.dim) * 0.02)
         self.projection = nn.Linear(s.dim, s.projection_dim, bias=False)
+        # MaxSim of unit vectors is bounded, so "popular with everyone" is hard to express
+        # through the tokens alone; a per-item bias carries it, as in YouTubeDNN's item bias.
+        self.bias = nn.Embedding(self.num_items, 1) if s.item_bias else None
+        if self.bias is not None:
+            nn.init.zeros_(self.bias.weight)
 
     # ---- token vectors -----------------------------------------------------------------------
     def encode_user_tokens(self, user: UserInput) -> TokenSequence:
@@ -103,16 +109,29 @@ class LateInteraction(Recommender):
         return TokenSequence(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
 
     # ---- the model contract ------------------------------------------------------------------
+    def item_bias(self, items: torch.Tensor) -> torch.Tensor:
+        """The per-item term added to MaxSim (zeros without ``item_bias``), shaped like ``items``."""
+        if self.bias is None:
+            return torch.zeros(items.shape)
+        return self.bias(items).squeeze(-1)
+
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
-        return _sliced_maxsim(self.encode_user_tokens(user), self.encode_item_tokens(items))
+        return _sliced_maxsim(self.encode_user_tokens(user), self.encode_item_tokens(items)) + self.item_bias(items)
+
+    def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        item_seq = self.encode_item_tokens(items)
+        pairs = TokenSequence(item_seq.tokens[:, None], item_seq.mask[:, None])
+        return maxsim_pairs(self.encode_user_tokens(user), pairs)[:, 0] + self.item_bias(items)
 
     def item_scorer(self) -> ItemRangeScorer:
         """Encodes the catalogue's tokens once; each call runs MaxSim against a range of it."""
         catalogue = self.catalogue_tokens()
+        with torch.no_grad():
+            bias = self.item_bias(torch.arange(self.num_items))
 
         def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
             items = TokenSequence(catalogue.tokens[start:stop], catalogue.mask[start:stop])
-            return _sliced_maxsim(self.encode_user_tokens(user), items)
+            return _sliced_maxsim(self.encode_user_tokens(user), items) + bias[start:stop]
 
         return scorer
 
@@ -124,10 +143,11 @@ class LateInteraction(Recommender):
         item_seq = self.encode_item_tokens(unique)
         tokens = F.embedding(inverse, item_seq.tokens.flatten(1)).view(*candidates.shape, *item_seq.tokens.shape[1:])
         logits = maxsim_pairs(users, TokenSequence(tokens, item_seq.mask[inverse].view(*candidates.shape, -1)))
+        logits = logits + self.item_bias(candidates)
         in_batch = None
         if batch.in_batch_mask is not None:
             positives = TokenSequence(tokens[:, 0], item_seq.mask[inverse].view(*candidates.shape, -1)[:, 0])
-            in_batch = maxsim(users, positives) / self.settings.temperature
+            in_batch = (maxsim(users, positives) + self.item_bias(batch.positives)) / self.settings.temperature
         logits = logits / self.settings.temperature
         negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch)
         total = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
