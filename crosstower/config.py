@@ -208,6 +208,15 @@ class CrossConfig(Strict):
         return self
 
 
+class LateInteractionIndexConfig(Strict):
+    """How the late-interaction index serves: faiss candidates, then exact MaxSim re-scoring."""
+
+    candidate_index: str = "IVF{auto},Flat"  # a faiss index_factory string; {auto} = 4 sqrt(tokens) lists
+    tokens_per_query: int = Field(32, ge=1)  # item tokens each user token retrieves
+    max_candidates: int = Field(256, ge=1)  # items re-scored exactly per user
+    nprobe: int = Field(8, ge=1)  # IVF lists searched per user token
+
+
 class LateInteractionConfig(Strict):
     """ColBERT-style late interaction (MaxSim) on the substrate's two token towers."""
 
@@ -223,6 +232,7 @@ class LateInteractionConfig(Strict):
     item_cls: bool = False
     temperature: float = Field(1.0, gt=0)
     item_bias: bool = False  # a learned per-item term added to MaxSim
+    index: LateInteractionIndexConfig = Field(default_factory=LateInteractionIndexConfig)
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")

@@ -302,12 +302,7 @@ def evaluate_ranking(
     _check_ragged("exclude", exclude, num_users, num_items)
     _check_ragged("targets", targets, num_users, num_items)
 
-    keys = _clean_targets(targets, exclude, num_items)
-    counts = np.bincount(keys // num_items, minlength=num_users)
-    rows = np.flatnonzero(counts > 0).astype(np.int64)
-    if len(rows) == 0:
-        raise DataError("no evaluation user has a target left after removing excluded items")
-
+    keys, counts, rows = _evaluated_users(targets, exclude, num_users, num_items)
     hits = np.zeros((len(rows), k_max), dtype=bool)
     done = 0
     for batch, _, items in _iter_topk(
@@ -315,9 +310,50 @@ def evaluate_ranking(
     ):
         hits[done : done + len(batch)] = _hits(keys, batch, items.cpu().numpy(), num_items)
         done += len(batch)
+    return _summary(hits, counts[rows], ks)
 
+
+def evaluate_retrieved(
+    retrieve: Callable[[np.ndarray], torch.Tensor],
+    num_users: int,
+    num_items: int,
+    exclude: Ragged,
+    targets: Ragged,
+    ks: Sequence[int] = (20, 50),
+    user_batch: int = DEFAULT_USER_BATCH,
+) -> dict[str, float]:
+    """The metrics of :func:`evaluate_ranking` for top-k lists that an index returns.
+
+    ``retrieve(rows)`` gives the ranked items ``[len(rows), max(ks)]`` of those users (item -1 for
+    an empty slot, which never counts as a hit), e.g. from an approximate index whose candidates
+    are not the whole catalogue. Same target cleaning, same users, same averages.
+    """
+    ks = [int(k) for k in ks]
+    _check_ragged("exclude", exclude, num_users, num_items)
+    _check_ragged("targets", targets, num_users, num_items)
+    keys, counts, rows = _evaluated_users(targets, exclude, num_users, num_items)
+    hits = np.concatenate([
+        _hits(keys, batch, np.asarray(retrieve(batch))[:, : max(ks)], num_items)
+        for batch in np.array_split(rows, -(-len(rows) // user_batch))
+    ])
+    return _summary(hits, counts[rows], ks)
+
+
+def _evaluated_users(
+    targets: Ragged, exclude: Ragged, num_users: int, num_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clean target keys, targets per user, and the users that have any (the evaluated ones)."""
+    keys = _clean_targets(targets, exclude, num_items)
+    counts = np.bincount(keys // num_items, minlength=num_users)
+    rows = np.flatnonzero(counts > 0).astype(np.int64)
+    if len(rows) == 0:
+        raise DataError("no evaluation user has a target left after removing excluded items")
+    return keys, counts, rows
+
+
+def _summary(hits: np.ndarray, num_targets: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     result: dict[str, float] = {}
     for k in ks:
-        result.update(_metrics_at(hits, counts[rows], k))
-    result["num_users"] = len(rows)
+        result.update(_metrics_at(hits, num_targets, k))
+    result["num_users"] = len(num_targets)
     return result

@@ -108,6 +108,17 @@ class LateInteraction(Recommender):
         parts = [self.encode_item_tokens(c) for c in torch.arange(self.num_items).split(chunk)]
         return TokenSequence(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
 
+    @torch.no_grad()
+    def build_index(self, spec: str = "IVF{auto},Flat", tokens_per_query: int = 32, max_candidates: int = 256,
+                    nprobe: int = 8):
+        """The late-interaction index of the catalogue (float16 tokens, faiss candidates)."""
+        from crosstower.index import LateInteractionIndex
+
+        self.eval()
+        bias = self.item_bias(torch.arange(self.num_items))
+        return LateInteractionIndex.build(self.catalogue_tokens(), bias, spec, tokens_per_query=tokens_per_query,
+                                          max_candidates=max_candidates, nprobe=nprobe)
+
     # ---- the model contract ------------------------------------------------------------------
     def item_bias(self, items: torch.Tensor) -> torch.Tensor:
         """The per-item term added to MaxSim (zeros without ``item_bias``), shaped like ``items``."""

@@ -1,0 +1,206 @@
+"""The late-interaction index: item token vectors, token-level candidate generation, exact MaxSim.
+
+A late-interaction score is not one inner product, so no single-vector MIPS index serves it. This
+index does what ColBERT v1 end-to-end retrieval does (methods.md §8.1):
+
+1. **Candidates.** Every real user token asks a faiss index over *all item token vectors* for its
+   ``tokens_per_query`` nearest item tokens (inner product on unit vectors). Each hit votes for
+   its item with its similarity; an item's approximate score sums, over the user tokens, the best
+   similarity that token found among the item's tokens (MaxSim restricted to what was retrieved).
+   The ``max_candidates`` items with the best approximate score are kept.
+2. **Exact re-scoring.** The candidates' stored token vectors (float16) are scored by the model's
+   own :func:`~crosstower.models.late_interaction.maxsim_pairs`, plus the item bias, and the top
+   ``k`` returned with the evaluator's tie rule (lower item index first), so served and exhaustive
+   rankings can be compared item for item.
+
+The faiss index is named by an ``index_factory`` string (``"IVF64,Flat"``, ``"HNSW32"``,
+``"Flat"``) and stored serialised as one ``uint8`` array, so saving, loading and byte accounting
+go through the same protocol as every other index. What a search scored is reported by
+:attr:`LateInteractionIndex.last_scored_fraction`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from crosstower.data.ragged import Ragged
+from crosstower.index.base import Index, Timer, as_tensor, check_exclude
+from crosstower.nn.tokens import TokenSequence
+
+
+def _faiss_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
+    """A trained and filled faiss index over ``vectors`` (inner-product metric)."""
+    spec = spec.replace("{auto}", str(max(1, int(4 * np.sqrt(len(vectors))))))
+    index = faiss.index_factory(vectors.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = np.random.default_rng(seed).permutation(len(vectors))[: 256 * 1024]
+        index.train(vectors[sample])
+    index.add(vectors)
+    return index
+
+
+class LateInteractionIndex(Index):
+    """Item tokens ``[N, L_i, m]`` (float16) + their mask + item bias + a token-level faiss index."""
+
+    kind = "late_interaction"
+
+    def __init__(
+        self, tokens: np.ndarray, mask: np.ndarray, bias: np.ndarray, candidate_index: faiss.Index, spec: str,
+        tokens_per_query: int = 32, max_candidates: int = 256, nprobe: int = 8,
+    ) -> None:
+        self.tokens, self.mask, self.bias, self.spec = tokens, mask, bias, spec
+        self.candidate_index = candidate_index
+        self.tokens_per_query, self.max_candidates, self.nprobe = tokens_per_query, max_candidates, nprobe
+        # The faiss index holds the real tokens only, in (item, token) order: id -> item.
+        self.token_item = np.nonzero(mask)[0].astype(np.int64)
+        self.last_scored_fraction = 0.0
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        n, length, _ = self.tokens.shape
+        if self.mask.shape != (n, length) or self.bias.shape != (n,):
+            raise ValueError(f"mask {self.mask.shape} / bias {self.bias.shape} do not match tokens {self.tokens.shape}")
+        if self.candidate_index.ntotal != len(self.token_item):
+            raise ValueError(f"candidate index holds {self.candidate_index.ntotal} tokens, the mask {len(self.token_item)}")
+
+    @classmethod
+    def build(
+        cls, items: TokenSequence, bias: torch.Tensor | None = None, spec: str = "IVF{auto},Flat", **search_settings: int
+    ) -> LateInteractionIndex:
+        """Index the catalogue's normalised token vectors ``items`` (``[N, L_i, m]`` + mask)."""
+        with Timer() as timer:
+            tokens = items.tokens.detach().cpu().numpy().astype(np.float16)
+            mask = items.mask.detach().cpu().numpy().astype(bool)
+            if tokens.ndim != 3 or len(tokens) == 0 or not mask.any(axis=1).all():
+                raise ValueError(f"items must be [N, L_i, m] token vectors with a real token per item, got {tokens.shape}")
+            bias_array = np.zeros(len(tokens), np.float32) if bias is None else bias.detach().cpu().numpy().astype(np.float32)
+            real = tokens[mask].astype(np.float32)  # row-major: item by item, token by token
+            index = cls(tokens, mask, bias_array, _faiss_index(real, spec), spec, **search_settings)
+        index.build_seconds = timer.seconds
+        return index
+
+    @property
+    def num_items(self) -> int:
+        return int(self.tokens.shape[0])
+
+    # ---- search ------------------------------------------------------------------------------
+    def candidates(self, users: TokenSequence) -> list[np.ndarray]:
+        """Per user, the item ids to score exactly (at most ``max_candidates``)."""
+        b, length, m = users.tokens.shape
+        flat = users.tokens.detach().reshape(-1, m).numpy().astype(np.float32)
+        real = users.mask.reshape(-1).numpy()
+        if hasattr(self.candidate_index, "nprobe"):
+            self.candidate_index.nprobe = self.nprobe
+        sims, ids = self.candidate_index.search(flat[real], self.tokens_per_query)
+        owner = np.repeat(np.flatnonzero(real), self.tokens_per_query)  # user-token row of every hit
+        hit_items = np.where(ids >= 0, self.token_item[ids.clip(min=0)], -1).reshape(-1)
+        sims, keep = sims.reshape(-1), hit_items >= 0
+        return _top_voted(owner[keep], hit_items[keep], sims[keep], b, length, self.num_items, self.max_candidates)
+
+    def search(
+        self, queries: TokenSequence, k: int, exclude: Ragged | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` ``(scores, items)`` of every user's token vectors ``queries`` ``[B, L_u, m]``.
+
+        Slots beyond a user's candidates hold item -1 and score -inf.
+        """
+        from crosstower.models.late_interaction import maxsim_pairs
+
+        exclude = check_exclude(exclude, queries.tokens.shape[0])
+        candidates = self.candidates(queries)
+        width = max(1, max(len(c) for c in candidates))
+        items = np.full((len(candidates), width), -1, dtype=np.int64)
+        for row, c in enumerate(candidates):
+            items[row, : len(c)] = c
+        valid = items >= 0
+        gathered = items.clip(min=0)
+        token_seq = TokenSequence(
+            as_tensor(self.tokens[gathered]).float(), as_tensor(self.mask[gathered]) & torch.from_numpy(valid)[..., None]
+        )
+        with torch.no_grad():
+            scores = maxsim_pairs(queries, token_seq) + as_tensor(self.bias[gathered])
+        scores = scores.masked_fill(~torch.from_numpy(valid & ~_excluded(exclude, items)), float("-inf"))
+        self.last_scored_fraction = float(valid.sum() / (len(candidates) * self.num_items))
+        return _ranked(scores, torch.from_numpy(items), k)
+
+    # ---- the index protocol ------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "item_tokens": self.tokens, "item_mask": self.mask, "item_bias": self.bias,
+            "candidate_index": faiss.serialize_index(self.candidate_index),
+        }
+
+    def meta(self) -> dict[str, Any]:
+        n, length, m = self.tokens.shape
+        return {
+            "num_items": n, "item_tokens": length, "dim": m, "candidate_index": self.spec,
+            "tokens_per_query": self.tokens_per_query, "max_candidates": self.max_candidates, "nprobe": self.nprobe,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> LateInteractionIndex:
+        tokens = arrays["item_tokens"]
+        if tokens.dtype != np.float16 or tokens.shape != (meta["num_items"], meta["item_tokens"], meta["dim"]):
+            raise ValueError(f"item_tokens is {tokens.dtype}{list(tokens.shape)}, expected float16 "
+                             f"[{meta['num_items']}, {meta['item_tokens']}, {meta['dim']}]")
+        candidate_index = faiss.deserialize_index(np.ascontiguousarray(arrays["candidate_index"]))
+        return cls(
+            tokens, np.asarray(arrays["item_mask"], dtype=bool), np.asarray(arrays["item_bias"]), candidate_index,
+            meta["candidate_index"], meta["tokens_per_query"], meta["max_candidates"], meta["nprobe"],
+        )
+
+
+def _top_voted(
+    owner: np.ndarray, items: np.ndarray, sims: np.ndarray, num_users: int, length: int, num_items: int, top: int
+) -> list[np.ndarray]:
+    """Per user, the ``top`` items by approximate MaxSim over the retrieved tokens.
+
+    ``owner`` is the user-token row (``user * length + token``) of each hit. Per (user token, item)
+    only the best hit counts (the max of MaxSim); per (user, item) those maxima are summed.
+    """
+    if len(owner) == 0:
+        return [np.zeros(0, np.int64) for _ in range(num_users)]
+    keys = owner * num_items + items
+    order = np.lexsort((-sims, keys))  # by key, best similarity first within a key
+    keys, sims = keys[order], sims[order]
+    first = np.concatenate([[True], keys[1:] != keys[:-1]])
+    keys, sims = keys[first], sims[first]  # max over a user token's hits on one item
+    user_item = (keys // num_items) // length * num_items + keys % num_items
+    pairs, inverse = np.unique(user_item, return_inverse=True)
+    approx = np.bincount(inverse, weights=sims, minlength=len(pairs))
+    users, candidate = pairs // num_items, pairs % num_items
+    out = []
+    bounds = np.searchsorted(users, np.arange(num_users + 1))
+    for u in range(num_users):
+        lo, hi = bounds[u], bounds[u + 1]
+        chosen = lo + np.argsort(-approx[lo:hi], kind="stable")[:top]
+        out.append(np.sort(candidate[chosen]))
+    return out
+
+
+def _excluded(exclude: Ragged, items: np.ndarray) -> np.ndarray:
+    """Boolean ``items.shape``: is ``items[row, j]`` in row ``row`` of ``exclude``."""
+    width = int(max(items.max(initial=0), exclude.values.max(initial=0))) + 1
+    keys = np.sort(exclude.pair_keys(width))
+    query = np.arange(len(items))[:, None] * width + items
+    if len(keys) == 0:
+        return np.zeros(items.shape, dtype=bool)
+    pos = np.searchsorted(keys, query).clip(max=len(keys) - 1)
+    return (keys[pos] == query) & (items >= 0)
+
+
+def _ranked(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` by score, ties to the lower item index; missing slots item -1, score -inf."""
+    b, width = scores.shape
+    if width < k:
+        scores = torch.cat([scores, scores.new_full((b, k - width), float("-inf"))], dim=1)
+        items = torch.cat([items, items.new_full((b, k - width), -1)], dim=1)
+    by_item = torch.argsort(torch.where(items >= 0, items, torch.iinfo(torch.int64).max), dim=1, stable=True)
+    scores, items = scores.gather(1, by_item), items.gather(1, by_item)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    top_scores, top_items = scores.gather(1, order), items.gather(1, order)
+    return top_scores, torch.where(torch.isinf(top_scores) & (top_scores < 0), torch.full_like(top_items, -1), top_items)
