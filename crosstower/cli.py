@@ -16,6 +16,7 @@ from pathlib import Path
 from crosstower.errors import CrosstowerError
 
 TABLE_COLUMNS = ("recall@20", "recall@50", "ndcg@50", "precision@50")
+POINTWISE_COLUMNS = ("auc", "gauc", "logloss")  # protocol P4 (pre-ranking)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,13 +102,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["model", "dataset", "protocol", *TABLE_COLUMNS, "train s", "test eval s"]
+    """Test metrics, one row per run: ranking columns for P1-P3 runs, AUC, GAUC and log loss for
+    P4 runs (only the column groups some run has)."""
+    columns = []
+    if any(r["protocol"] != "p4" for r in rows):
+        columns += TABLE_COLUMNS
+    if any(r["protocol"] == "p4" for r in rows):
+        columns += POINTWISE_COLUMNS
+    header = ["model", "dataset", "protocol", *columns, "train s", "test eval s"]
     lines = [header]
     for r in rows:
         test = r["metrics"]["test"]
         lines.append([
             r["model"], r["dataset"], r["protocol"],
-            *(f"{test[c]:.4f}" if c in test else "-" for c in TABLE_COLUMNS),
+            *(f"{test[c]:.4f}" if c in test else "-" for c in columns),
             f"{r['timing']['train_seconds']:.1f}", f"{r['timing']['test_eval_seconds']:.2f}",
         ])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -153,6 +161,9 @@ def _data(args: argparse.Namespace) -> int:
     dataset, split = load_data(config, args.data_dir)
     summary = {**dataset.stats(), "protocol": split.protocol, "train_rows": len(split.train),
                "val_users": len(split.val), "test_users": len(split.test)}
+    if split.labelled is not None:  # P4: labelled rows per part and their share of positives
+        summary["labelled_rows"] = {part: len(rows) for part, rows in split.labelled.items()}
+        summary["positive_share"] = {part: float(rows["label"].mean()) for part, rows in split.labelled.items()}
     partial = args.out.parent / f".{args.out.name}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     split.save(partial / "split.npz")

@@ -22,12 +22,14 @@ import torch
 
 from crosstower.config import RunConfig, dump_config
 from crosstower.data.dataset import Dataset
+from crosstower.data.features import add_train_statistics
 from crosstower.data.loaders import LOADERS, load_dataset
 from crosstower.data.splits import Split, make_split
 from crosstower.errors import ConfigError, CrosstowerError, DataError
 from crosstower.data.batching import UserInput
 from crosstower.data.ragged import Ragged
 from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
+from crosstower.evaluate.pre_ranking import evaluate_labelled
 from crosstower.models import EmbeddingRecommender, Popularity, Recommender, SparCode, build_model
 from crosstower.train.checkpoint import load_checkpoint
 from crosstower.train.trainer import Trainer, set_seed
@@ -63,8 +65,25 @@ def load_data(config: RunConfig, data_dir: Path | None) -> tuple[Dataset, Split]
     if path is not None and not path.exists():
         raise DataError(f"dataset '{config.dataset.name}': directory {path} not found; pass --data-dir")
     dataset = load_dataset(config.dataset.name, path, dict(config.dataset.options))
-    split = make_split(dataset, config.split.protocol, config.split.seed)
-    return dataset, split
+    thresholds = {"positive_min": config.split.positive_min, "negative_max": config.split.negative_max}
+    split = make_split(dataset, config.split.protocol, config.split.seed,
+                       **{k: v for k, v in thresholds.items() if v is not None})
+    return with_split_features(dataset, split), split
+
+
+def with_split_features(dataset: Dataset, split: Split) -> Dataset:
+    """The data set a model of ``split`` reads: under P4, with the training-row statistics
+    (mean rating, log count per user and item) as extra numeric fields; otherwise unchanged."""
+    return add_train_statistics(dataset, split) if split.protocol == "p4" else dataset
+
+
+def evaluate_part(model: Recommender, dataset: Dataset, split: Split, part: str, config: RunConfig,
+                  progress: bool = False) -> tuple[dict, float]:
+    """The metrics of ``part`` ("val" or "test") and their seconds: AUC, GAUC and log loss of the
+    labelled rows under P4, full-ranking metrics otherwise."""
+    if split.protocol == "p4":
+        return evaluate_labelled(model, split, part, dataset.num_users, config)
+    return evaluate_split(model, getattr(split, part), dataset.num_items, config, progress=progress)
 
 
 def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = None, resume: bool = False) -> dict:
@@ -118,11 +137,12 @@ def _train_and_evaluate(
         report = Trainer(model, dataset, split, config, workdir, fingerprint).fit(resume=resume)
     metrics, timing = {}, {"train_seconds": report.seconds if report else 0.0}
     for part in ("val", "test"):
-        metrics[part], timing[f"{part}_eval_seconds"] = evaluate_split(
-            model, getattr(split, part), dataset.num_items, config, progress=True
+        metrics[part], timing[f"{part}_eval_seconds"] = evaluate_part(
+            model, dataset, split, part, config, progress=True
         )
     index_summary = _index_summary(model)
-    if isinstance(model, SparCode) and model.quantizer is not None:
+    # The sparse code index serves retrieval; a P4 (pre-ranking) run scores given pairs only.
+    if isinstance(model, SparCode) and model.quantizer is not None and split.protocol != "p4":
         index = _build_sparcode_index(model, dataset, split, config)
         index.save(workdir / "index")
         index_summary = index.describe()
@@ -202,6 +222,7 @@ def load_trained(run_dir: Path, data_dir: Path | None = None) -> tuple[RunConfig
     if data_fingerprint(dataset) != saved.get("data"):
         raise DataError(f"{run_dir}: the data set differs from the one this run was trained on ({path})")
     split = Split.load(run_dir / "split.npz")
+    dataset = with_split_features(dataset, split)
     model = build_model(config.model, dataset, split.protocol, config.train.history_length)
     model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
     return config, saved, dataset, split, model
@@ -210,4 +231,4 @@ def load_trained(run_dir: Path, data_dir: Path | None = None) -> tuple[RunConfig
 def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
     """Recompute the metrics of a finished run from its saved config, split and model."""
     config, _, dataset, split, model = load_trained(run_dir, data_dir)
-    return {part: evaluate_split(model, getattr(split, part), dataset.num_items, config)[0] for part in ("val", "test")}
+    return {part: evaluate_part(model, dataset, split, part, config)[0] for part in ("val", "test")}

@@ -23,3 +23,39 @@ def random_dataset(num_users: int = 60, num_items: int = 80, rows: int = 1500, s
         "random", frame, users, [FieldSpec("group", FieldKind.CATEGORICAL)],
         items, [FieldSpec("genre", FieldKind.MULTI_CATEGORICAL)],
     )
+
+
+
+def rated_frames(
+    num_users: int = 60, num_items: int = 80, rows: int = 3000, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Raw frames (interactions with a 1-5 ``rating``, user features, item features) of
+    :func:`rated_dataset`, e.g. to write as files for the generic loader. The rating has a signal
+    to learn: round(3 + item quality + user bias + user-genre taste + noise), clipped to 1..5."""
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, num_users, rows)
+    item = rng.integers(0, num_items, rows)
+    genre = rng.integers(0, 5, num_items)
+    quality = rng.normal(0.0, 1.0, num_items)
+    bias = rng.normal(0.0, 0.5, num_users)
+    taste = rng.normal(0.0, 1.0, (num_users, 5))
+    raw = 3 + quality[item] + bias[user] + taste[user, genre[item]] + rng.normal(0.0, 0.5, rows)
+    frame = pd.DataFrame({
+        "user_id": user,
+        "item_id": item,
+        "timestamp": rng.integers(0, 10**6, rows),
+        "rating": np.clip(np.round(raw), 1, 5),
+    }).drop_duplicates(["user_id", "item_id"]).reset_index(drop=True)
+    users = pd.DataFrame({"group": rng.integers(0, 4, num_users)}, index=pd.Index(np.arange(num_users), name="user_id"))
+    items = pd.DataFrame({"genre": genre.astype(str)}, index=pd.Index(np.arange(num_items), name="item_id"))
+    return frame, users, items
+
+
+def rated_dataset(num_users: int = 60, num_items: int = 80, rows: int = 3000, seed: int = 0) -> Dataset:
+    """Like :func:`random_dataset` (one user field, one item genre field) plus a learnable 1-5
+    ``rating`` column (see :func:`rated_frames`); for the pointwise protocol P4."""
+    frame, users, items = rated_frames(num_users, num_items, rows, seed)
+    return build_dataset(
+        "rated", frame, users, [FieldSpec("group", FieldKind.CATEGORICAL)],
+        items, [FieldSpec("genre", FieldKind.MULTI_CATEGORICAL)],
+    )

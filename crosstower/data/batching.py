@@ -5,6 +5,10 @@ side features and u's training items *before* t (the history, truncated to the l
 ``history_length``) and must rank i above the negatives. Evaluation builds the same
 :class:`UserInput` from a split's :class:`~crosstower.data.splits.EvalUsers`, so what is trained
 is what is evaluated.
+
+Protocol P4 trains and evaluates on labelled rows instead (:class:`PointwiseRows`): the model
+reads the user's side features and the user's training *positives* strictly before the row's
+time stamp, whatever part (train, validation, test) the row is in.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pandas as pd
 import torch
 
 from crosstower.data.dataset import ITEM, TIME, USER
-from crosstower.data.splits import EvalUsers
+from crosstower.data.splits import LABEL, EvalUsers
 
 
 @dataclass
@@ -115,3 +119,59 @@ def eval_user_input(block: EvalUsers, rows: np.ndarray, history_length: int) -> 
     history = block.history.take(rows).padded_tail(history_length)
     users = torch.from_numpy(block.users[rows])
     return UserInput(users, torch.from_numpy(history), torch.zeros(len(rows)))
+
+
+class PointwiseRows:
+    """Labelled rows of one P4 part and, per row, the model input the row may read.
+
+    A row ``(u, i, t, y)`` reads ``u``'s side features and ``u``'s training positives with time
+    stamp strictly before ``t`` (the most recent ``history_length`` of them, most recent last):
+    a training row never sees its own or a simultaneous interaction, and a validation or test
+    row sees training data only. ``training`` gives the rows YouTubeDNN's example age (relative
+    to the newest row, as :class:`TrainExamples`); evaluation rows get age 0, as at serving.
+    """
+
+    def __init__(
+        self, rows: pd.DataFrame, train_positives: pd.DataFrame, history_length: int, num_users: int,
+        training: bool = False,
+    ):
+        self.users = rows[USER].to_numpy(np.int64)
+        self.items = rows[ITEM].to_numpy(np.int64)
+        self.labels = rows[LABEL].to_numpy(np.float32)
+        times = rows[TIME].to_numpy(np.int64)
+        positives = train_positives.sort_values([USER, TIME, ITEM], kind="stable")
+        pos_users = positives[USER].to_numpy(np.int64)
+        pos_times = positives[TIME].to_numpy(np.int64)
+        # One trailing -1 so that gathering from an empty positive set yields padding.
+        self.positive_items = np.append(positives[ITEM].to_numpy(np.int64), -1)
+        counts = np.bincount(pos_users, minlength=num_users)
+        self.user_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        # The end of each row's history: the number of positives ordered before (user, time)
+        # by the key user * T + rank(time), found by one binary search.
+        _, time_rank = np.unique(np.concatenate([pos_times, times]), return_inverse=True)
+        width = int(time_rank.max(initial=0)) + 1
+        pos_key = pos_users * width + time_rank[: len(pos_times)]
+        row_key = self.users * width + time_rank[len(pos_times) :]
+        self.history_end = np.searchsorted(pos_key, row_key, side="left").astype(np.int64)
+        self.history_length = history_length
+        if training and len(times):
+            span = max(float(times.max() - times.min()), 1.0)
+            self.example_age = ((times.max() - times) / span).astype(np.float32)
+        else:
+            self.example_age = np.zeros(len(times), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def user_input(self, index: np.ndarray) -> UserInput:
+        users = self.users[index]
+        offsets = self.history_end[index][:, None] - self.history_length + np.arange(self.history_length)[None, :]
+        valid = offsets >= self.user_start[users][:, None]
+        history = np.where(valid, self.positive_items[np.clip(offsets, 0, None)], -1)
+        return UserInput(torch.from_numpy(users), torch.from_numpy(history), torch.from_numpy(self.example_age[index]))
+
+    def batch(self, index: np.ndarray) -> PointwiseBatch:
+        """Rows ``index`` as a :class:`PointwiseBatch`."""
+        return PointwiseBatch(
+            self.user_input(index), torch.from_numpy(self.items[index]), torch.from_numpy(self.labels[index])
+        )

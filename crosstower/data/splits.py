@@ -11,6 +11,13 @@ the items excluded from their ranking and their targets.
   their interactions; a held-out user's first 80% (time order) is the history, the rest targets.
 * P3 cold start: the P2 user holdout, but the held-out user has no history (side features only)
   and every interaction is a target; nothing is excluded.
+* P4 pre-ranking: rows are labelled by their rating (``>= positive_min`` positive, ``<=
+  negative_max`` negative, in between dropped) and the labelled rows are split temporally per
+  user like P1. ``Split.labelled`` holds the labelled train/val/test rows (user, item, timestamp,
+  rating, label); ``Split.train`` holds the training *positives*, the interactions a model may
+  read as history; ``val`` / ``test`` are ranking views (train-positive history, the part's
+  positives as targets) kept so every split has the same shape. The model input of a labelled
+  row is built by :class:`~crosstower.data.batching.PointwiseRows`.
 
 Where the release ships its own user split (Deezer's train/validation/test user files, kept in
 ``dataset.metadata["user_split"]``), P2 and P3 use it instead of the seeded shuffle.
@@ -26,12 +33,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crosstower.data.dataset import ITEM, TIME, USER, Dataset
+from crosstower.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from crosstower.data.ragged import Ragged
 from crosstower.errors import DataError
 
-PROTOCOLS = ("p1", "p2", "p3")
+PROTOCOLS = ("p1", "p2", "p3", "p4")
 EVAL_PARTS = ("history", "exclude", "targets")
+LABEL = "label"
+LABELLED_PARTS = ("train", "val", "test")
+LABELLED_COLUMNS = (USER, ITEM, TIME, RATING, LABEL)
+# P4's default rating thresholds (IntTower's MovieLens labels: 4-5 positive, 1-2 negative, 3 dropped).
+POSITIVE_MIN, NEGATIVE_MAX = 4.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,9 @@ class Split:
     train: pd.DataFrame  # columns user, item, timestamp (+ rating), sorted by (user, timestamp, item)
     val: EvalUsers
     test: EvalUsers
+    # P4 only: the labelled rows of each part (LABELLED_PARTS), columns LABELLED_COLUMNS, each
+    # part sorted by (user, timestamp, item); label is float32 1.0 / 0.0.
+    labelled: dict[str, pd.DataFrame] | None = None
 
     def save(self, path: Path) -> None:
         """Write the split as one compressed ``.npz`` so a run can be re-evaluated exactly."""
@@ -68,6 +83,8 @@ class Split:
             arrays[f"{name}_users"] = block.users
             for part in EVAL_PARTS:
                 arrays.update(getattr(block, part).save(f"{name}_{part}"))
+        for name, rows in (self.labelled or {}).items():
+            arrays.update({f"labelled_{name}_{col}": rows[col].to_numpy() for col in LABELLED_COLUMNS})
         np.savez_compressed(path, **arrays)
 
     @staticmethod
@@ -81,19 +98,37 @@ class Split:
                 parts = {p: Ragged(arrays[f"{name}_{p}_indptr"], arrays[f"{name}_{p}_values"]) for p in EVAL_PARTS}
                 return EvalUsers(arrays[f"{name}_users"], **parts)
 
-            return Split(str(arrays["protocol"]), int(arrays["seed"]), train, block("val"), block("test"))
+            labelled = None
+            if "labelled_train_label" in arrays:
+                labelled = {
+                    name: pd.DataFrame({col: arrays[f"labelled_{name}_{col}"] for col in LABELLED_COLUMNS})
+                    for name in LABELLED_PARTS
+                }
+            protocol, seed = str(arrays["protocol"]), int(arrays["seed"])
+            return Split(protocol, seed, train, block("val"), block("test"), labelled)
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: not a readable split file ({exc})") from None
         except KeyError as exc:
             raise DataError(f"{path}: not a crosstower split (missing {exc})") from None
 
 
-def make_split(dataset: Dataset, protocol: str, seed: int = 0) -> Split:
-    """Split ``dataset`` by ``protocol`` (p1, p2 or p3); raises DataError on an empty part."""
+def make_split(
+    dataset: Dataset,
+    protocol: str,
+    seed: int = 0,
+    positive_min: float = POSITIVE_MIN,
+    negative_max: float = NEGATIVE_MAX,
+) -> Split:
+    """Split ``dataset`` by ``protocol`` (p1 to p4); raises DataError on an empty part.
+
+    ``positive_min`` and ``negative_max`` are P4's rating thresholds (ignored by the others).
+    """
     protocol = protocol.lower()
     inter = _sorted_interactions(dataset.interactions)
     if protocol == "p1":
         split = _temporal_split(inter, dataset.num_users, seed)
+    elif protocol == "p4":
+        split = _pointwise_split(inter, dataset, seed, positive_min, negative_max)
     elif protocol in ("p2", "p3"):
         release_split = dataset.metadata.get("user_split")
         split = _user_holdout_split(inter, dataset.num_users, seed, protocol == "p3", release_split)
@@ -117,11 +152,17 @@ def _position_in_user(inter: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return position, count
 
 
-def _temporal_split(inter: pd.DataFrame, num_users: int, seed: int) -> Split:
+def _temporal_parts(inter: pd.DataFrame) -> np.ndarray:
+    """Each row's part (0 train, 1 validation, 2 test) in a frame sorted by (user, time, item):
+    per user, the last 20% (rounded down) test, the 10% before them validation."""
     position, count = _position_in_user(inter)
     n_test = np.floor(count * 0.2).astype(np.int64)
     n_val = np.floor(count * 0.1).astype(np.int64)
-    part = np.where(position >= count - n_test, 2, np.where(position >= count - n_test - n_val, 1, 0))
+    return np.where(position >= count - n_test, 2, np.where(position >= count - n_test - n_val, 1, 0))
+
+
+def _temporal_split(inter: pd.DataFrame, num_users: int, seed: int) -> Split:
+    part = _temporal_parts(inter)
     train, val, test = (inter[part == p] for p in (0, 1, 2))
     train_hist = _rows(train, num_users)
     val_rows = _rows(val, num_users)
@@ -129,6 +170,59 @@ def _temporal_split(inter: pd.DataFrame, num_users: int, seed: int) -> Split:
     val_block = _eval_block(np.unique(val[USER].to_numpy()), train_hist, train_hist, val_rows)
     test_block = _eval_block(np.unique(test[USER].to_numpy()), hist_for_test, hist_for_test, _rows(test, num_users))
     return Split("p1", seed, train.reset_index(drop=True), val_block, test_block)
+
+
+def label_rows(inter: pd.DataFrame, positive_min: float, negative_max: float) -> pd.DataFrame:
+    """The rows with a label: rating >= ``positive_min`` -> 1.0, <= ``negative_max`` -> 0.0;
+    rows in between (and unrated rows) are dropped. The frame's order is kept."""
+    rating = inter[RATING].to_numpy(np.float64)
+    positive, negative = rating >= positive_min, rating <= negative_max
+    rows = inter[positive | negative].copy()
+    rows[LABEL] = positive[positive | negative].astype(np.float32)
+    return rows
+
+
+def _pointwise_split(
+    inter: pd.DataFrame, dataset: Dataset, seed: int, positive_min: float, negative_max: float
+) -> Split:
+    if RATING not in inter.columns:
+        raise DataError(
+            f"split p4: data set '{dataset.name}' has no 'rating' column; P4 labels rows by rating "
+            f"(>= {positive_min:g} positive, <= {negative_max:g} negative)"
+        )
+    if negative_max >= positive_min:
+        raise DataError(f"split p4: negative_max {negative_max:g} must be below positive_min {positive_min:g}")
+    labelled = label_rows(inter, positive_min, negative_max).reset_index(drop=True)
+    part = _temporal_parts(labelled)
+    rows = {
+        name: labelled[part == p][list(LABELLED_COLUMNS)].reset_index(drop=True) for p, name in enumerate(LABELLED_PARTS)
+    }
+    for name, frame in rows.items():
+        _check_labelled(frame, name, dataset.name, per_user=name != "train")
+    train = rows["train"]
+    positives = train[train[LABEL] == 1][[USER, ITEM, TIME, RATING]].reset_index(drop=True)
+    # Ranking views of the labelled positives: history and exclusions are the training positives.
+    history = _rows(positives, dataset.num_users)
+    blocks = {}
+    for name in ("val", "test"):
+        frame = rows[name]
+        targets = _rows(frame[frame[LABEL] == 1], dataset.num_users)
+        blocks[name] = _eval_block(np.unique(frame[USER].to_numpy()), history, history, targets)
+    return Split("p4", seed, positives, blocks["val"], blocks["test"], rows)
+
+
+def _check_labelled(rows: pd.DataFrame, name: str, dataset_name: str, per_user: bool) -> None:
+    """AUC needs both labels in a part; GAUC (validation, test) a user who has both."""
+    where = f"split p4: the {name} rows of '{dataset_name}'"
+    labels = rows[LABEL].to_numpy()
+    if len(rows) == 0:
+        raise DataError(f"{where} are empty (too few labelled rows per user)")
+    if labels.min() == labels.max():
+        raise DataError(f"{where} all have label {int(labels[0])}; check split.positive_min / split.negative_max")
+    if per_user:
+        by_user = rows.groupby(USER)[LABEL].agg(["min", "max"])
+        if not (by_user["min"] < by_user["max"]).any():
+            raise DataError(f"{where}: no user has both labels, so GAUC is undefined")
 
 
 def _user_groups(users: np.ndarray, seed: int, release_split: np.ndarray | None) -> dict[str, np.ndarray]:

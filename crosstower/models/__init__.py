@@ -6,18 +6,20 @@ from dataclasses import fields
 
 from crosstower.config import DSSMConfig, PopularityConfig, SparCodeConfig, TokenTwoTowerConfig, YouTubeDNNConfig
 from crosstower.config import CrossConfig, LateInteractionConfig, MVKEConfig
+from crosstower.config import InttowerConfig
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender, Recommender
 from crosstower.models.cross import CrossEncoder, CrossSettings
 from crosstower.models.late_interaction import LateInteraction, LateInteractionSettings
+from crosstower.models.inttower import IntTower, IntTowerSettings
 from crosstower.models.mvke import MVKE, MVKESettings
 from crosstower.models.popularity import Popularity
 from crosstower.models.sparcode import SparCode, SparCodeSettings
 from crosstower.models.token_two_tower import TokenTwoTower
 from crosstower.models.two_tower import TwoTower, TwoTowerSettings
 
-__all__ = ["build_model", "Recommender", "EmbeddingRecommender", "MVKE", "Popularity", "SparCode", "TwoTower"]
+__all__ = ["build_model", "Recommender", "EmbeddingRecommender", "IntTower", "MVKE", "Popularity", "SparCode", "TwoTower"]
 
 
 def _settings(settings_class, config, **fixed):
@@ -70,4 +72,8 @@ def build_model(config, dataset: Dataset, protocol: str = "p1", history_length: 
         settings = _settings(MVKESettings, config, use_history=protocol != "p3")
         settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
         return MVKE(dataset, settings)
+    if isinstance(config, InttowerConfig):
+        settings = _settings(IntTowerSettings, config, use_history=protocol != "p3")
+        settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
+        return IntTower(dataset, settings)
     raise TypeError(f"no model for config {type(config).__name__}")

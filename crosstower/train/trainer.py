@@ -1,5 +1,12 @@
 """The training loop: Adam, sampled softmax batches, early stopping on validation, resumable.
 
+Under protocol P4 (pre-ranking) the same loop trains pointwise instead: each epoch visits the
+labelled training rows in shuffled :class:`~crosstower.data.batching.PointwiseBatch` es and
+minimises ``model.pointwise_loss`` (never a BCE of its own, so a model can add terms such as
+IntTower's contrastive one); validation computes AUC, GAUC and log loss on the labelled
+validation rows, and early stopping follows ``evaluate.early_stopping_metric`` in its direction
+(log loss falls). Sampled negatives are not drawn: the labels give the negatives.
+
 Determinism: the example order, the negatives and torch's global generator (dropout) of epoch
 ``e`` are all seeded by ``(seed, e)``, so two runs with one seed train identically, and a run
 resumed from the checkpoint of epoch ``e`` continues exactly as if it had never stopped. A
@@ -22,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from crosstower.config import RunConfig
-from crosstower.data.batching import TrainBatch, TrainExamples
+from crosstower.data.batching import PointwiseRows, TrainBatch, TrainExamples
 from crosstower.data.dataset import Dataset
 from crosstower.data.sampling import (
     CandidatePool,
@@ -34,6 +41,7 @@ from crosstower.data.sampling import (
 from crosstower.data.splits import Split
 from crosstower.errors import CheckpointError, TrainingError
 from crosstower.evaluate.model_eval import evaluate_split
+from crosstower.evaluate.pre_ranking import evaluate_rows, higher_is_better, part_rows
 from crosstower.models.base import Recommender
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -67,7 +75,15 @@ class Trainer:
         self.workdir = workdir
         self.examples = TrainExamples(split.train, self.train_cfg.history_length, dataset.num_users)
         counts = np.bincount(self.examples.items, minlength=dataset.num_items)
-        self.sampler = self._make_sampler(counts)
+        # P4: labelled rows to train and validate on; no sampled negatives.
+        self.pointwise = split.protocol == "p4"
+        self.train_rows: PointwiseRows | None = None
+        self.val_rows: PointwiseRows | None = None
+        if self.pointwise:
+            length = self.train_cfg.history_length
+            self.train_rows = part_rows(split, "train", dataset.num_users, length)
+            self.val_rows = part_rows(split, "val", dataset.num_users, length)
+        self.sampler = None if self.pointwise else self._make_sampler(counts)
         unigram = torch.as_tensor(counts + 1e-12, dtype=torch.float64)
         self.unigram_log_prob = torch.log(unigram / unigram.sum())
 
@@ -110,7 +126,10 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         set_seed(cfg.seed)
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        report, best_state, bad_epochs = TrainReport(), copy.deepcopy(self.model.state_dict()), 0
+        metric = self.eval_cfg.early_stopping_metric
+        higher = higher_is_better(metric)
+        report = TrainReport(best_value=-math.inf if higher else math.inf)
+        best_state, bad_epochs = copy.deepcopy(self.model.state_dict()), 0
         checkpoint_path = self.workdir / "checkpoint.pt"
         if resume and checkpoint_path.exists():
             report, best_state, bad_epochs = self._resume(checkpoint_path, optimizer)
@@ -119,16 +138,16 @@ class Trainer:
             if report.stopped_early:
                 break
             loss = self._train_epoch(epoch, optimizer)
-            metrics, _ = evaluate_split(self.model, self.split.val, self.dataset.num_items, self.config)
-            value = metrics[self.eval_cfg.early_stopping_metric]
+            metrics = self.validate()
+            value = metrics[metric]
             stats = self.model.training_stats()
             report.history.append({"epoch": epoch, "loss": loss, **stats, **{f"val_{k}": v for k, v in metrics.items()}})
             report.epochs_run = epoch + 1
             extra = "".join(f" {k} {v:.3g}" for k, v in stats.items())
-            log.info("epoch %d loss %.4f val %s %.4f%s", epoch, loss, self.eval_cfg.early_stopping_metric, value, extra)
+            log.info("epoch %d loss %.4f val %s %.4f%s", epoch, loss, metric, value, extra)
             # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
             if epoch >= self.model.warmup_epochs:
-                if value > report.best_value:
+                if (value > report.best_value) if higher else (value < report.best_value):
                     report.best_value, report.best_epoch, bad_epochs = value, epoch, 0
                     best_state = copy.deepcopy(self.model.state_dict())
                 else:
@@ -144,6 +163,12 @@ class Trainer:
             })
         self.model.load_state_dict(best_state)
         return report
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics of the current model: pointwise under P4, full ranking otherwise."""
+        if self.pointwise:
+            return evaluate_rows(self.model, self.val_rows)[0]
+        return evaluate_split(self.model, self.split.val, self.dataset.num_items, self.config)[0]
 
     def _resumable_config(self) -> dict:
         """The config a resumed run must share: everything but the epoch and time budgets."""
@@ -166,7 +191,8 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> float:
         cfg = self.train_cfg
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.examples))
+        size = len(self.train_rows) if self.pointwise else len(self.examples)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(size)
         epoch_seed = cfg.seed * 1_000_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)  # dropout and any other use of the global generator
@@ -175,8 +201,10 @@ class Trainer:
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
         for index in progress:
-            batch = self.make_batch(index, generator)
-            loss, _ = self.model.loss(batch)
+            if self.pointwise:
+                loss, _ = self.model.pointwise_loss(self.train_rows.batch(index))
+            else:
+                loss, _ = self.model.loss(self.make_batch(index, generator))
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr (now {cfg.lr})")
             optimizer.zero_grad(set_to_none=True)
