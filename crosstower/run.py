@@ -25,12 +25,13 @@ from crosstower.data.dataset import Dataset
 from crosstower.data.features import add_train_statistics
 from crosstower.data.loaders import LOADERS, load_dataset
 from crosstower.data.splits import Split, make_split
-from crosstower.errors import ConfigError, CrosstowerError, DataError
 from crosstower.data.batching import UserInput
 from crosstower.data.ragged import Ragged
+from crosstower.errors import ConfigError, CrosstowerError, DataError
 from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
 from crosstower.evaluate.pre_ranking import evaluate_labelled
 from crosstower.models import EmbeddingRecommender, Popularity, Recommender, SparCode, build_model
+from crosstower.models.late_interaction import LateInteraction
 from crosstower.train.checkpoint import load_checkpoint
 from crosstower.train.trainer import Trainer, set_seed
 
@@ -141,14 +142,17 @@ def _train_and_evaluate(
             model, dataset, split, part, config, progress=True
         )
     index_summary = _index_summary(model)
-    # The sparse code index serves retrieval; a P4 (pre-ranking) run scores given pairs only.
-    if isinstance(model, SparCode) and model.quantizer is not None and split.protocol != "p4":
-        index = _build_sparcode_index(model, dataset, split, config)
+    # A model with its own index is also evaluated as served; a P4 (pre-ranking) run scores
+    # given pairs only.
+    index = _build_index(model, dataset, split, config) if split.protocol != "p4" else None
+    if index is not None:
         index.save(workdir / "index")
-        index_summary = index.describe()
         metrics["test_served"], timing["test_served_eval_seconds"] = evaluate_served(
             model, index, split.test, dataset.num_items, config
         )
+        index_summary = index.describe()
+        if isinstance(model, LateInteraction):
+            index_summary["scored_fraction"] = index.mean_scored_fraction
         timing["index_build_seconds"] = index.build_seconds
     if report is not None:
         timing.update(epochs=report.epochs_run, best_epoch=report.best_epoch, stopped_early=report.stopped_early,
@@ -170,6 +174,18 @@ def _train_and_evaluate(
     torch.save({"model_name": config.model.name, "model": model.state_dict()}, workdir / "model.pt")
     (workdir / "metrics.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _build_index(model: Recommender, dataset: Dataset, split: Split, config: RunConfig):
+    """The index that serves ``model``, or None for models served by exhaustive or exact scoring."""
+    if isinstance(model, SparCode) and model.quantizer is not None:
+        return _build_sparcode_index(model, dataset, split, config)
+    if isinstance(model, LateInteraction):
+        settings = config.model.index
+        log.info("building the late-interaction index (%s)", settings.candidate_index)
+        return model.build_index(settings.candidate_index, settings.tokens_per_query, settings.max_candidates,
+                                 settings.nprobe)
+    return None
 
 
 def _build_sparcode_index(model: SparCode, dataset: Dataset, split: Split, config: RunConfig):

@@ -223,3 +223,29 @@ def test_interaction_scorer_configs_reject_bad_keys():
         parse_config({"model": {"name": "cross", "blocks": {"ux": False}}})
     with pytest.raises(ConfigError, match="not divisible by heads"):
         parse_config({"model": {"name": "colbert", "dim": 10, "heads": 3}})
+
+
+def test_late_interaction_run_serves_from_its_index(tmp_path):
+    """With every item token retrieved and no candidate cap the served ranking is exhaustive
+    MaxSim on float16 tokens, so the served metrics match the exhaustive ones up to the order of
+    near-ties (exact equality on rounded tokens is tested in test_late_interaction_index.py); a
+    capped index scores fewer items."""
+    from crosstower.run import run_experiment
+    from tests.test_training import TINY
+
+    def run(index: dict, name: str) -> dict:
+        config = parse_config({
+            "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
+            "model": {"name": "colbert", "dim": 8, "heads": 2, "user_layers": 1, "projection_dim": 8,
+                      "item_bias": True, "index": index},
+            "train": {"epochs": 1, "threads": 1, "batch_size": 128, "history_length": 8, "negatives": {"num": 5}},
+        })
+        return run_experiment(config, tmp_path / name)
+
+    full = run({"candidate_index": "Flat", "tokens_per_query": 150 * 8, "max_candidates": 150}, "full")
+    assert full["index"]["kind"] == "late_interaction" and full["index"]["scored_fraction"] == pytest.approx(1.0)
+    served, exhaustive = full["metrics"]["test_served"], full["metrics"]["test"]
+    assert all(served[k] == pytest.approx(exhaustive[k], abs=5e-3) for k in ("recall@50", "ndcg@50", "precision@50"))
+    capped = run({"candidate_index": "IVF4,Flat", "tokens_per_query": 4, "max_candidates": 15, "nprobe": 1}, "capped")
+    assert capped["index"]["scored_fraction"] <= 15 / 150
+    assert (tmp_path / "capped" / "index" / "index.json").exists()

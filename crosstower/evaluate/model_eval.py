@@ -10,7 +10,7 @@ import torch
 from crosstower.config import RunConfig
 from crosstower.data.batching import eval_user_input
 from crosstower.data.splits import EvalUsers
-from crosstower.evaluate.ranking import Scorer, evaluate_ranking
+from crosstower.evaluate.ranking import Scorer, evaluate_ranking, evaluate_retrieved
 from crosstower.models.base import EmbeddingRecommender, Recommender
 
 # Users are encoded in fixed blocks of this many, whatever the evaluation batch size, so that a
@@ -55,12 +55,26 @@ def evaluate_split(
 def evaluate_served(
     model, index, block: EvalUsers, num_items: int, config: RunConfig
 ) -> tuple[dict[str, float], float]:
-    """Metrics of the index's answers: each user's scores are the sums of its codes' posting
-    lists (:meth:`SparseCodeIndex.dense_scores`), ranked by the same evaluator as exhaustive
-    scoring, so the two differ only by what the index did not keep."""
+    """Metrics of the index's answers, ranked against the same targets as exhaustive scoring.
+
+    A sparse code index gives every user's summed posting lists as dense scores
+    (:meth:`SparseCodeIndex.dense_scores`), ranked by the same evaluator as exhaustive scoring, so
+    the two differ only by what the index did not keep. A late-interaction index returns its own
+    top-k from its candidates; items it never scored cannot be hits.
+    """
+    from crosstower.index import LateInteractionIndex
+
     model.eval()
     start = time.perf_counter()
     length, cfg = config.train.history_length, config.evaluate
+    if isinstance(index, LateInteractionIndex):
+
+        def retrieve(rows: np.ndarray) -> torch.Tensor:
+            users = model.encode_user_tokens(eval_user_input(block, rows, length))
+            return index.search(users, max(cfg.ks), block.exclude.take(rows))[1]
+
+        metrics = evaluate_retrieved(retrieve, len(block), num_items, block.exclude, block.targets, cfg.ks, cfg.user_batch)
+        return metrics, time.perf_counter() - start
 
     def scorer(rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
         queries = model.code_queries(eval_user_input(block, rows, length))

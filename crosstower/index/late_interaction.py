@@ -15,8 +15,8 @@ index does what ColBERT v1 end-to-end retrieval does (methods.md §8.1):
 
 The faiss index is named by an ``index_factory`` string (``"IVF64,Flat"``, ``"HNSW32"``,
 ``"Flat"``) and stored serialised as one ``uint8`` array, so saving, loading and byte accounting
-go through the same protocol as every other index. What a search scored is reported by
-:attr:`LateInteractionIndex.last_scored_fraction`.
+go through the same protocol as every other index. What searches scored is reported by
+:attr:`LateInteractionIndex.last_scored_fraction` and :attr:`LateInteractionIndex.mean_scored_fraction`.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class LateInteractionIndex(Index):
         # The faiss index holds the real tokens only, in (item, token) order: id -> item.
         self.token_item = np.nonzero(mask)[0].astype(np.int64)
         self.last_scored_fraction = 0.0
+        self._scored_pairs = self._queries = 0  # over every search since construction
         self._check_layout()
 
     def _check_layout(self) -> None:
@@ -86,6 +87,11 @@ class LateInteractionIndex(Index):
     @property
     def num_items(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def mean_scored_fraction(self) -> float:
+        """Share of the catalogue scored exactly per query, over every search so far."""
+        return self._scored_pairs / max(1, self._queries * self.num_items)
 
     # ---- search ------------------------------------------------------------------------------
     def candidates(self, users: TokenSequence) -> list[np.ndarray]:
@@ -125,6 +131,8 @@ class LateInteractionIndex(Index):
             scores = maxsim_pairs(queries, token_seq) + as_tensor(self.bias[gathered])
         scores = scores.masked_fill(~torch.from_numpy(valid & ~_excluded(exclude, items)), float("-inf"))
         self.last_scored_fraction = float(valid.sum() / (len(candidates) * self.num_items))
+        self._scored_pairs += int(valid.sum())
+        self._queries += len(candidates)
         return _ranked(scores, torch.from_numpy(items), k)
 
     # ---- the index protocol ------------------------------------------------------------------
