@@ -116,7 +116,13 @@ def batch_of(ds, split, tmp_path, in_batch: bool):
     config = parse_config({"model": {"name": "youtubednn"}, "train": {
         "batch_size": 8, "history_length": HISTORY, "negatives": {"num": 4, "in_batch": in_batch}}})
     trainer = Trainer(None, ds, split, config, tmp_path)
-    return trainer.make_batch(np.arange(8), torch.Generator().manual_seed(0))
+    # rows spread over the examples, hence over users: the first rows all belong to one user, and
+    # then every in-batch column would be masked as an accidental hit
+    rows = np.linspace(0, len(trainer.examples) - 1, 8).astype(np.int64)
+    batch = trainer.make_batch(rows, torch.Generator().manual_seed(0))
+    if in_batch:
+        assert not batch.in_batch_mask.all(dim=1).any()  # every row keeps some in-batch negative
+    return batch
 
 
 def expected_loss(model, batch, temperature: float = 1.0) -> torch.Tensor:
