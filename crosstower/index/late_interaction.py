@@ -34,7 +34,9 @@ from crosstower.nn.tokens import TokenSequence
 
 def _faiss_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
     """A trained and filled faiss index over ``vectors`` (inner-product metric)."""
-    spec = spec.replace("{auto}", str(max(1, int(4 * np.sqrt(len(vectors))))))
+    # {auto}: 4 sqrt(n) inverted lists, the usual faiss guidance, but no more than n / 39 so
+    # that k-means has the 39 training points per centroid faiss asks for.
+    spec = spec.replace("{auto}", str(max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))))
     index = faiss.index_factory(vectors.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         sample = np.random.default_rng(seed).permutation(len(vectors))[: 256 * 1024]
@@ -50,7 +52,7 @@ class LateInteractionIndex(Index):
 
     def __init__(
         self, tokens: np.ndarray, mask: np.ndarray, bias: np.ndarray, candidate_index: faiss.Index, spec: str,
-        tokens_per_query: int = 32, max_candidates: int = 256, nprobe: int = 8,
+        tokens_per_query: int = 64, max_candidates: int = 300, nprobe: int = 16,
     ) -> None:
         self.tokens, self.mask, self.bias, self.spec = tokens, mask, bias, spec
         self.candidate_index = candidate_index

@@ -109,8 +109,8 @@ class LateInteraction(Recommender):
         return TokenSequence(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
 
     @torch.no_grad()
-    def build_index(self, spec: str = "IVF{auto},Flat", tokens_per_query: int = 32, max_candidates: int = 256,
-                    nprobe: int = 8):
+    def build_index(self, spec: str = "IVF{auto},Flat", tokens_per_query: int = 64, max_candidates: int = 300,
+                    nprobe: int = 16):
         """The late-interaction index of the catalogue (float16 tokens, faiss candidates)."""
         from crosstower.index import LateInteractionIndex
 
