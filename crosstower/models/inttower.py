@@ -70,8 +70,8 @@ from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.losses import sampled_softmax
 from crosstower.models.base import ItemRangeScorer, Recommender
-from crosstower.nn.fields import FieldEmbedder, masked_mean
-from crosstower.nn.tokenizers import embed_history
+from crosstower.nn.fields import FieldEmbedder
+from crosstower.nn.tokenizers import user_field_tokens
 
 ITEM_SLICE = 512  # items per FE-score call in exhaustive scoring: memory grows with B x N x A x H_i
 # The FE heads start at N(0, 0.01) with zero bias, so that initial scores are near zero and the
@@ -204,16 +204,8 @@ class IntTower(Recommender):
 
     def user_tokens(self, user: UserInput) -> torch.Tensor:
         """``[B, F_u, d]``: the user field tokens, then the mean-history token (zeros if empty)."""
-        tokens = [self.user_fields(user.users)] if self.user_fields is not None else []
-        if self.settings.use_history:
-            tokens.append(self._history_token(user).unsqueeze(1))
-        return torch.cat(tokens, dim=1)
-
-    def _history_token(self, user: UserInput) -> torch.Tensor:
-        """``[B, d]`` mean history item embedding; zeros for an empty (or zero-length) history."""
-        if user.history.shape[1] == 0:
-            return self.bias.new_zeros(len(user), self.settings.embedding_dim)
-        return masked_mean(embed_history(self.item_fields, user.history), user.history_mask)
+        s = self.settings
+        return user_field_tokens(self.user_fields, self.item_fields, user, s.use_history, s.embedding_dim)
 
     def user_layer_heads(self, user: UserInput) -> torch.Tensor:
         """``P^u [B, L, H_u, d_h]``: layer ``l``'s heads, read from that layer's input."""

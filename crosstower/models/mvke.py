@@ -40,8 +40,8 @@ from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender
-from crosstower.nn.fields import MLP, FieldEmbedder, masked_mean
-from crosstower.nn.tokenizers import embed_history
+from crosstower.nn.fields import MLP, FieldEmbedder
+from crosstower.nn.tokenizers import user_field_tokens
 
 KERNEL_INIT_STD = 0.01  # the released code's N(0, 0.01) for the kernels and the Q/K/V maps
 
@@ -102,17 +102,7 @@ class MVKE(EmbeddingRecommender):
 
     def user_tokens(self, user: UserInput) -> torch.Tensor:
         """``[B, F, d]``: the user field tokens, then the mean-history token (zeros if empty)."""
-        tokens = [self.user_fields(user.users)] if self.user_fields is not None else []
-        if self.settings.use_history:
-            tokens.append(self._history_token(user).unsqueeze(1))
-        return torch.cat(tokens, dim=1)
-
-    def _history_token(self, user: UserInput) -> torch.Tensor:
-        """``[B, d]`` mean history item embedding; zeros for an empty (or zero-length) history,
-        which the field embedder cannot embed (``train.history_length: 0``)."""
-        if user.history.shape[1] == 0:
-            return self.attention.kernels.new_zeros(len(user), self.settings.dim)
-        return masked_mean(embed_history(self.item_fields, user.history), user.history_mask)
+        return user_field_tokens(self.user_fields, self.item_fields, user, self.settings.use_history, self.settings.dim)
 
     def expert_vectors(self, user: UserInput) -> torch.Tensor:
         """``[B, K, d]``: expert ``k`` reads kernel ``k``'s re-weighted copy of every field."""

@@ -34,6 +34,22 @@ def embed_history(items: FieldEmbedder, history: torch.Tensor) -> torch.Tensor:
     return F.embedding(inverse, items(unique).sum(-2))
 
 
+def user_field_tokens(
+    user_fields: FieldEmbedder | None, item_fields: FieldEmbedder, user: UserInput, use_history: bool, dim: int
+) -> torch.Tensor:
+    """``[B, F_u (+ 1), dim]``: one token per user field, then (``use_history``) the masked mean of
+    the history items' embeddings, so a user known only by features and history (P2) is
+    represented. An empty or zero-length history gives a zero token (the field embedder cannot
+    embed an empty index, e.g. with ``train.history_length: 0``)."""
+    tokens = [user_fields(user.users)] if user_fields is not None else []
+    if use_history:
+        if user.history.shape[1] == 0:
+            tokens.append(torch.zeros(len(user), 1, dim))
+        else:
+            tokens.append(masked_mean(embed_history(item_fields, user.history), user.history_mask).unsqueeze(1))
+    return torch.cat(tokens, dim=1)
+
+
 class DNNTokenizer(nn.Module):
     def __init__(
         self, user_fields: FieldEmbedder | None, item_fields: FieldEmbedder, dim: int,
