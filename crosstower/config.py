@@ -269,6 +269,8 @@ class LateInteractionIndexConfig(Strict):
     tokens_per_query: int = Field(64, ge=1)  # item tokens each user token retrieves
     max_candidates: int = Field(300, ge=1)  # items re-scored exactly per user
     nprobe: int = Field(16, ge=1)  # IVF lists searched per user token
+    store: Literal["float16", "residual"] = "float16"  # residual: ColBERTv2 centroid + nbits residual
+    nbits: Literal[1, 2, 4, 8] = 4  # residual bits per dimension (store: residual)
 
 
 class LateInteractionConfig(Strict):

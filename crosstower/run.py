@@ -184,7 +184,7 @@ def _build_index(model: Recommender, dataset: Dataset, split: Split, config: Run
         settings = config.model.index
         log.info("building the late-interaction index (%s)", settings.candidate_index)
         return model.build_index(settings.candidate_index, settings.tokens_per_query, settings.max_candidates,
-                                 settings.nprobe)
+                                 settings.nprobe, settings.store, settings.nbits)
     return None
 
 

@@ -107,3 +107,47 @@ def test_retrieved_metrics_equal_ranking_metrics_for_the_same_lists():
     ranked = evaluate_ranking(lambda rows, lo, hi: scores[torch.from_numpy(rows), lo:hi], 9, 50, exclude, targets, ks=(5, 20))
     assert retrieved == ranked
 
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4, 8])
+def test_residual_bits_pack_and_unpack_exactly(nbits):
+    from crosstower.index.token_store import _pack, _unpack
+
+    buckets = np.random.default_rng(nbits).integers(0, 2**nbits, size=(7, 16)).astype(np.uint8)
+    packed = _pack(buckets, nbits)
+    assert packed.shape == (7, 16 * nbits // 8) and packed.dtype == np.uint8
+    assert np.array_equal(_unpack(packed, nbits, 16), buckets)
+
+
+def test_residual_store_reconstructs_tokens_within_its_bit_budget():
+    from crosstower.index.token_store import ResidualStore
+
+    items = random_tokens(300, 3, 16, seed=9, pad=True)
+    tokens, mask = items.tokens.numpy(), items.mask.numpy()
+    cosines = {}
+    for nbits in (1, 2, 8):
+        store = ResidualStore.encode(tokens, mask, nbits=nbits)
+        decoded = store.decode(np.arange(300))
+        cosines[nbits] = float((decoded * tokens).sum(-1)[mask].mean())
+        assert np.allclose(np.linalg.norm(decoded, axis=-1), 1.0, atol=1e-5)
+        assert store.residuals.nbytes == 300 * 3 * 16 * nbits // 8
+    assert cosines[1] < cosines[2] < cosines[8] and cosines[8] > 0.99 and cosines[1] > 0.7
+
+
+def test_residual_index_is_exhaustive_maxsim_on_its_decoded_tokens(tmp_path):
+    items = random_tokens(80, 3, 8, seed=10, pad=True)
+    users = random_tokens(6, 4, 8, seed=11, pad=True)
+    index = LateInteractionIndex.build(items, None, spec="Flat", store="residual", nbits=2,
+                                       tokens_per_query=int(items.mask.sum()), max_candidates=80)
+    decoded = TokenSequence(torch.from_numpy(index.store.decode(np.arange(80))), items.mask)
+    scores, top = index.search(users, 10)
+    ref_scores, ref_top = exhaustive_topk(users, decoded, torch.zeros(80), _empty(6), 10)
+    assert torch.equal(top, ref_top) and torch.allclose(scores, ref_scores, atol=1e-5)
+    index.save(tmp_path / "residual")
+    loaded = Index.load(tmp_path / "residual")
+    assert loaded.describe()["store"] == "residual" and torch.equal(loaded.search(users, 10)[1], top)
+    assert "item_tokens" not in loaded.arrays() and loaded.nbytes() < LateInteractionIndex.build(items, None, spec="Flat").nbytes()
+
+
+def _empty(rows: int) -> Ragged:
+    return Ragged(np.zeros(rows + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))

@@ -29,6 +29,7 @@ import torch
 
 from crosstower.data.ragged import Ragged
 from crosstower.index.base import Index, Timer, as_tensor, check_exclude
+from crosstower.index.token_store import STORES, Float16Store, ResidualStore
 from crosstower.nn.tokens import TokenSequence
 
 
@@ -46,15 +47,16 @@ def _faiss_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
 
 
 class LateInteractionIndex(Index):
-    """Item tokens ``[N, L_i, m]`` (float16) + their mask + item bias + a token-level faiss index."""
+    """Item tokens ``[N, L_i, m]`` (float16 or residual codes, :mod:`crosstower.index.token_store`)
+    + their mask + item bias + a token-level faiss index."""
 
     kind = "late_interaction"
 
     def __init__(
-        self, tokens: np.ndarray, mask: np.ndarray, bias: np.ndarray, candidate_index: faiss.Index, spec: str,
-        tokens_per_query: int = 64, max_candidates: int = 300, nprobe: int = 16,
+        self, store: Float16Store | ResidualStore, mask: np.ndarray, bias: np.ndarray, candidate_index: faiss.Index,
+        spec: str, tokens_per_query: int = 64, max_candidates: int = 300, nprobe: int = 16,
     ) -> None:
-        self.tokens, self.mask, self.bias, self.spec = tokens, mask, bias, spec
+        self.store, self.mask, self.bias, self.spec = store, mask, bias, spec
         self.candidate_index = candidate_index
         self.tokens_per_query, self.max_candidates, self.nprobe = tokens_per_query, max_candidates, nprobe
         # The faiss index holds the real tokens only, in (item, token) order: id -> item.
@@ -64,31 +66,37 @@ class LateInteractionIndex(Index):
         self._check_layout()
 
     def _check_layout(self) -> None:
-        n, length, _ = self.tokens.shape
+        n, length, _ = self.store.shape
         if self.mask.shape != (n, length) or self.bias.shape != (n,):
-            raise ValueError(f"mask {self.mask.shape} / bias {self.bias.shape} do not match tokens {self.tokens.shape}")
+            raise ValueError(f"mask {self.mask.shape} / bias {self.bias.shape} do not match tokens {self.store.shape}")
         if self.candidate_index.ntotal != len(self.token_item):
             raise ValueError(f"candidate index holds {self.candidate_index.ntotal} tokens, the mask {len(self.token_item)}")
 
     @classmethod
     def build(
-        cls, items: TokenSequence, bias: torch.Tensor | None = None, spec: str = "IVF{auto},Flat", **search_settings: int
+        cls, items: TokenSequence, bias: torch.Tensor | None = None, spec: str = "IVF{auto},Flat",
+        store: str = "float16", nbits: int = 4, **search_settings: int,
     ) -> LateInteractionIndex:
-        """Index the catalogue's normalised token vectors ``items`` (``[N, L_i, m]`` + mask)."""
+        """Index the catalogue's normalised token vectors ``items`` (``[N, L_i, m]`` + mask),
+        stored as ``store`` ("float16", or "residual" with ``nbits`` bits a dimension)."""
         with Timer() as timer:
-            tokens = items.tokens.detach().cpu().numpy().astype(np.float16)
+            tokens = items.tokens.detach().cpu().numpy().astype(np.float32)
             mask = items.mask.detach().cpu().numpy().astype(bool)
             if tokens.ndim != 3 or len(tokens) == 0 or not mask.any(axis=1).all():
                 raise ValueError(f"items must be [N, L_i, m] token vectors with a real token per item, got {tokens.shape}")
+            if store not in STORES:
+                raise ValueError(f"store must be one of {sorted(STORES)}, got '{store}'")
             bias_array = np.zeros(len(tokens), np.float32) if bias is None else bias.detach().cpu().numpy().astype(np.float32)
-            real = tokens[mask].astype(np.float32)  # row-major: item by item, token by token
-            index = cls(tokens, mask, bias_array, _faiss_index(real, spec), spec, **search_settings)
+            encoded = Float16Store.encode(tokens, mask) if store == "float16" else ResidualStore.encode(tokens, mask, nbits)
+            # The candidate index sees what re-scoring will see: the stored (decoded) vectors.
+            real = encoded.decode(np.arange(len(tokens)))[mask]  # row-major: item by item, token by token
+            index = cls(encoded, mask, bias_array, _faiss_index(real, spec), spec, **search_settings)
         index.build_seconds = timer.seconds
         return index
 
     @property
     def num_items(self) -> int:
-        return int(self.tokens.shape[0])
+        return int(self.store.shape[0])
 
     @property
     def mean_scored_fraction(self) -> float:
@@ -127,7 +135,7 @@ class LateInteractionIndex(Index):
         valid = items >= 0
         gathered = items.clip(min=0)
         token_seq = TokenSequence(
-            as_tensor(self.tokens[gathered]).float(), as_tensor(self.mask[gathered]) & torch.from_numpy(valid)[..., None]
+            torch.from_numpy(self.store.decode(gathered)), as_tensor(self.mask[gathered]) & torch.from_numpy(valid)[..., None]
         )
         with torch.no_grad():
             scores = maxsim_pairs(queries, token_seq) + as_tensor(self.bias[gathered])
@@ -140,26 +148,27 @@ class LateInteractionIndex(Index):
     # ---- the index protocol ------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
         return {
-            "item_tokens": self.tokens, "item_mask": self.mask, "item_bias": self.bias,
+            **self.store.arrays(), "item_mask": self.mask, "item_bias": self.bias,
             "candidate_index": faiss.serialize_index(self.candidate_index),
         }
 
     def meta(self) -> dict[str, Any]:
-        n, length, m = self.tokens.shape
+        n, length, m = self.store.shape
         return {
             "num_items": n, "item_tokens": length, "dim": m, "candidate_index": self.spec,
             "tokens_per_query": self.tokens_per_query, "max_candidates": self.max_candidates, "nprobe": self.nprobe,
+            **self.store.meta(),
         }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> LateInteractionIndex:
-        tokens = arrays["item_tokens"]
-        if tokens.dtype != np.float16 or tokens.shape != (meta["num_items"], meta["item_tokens"], meta["dim"]):
-            raise ValueError(f"item_tokens is {tokens.dtype}{list(tokens.shape)}, expected float16 "
-                             f"[{meta['num_items']}, {meta['item_tokens']}, {meta['dim']}]")
+        store = STORES[meta.get("store", "float16")].from_arrays(arrays, meta)
+        expected = (meta["num_items"], meta["item_tokens"], meta["dim"])
+        if store.shape != expected:
+            raise ValueError(f"stored tokens are {list(store.shape)}, expected {list(expected)}")
         candidate_index = faiss.deserialize_index(np.ascontiguousarray(arrays["candidate_index"]))
         return cls(
-            tokens, np.asarray(arrays["item_mask"], dtype=bool), np.asarray(arrays["item_bias"]), candidate_index,
+            store, np.asarray(arrays["item_mask"], dtype=bool), np.asarray(arrays["item_bias"]), candidate_index,
             meta["candidate_index"], meta["tokens_per_query"], meta["max_candidates"], meta["nprobe"],
         )
 

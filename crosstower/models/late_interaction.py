@@ -110,14 +110,15 @@ class LateInteraction(Recommender):
 
     @torch.no_grad()
     def build_index(self, spec: str = "IVF{auto},Flat", tokens_per_query: int = 64, max_candidates: int = 300,
-                    nprobe: int = 16):
-        """The late-interaction index of the catalogue (float16 tokens, faiss candidates)."""
+                    nprobe: int = 16, store: str = "float16", nbits: int = 4):
+        """The late-interaction index of the catalogue (stored tokens, faiss candidates)."""
         from crosstower.index import LateInteractionIndex
 
         self.eval()
         bias = self.item_bias(torch.arange(self.num_items))
-        return LateInteractionIndex.build(self.catalogue_tokens(), bias, spec, tokens_per_query=tokens_per_query,
-                                          max_candidates=max_candidates, nprobe=nprobe)
+        return LateInteractionIndex.build(self.catalogue_tokens(), bias, spec, store=store, nbits=nbits,
+                                          tokens_per_query=tokens_per_query, max_candidates=max_candidates,
+                                          nprobe=nprobe)
 
     # ---- the model contract ------------------------------------------------------------------
     def item_bias(self, items: torch.Tensor) -> torch.Tensor:
