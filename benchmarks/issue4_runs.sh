@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Produce the issue-4 numbers in docs/results.md (interaction-rich scorers and pre-ranking): one
+# `crosstower run` per config, one at a time on one thread each (the cross encoder alone takes
+# about an hour of CPU on the synthetic default), then the tables, the late-interaction index
+# sweep and the scoring costs.
+#   bash benchmarks/issue4_runs.sh [DATA_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA_DIR=${1:-../shared/data}
+RUNS=(
+  synthetic-colbert-p2 synthetic-mvke-p2 synthetic-inttower-p2
+  ml100k-twotower-p4 ml100k-inttower-p4 ml100k-mvke-p4 ml100k-colbert-p4 ml100k-cross-p4
+  ml100k-mvke-p2 ml100k-mvke-p1 ml100k-inttower-p2 ml100k-inttower-p1 ml100k-colbert-p2
+  synthetic-cross-p2
+)
+for name in "${RUNS[@]}"; do
+  extra=()
+  [ "$name" = synthetic-cross-p2 ] && extra=(--set train.max_minutes=45)
+  .venv/bin/crosstower run "configs/$name.yaml" --data-dir "$DATA_DIR" --set train.threads=1 "${extra[@]}" \
+    --out "runs/issue4/$name"
+done
+.venv/bin/python benchmarks/results_table.py --served "${RUNS[@]/#/runs/issue4/}" > runs/issue4/table.md
+cat runs/issue4/table.md
+.venv/bin/python benchmarks/late_interaction_index.py runs/issue4/synthetic-colbert-p2 --data-dir "$DATA_DIR"
+.venv/bin/python benchmarks/scoring_cost.py runs/issue4/synthetic-{colbert,mvke,inttower,cross}-p2 \
+  runs/reference/synthetic-{twotower-sa,alltoall-sa,sparcode-sa}-p2 --data-dir "$DATA_DIR"
+.venv/bin/python benchmarks/synthetic_oracle.py
