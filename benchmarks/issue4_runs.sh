@@ -14,10 +14,7 @@ RUNS=(
   synthetic-cross-p2
 )
 for name in "${RUNS[@]}"; do
-  extra=()
-  [ "$name" = synthetic-cross-p2 ] && extra=(--set train.max_minutes=75)
-  .venv/bin/crosstower run "configs/$name.yaml" --data-dir "$DATA_DIR" --set train.threads=1 "${extra[@]}" \
-    --out "runs/issue4/$name"
+  .venv/bin/crosstower run "configs/$name.yaml" --data-dir "$DATA_DIR" --set train.threads=1 --out "runs/issue4/$name"
 done
 .venv/bin/python benchmarks/results_table.py --served "${RUNS[@]/#/runs/issue4/}" > runs/issue4/table.md
 cat runs/issue4/table.md
