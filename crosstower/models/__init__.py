@@ -4,22 +4,40 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from crosstower.config import DSSMConfig, PopularityConfig, SparCodeConfig, TokenTwoTowerConfig, YouTubeDNNConfig
-from crosstower.config import CrossConfig, LateInteractionConfig, MVKEConfig
-from crosstower.config import InttowerConfig
+from crosstower.config import (
+    CrossConfig,
+    DSSMConfig,
+    InttowerConfig,
+    LateInteractionConfig,
+    MVKEConfig,
+    PopularityConfig,
+    SparCodeConfig,
+    TokenTwoTowerConfig,
+    YouTubeDNNConfig,
+)
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.models.base import EmbeddingRecommender, Recommender
 from crosstower.models.cross import CrossEncoder, CrossSettings
-from crosstower.models.late_interaction import LateInteraction, LateInteractionSettings
 from crosstower.models.inttower import IntTower, IntTowerSettings
+from crosstower.models.late_interaction import LateInteraction, LateInteractionSettings
 from crosstower.models.mvke import MVKE, MVKESettings
 from crosstower.models.popularity import Popularity
 from crosstower.models.sparcode import SparCode, SparCodeSettings
 from crosstower.models.token_two_tower import TokenTwoTower
 from crosstower.models.two_tower import TwoTower, TwoTowerSettings
 
-__all__ = ["build_model", "Recommender", "EmbeddingRecommender", "IntTower", "MVKE", "Popularity", "SparCode", "TwoTower"]
+__all__ = [
+    "build_model", "Recommender", "EmbeddingRecommender", "CrossEncoder", "IntTower", "LateInteraction", "MVKE",
+    "Popularity", "SparCode", "TokenTwoTower", "TwoTower",
+]
+
+
+# Models over the shared token substrate: their settings dataclass and class, by config type.
+_TOKEN_SUBSTRATE_MODELS = {
+    CrossConfig: (CrossSettings, CrossEncoder),
+    LateInteractionConfig: (LateInteractionSettings, LateInteraction),
+}
 
 
 def _settings(settings_class, config, **fixed):
@@ -47,13 +65,9 @@ def build_model(config, dataset: Dataset, protocol: str = "p1", history_length: 
     """
     if isinstance(config, PopularityConfig):
         return Popularity(dataset.num_items)
-    if isinstance(config, (CrossConfig, LateInteractionConfig)):
-        settings_class, model_class = (
-            (CrossSettings, CrossEncoder) if isinstance(config, CrossConfig) else (LateInteractionSettings, LateInteraction)
-        )
+    if type(config) in _TOKEN_SUBSTRATE_MODELS:
+        settings_class, model_class = _TOKEN_SUBSTRATE_MODELS[type(config)]
         settings = _settings(settings_class, config, max_history=history_length)
-        if isinstance(config, CrossConfig):
-            settings.blocks = config.blocks.model_dump()
         settings.user_fields = _user_fields_for(protocol, settings.user_fields, dataset)
         return model_class(dataset, settings)
     if isinstance(config, (SparCodeConfig, TokenTwoTowerConfig)):
