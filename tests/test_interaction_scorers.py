@@ -10,7 +10,8 @@ from crosstower.data.splits import make_split
 from crosstower.errors import ConfigError
 from crosstower.losses import sampled_softmax
 from crosstower.models.cross import CrossEncoder, CrossSettings, block_mask
-from crosstower.models.late_interaction import LateInteraction, LateInteractionSettings, maxsim
+from crosstower.models.late_interaction import LateInteraction, LateInteractionSettings
+from crosstower.nn.maxsim import maxsim
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
 from crosstower.train.trainer import Trainer
 from tests.helpers import random_dataset

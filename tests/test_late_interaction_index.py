@@ -9,7 +9,7 @@ from crosstower.data.ragged import Ragged
 from crosstower.evaluate.ranking import evaluate_ranking, evaluate_retrieved, topk_items
 from crosstower.index import Index
 from crosstower.index.late_interaction import LateInteractionIndex, _top_voted
-from crosstower.models.late_interaction import maxsim
+from crosstower.nn.maxsim import maxsim
 from crosstower.nn.tokens import TokenSequence
 
 torch.set_num_threads(1)

@@ -8,8 +8,9 @@ index does what ColBERT v1 end-to-end retrieval does (methods.md §8.1):
    its item with its similarity; an item's approximate score sums, over the user tokens, the best
    similarity that token found among the item's tokens (MaxSim restricted to what was retrieved).
    The ``max_candidates`` items with the best approximate score are kept.
-2. **Exact re-scoring.** The candidates' stored token vectors (float16) are scored by the model's
-   own :func:`~crosstower.models.late_interaction.maxsim_pairs`, plus the item bias, and the top
+2. **Exact re-scoring.** The candidates' stored token vectors (float16, or ColBERTv2 residuals:
+   :mod:`crosstower.index.token_store`) are scored by the model's own
+   :func:`~crosstower.nn.maxsim.maxsim_pairs`, plus the item bias, and the top
    ``k`` returned with the evaluator's tie rule (lower item index first), so served and exhaustive
    rankings can be compared item for item.
 
@@ -30,6 +31,7 @@ import torch
 from crosstower.data.ragged import Ragged
 from crosstower.index.base import Index, Timer, as_tensor, check_exclude
 from crosstower.index.token_store import STORES, Float16Store, ResidualStore
+from crosstower.nn.maxsim import maxsim_pairs
 from crosstower.nn.tokens import TokenSequence
 
 
@@ -124,11 +126,9 @@ class LateInteractionIndex(Index):
 
         Slots beyond a user's candidates hold item -1 and score -inf.
         """
-        from crosstower.models.late_interaction import maxsim_pairs
-
         exclude = check_exclude(exclude, queries.tokens.shape[0])
         candidates = self.candidates(queries)
-        width = max(1, max(len(c) for c in candidates))
+        width = max([1, *(len(c) for c in candidates)])
         items = np.full((len(candidates), width), -1, dtype=np.int64)
         for row, c in enumerate(candidates):
             items[row, : len(c)] = c

@@ -10,8 +10,9 @@ product of the summed vectors and lose the point. Several user tokens (fields, h
 optional learned expansion tokens) can each match a different item token, which is what lets one
 user express several interests that a single vector would average away.
 
-:func:`maxsim` and :func:`maxsim_pairs` are pure functions shared by the loss, exhaustive
-evaluation and the late-interaction index, so the number trained is the number served.
+:func:`~crosstower.nn.maxsim.maxsim` and :func:`~crosstower.nn.maxsim.maxsim_pairs` are pure
+functions shared by the loss, exhaustive evaluation and the late-interaction index, so the number
+trained is the number served.
 """
 
 from __future__ import annotations
@@ -26,29 +27,11 @@ from crosstower.data.batching import TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.losses import sampled_softmax
 from crosstower.models.base import ItemRangeScorer, Recommender
+from crosstower.nn.maxsim import maxsim, maxsim_pairs
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
 from crosstower.nn.transformer import TransformerEncoder
 
 ITEM_SLICE = 512  # items per MaxSim call in exhaustive scoring: memory grows with B x L_u x N x L_i
-
-
-def maxsim(users: TokenSequence, items: TokenSequence) -> torch.Tensor:
-    """Every user ``[B, L_u, m]`` against every item ``[N, L_i, m]``: scores ``[B, N]``.
-
-    Padding item tokens never win the max; padding user tokens add nothing.
-    """
-    sim = torch.einsum("bam,nkm->bank", users.tokens, items.tokens)
-    sim = sim.masked_fill(~items.mask[None, None], float("-inf"))
-    best = sim.amax(dim=-1).nan_to_num(0.0, neginf=0.0)  # an item with no real token scores 0
-    return (best * users.mask[..., None]).sum(dim=1)
-
-
-def maxsim_pairs(users: TokenSequence, items: TokenSequence) -> torch.Tensor:
-    """User ``b`` ``[B, L_u, m]`` against its own candidates ``[B, C, L_i, m]``: ``[B, C]``."""
-    sim = torch.einsum("bam,bckm->bcak", users.tokens, items.tokens)
-    sim = sim.masked_fill(~items.mask[:, :, None], float("-inf"))
-    best = sim.amax(dim=-1).nan_to_num(0.0, neginf=0.0)
-    return (best * users.mask[:, None]).sum(dim=-1)
 
 
 @dataclass
