@@ -106,10 +106,21 @@ def test_resume_refuses_another_config_and_stops_after_early_stop(tmp_path, tiny
     with pytest.raises(CheckpointError, match="different config"):
         Trainer(model, dataset, split, parse_config(other), tmp_path).fit(resume=True)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
-    state["report"]["stopped_early"] = True
+    state["report"]["stopped_early"], state["bad_epochs"] = True, 5  # stopped by patience (5)
     save_checkpoint(tmp_path / "checkpoint.pt", state)
     report = Trainer(model, dataset, split, parse_config(tiny_config(epochs=4)), tmp_path).fit(resume=True)
     assert report.epochs_run == 2
+
+
+def test_resume_with_a_larger_time_budget_continues_a_run_stopped_by_its_budget(tmp_path, tiny_data):
+    dataset, split = tiny_data
+    model = build_model(parse_config(tiny_config()).model, dataset, "p2")
+    stopped = Trainer(model, dataset, split, parse_config(tiny_config(epochs=4, max_minutes=1e-6)), tmp_path).fit()
+    assert stopped.stopped_early and stopped.epochs_run == 1
+    same_budget = Trainer(model, dataset, split, parse_config(tiny_config(epochs=4, max_minutes=1e-6)), tmp_path)
+    assert same_budget.fit(resume=True).epochs_run == 1
+    report = Trainer(model, dataset, split, parse_config(tiny_config(epochs=4)), tmp_path).fit(resume=True)
+    assert report.resumed_from_epoch == 1 and report.epochs_run == 4
 
 
 def test_best_epoch_is_restored(tmp_path):

@@ -185,6 +185,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         report = TrainReport(**state["report"])
+        # A run stopped by its time budget goes on when resumed with a larger budget (or none),
+        # so a long CPU training can be spread over several sessions; a patience stop stands.
+        if report.stopped_early and state["bad_epochs"] < self.train_cfg.patience:
+            budget = self.train_cfg.max_minutes
+            report.stopped_early = budget is not None and report.seconds > 60 * budget
         report.resumed_from_epoch = report.epochs_run
         log.info("resumed from %s after epoch %d", path, report.epochs_run)
         return report, state["best_state"], state["bad_epochs"]
