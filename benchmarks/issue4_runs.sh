@@ -19,6 +19,7 @@ done
 .venv/bin/python benchmarks/results_table.py --served "${RUNS[@]/#/runs/issue4/}" > runs/issue4/table.md
 cat runs/issue4/table.md
 .venv/bin/python benchmarks/late_interaction_index.py runs/issue4/synthetic-colbert-p2 --data-dir "$DATA_DIR"
+# the two-tower, all-to-all and SparCode runs come from benchmarks/sparcode_runs.sh (issue 3)
 .venv/bin/python benchmarks/scoring_cost.py runs/issue4/synthetic-{colbert,mvke,inttower,cross}-p2 \
   runs/reference/synthetic-{twotower-sa,alltoall-sa,sparcode-sa}-p2 --data-dir "$DATA_DIR"
 .venv/bin/python benchmarks/synthetic_oracle.py
