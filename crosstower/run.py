@@ -99,12 +99,16 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
     if partial.exists() and not resume:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
+    kept = out_dir / "checkpoint.pt"  # a finished run stopped by its time budget, to train on
+    if resume and kept.exists() and not (partial / "checkpoint.pt").exists():
+        shutil.copy2(kept, partial / "checkpoint.pt")
     try:
         results = _train_and_evaluate(config, dataset, split, model, partial, resume)
     except CrosstowerError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    (partial / "checkpoint.pt").unlink(missing_ok=True)
+    if not results["timing"].get("out_of_time"):
+        (partial / "checkpoint.pt").unlink(missing_ok=True)
     replace_dir(partial, out_dir)
     return results
 
@@ -156,6 +160,7 @@ def _train_and_evaluate(
         timing["index_build_seconds"] = index.build_seconds
     if report is not None:
         timing.update(epochs=report.epochs_run, best_epoch=report.best_epoch, stopped_early=report.stopped_early,
+                      out_of_time=report.out_of_time,
                       resumed_from_epoch=report.resumed_from_epoch)
     results = {
         "model": config.model.name,

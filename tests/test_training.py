@@ -10,7 +10,7 @@ from crosstower.config import parse_config
 from crosstower.data.batching import TrainExamples, eval_user_input
 from crosstower.data.loaders import load_dataset
 from crosstower.data.splits import make_split
-from crosstower.errors import CheckpointError
+from crosstower.errors import CheckpointError, ConfigError
 from crosstower.evaluate.model_eval import evaluate_model
 from crosstower.models import build_model
 from crosstower.run import reevaluate, run_experiment
@@ -123,6 +123,16 @@ def test_resume_with_a_larger_time_budget_continues_a_run_stopped_by_its_budget(
     assert report.resumed_from_epoch == 1 and report.epochs_run == 4
 
 
+def test_a_finished_run_stopped_by_its_budget_keeps_its_checkpoint_to_train_on(tmp_path):
+    out = tmp_path / "run"
+    first = run_experiment(parse_config(tiny_config(epochs=3, max_minutes=1e-6)), out)
+    assert first["timing"]["out_of_time"] and first["timing"]["epochs"] == 1
+    assert (out / "checkpoint.pt").exists()
+    again = run_experiment(parse_config(tiny_config(epochs=3)), out, resume=True)
+    assert again["timing"]["resumed_from_epoch"] == 1 and again["timing"]["epochs"] == 3
+    assert not again["timing"]["out_of_time"] and not (out / "checkpoint.pt").exists()
+
+
 def test_best_epoch_is_restored(tmp_path):
     results = run_experiment(parse_config(tiny_config(epochs=4, lr=0.05)), tmp_path / "run")
     best = results["training_history"][results["timing"]["best_epoch"]]
@@ -150,6 +160,22 @@ def test_trained_model_beats_popularity(tmp_path):
     pop = run_experiment(parse_config({**tiny_config(), "model": {"name": "popularity"}}), tmp_path / "pop")
     yt = run_experiment(parse_config(tiny_config(epochs=8, lr=0.005)), tmp_path / "yt")
     assert yt["metrics"]["test"]["recall@50"] > 1.1 * pop["metrics"]["test"]["recall@50"]
+
+
+def test_bf16_training_tracks_fp32_and_evaluates_in_fp32(tmp_path):
+    """The transformer cross encoder, where bf16 pays; parameters and evaluation stay float32."""
+    def config(**train):
+        return parse_config({**tiny_config(epochs=2, history_length=10, **train),
+                             "model": {"name": "cross", "dim": 16, "layers": 1, "heads": 2}})
+
+    fp32 = run_experiment(config(), tmp_path / "fp32")
+    bf16 = run_experiment(config(precision="bf16"), tmp_path / "bf16")
+    for a, b in zip(fp32["training_history"], bf16["training_history"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.02)
+    weights = torch.load(tmp_path / "bf16" / "model.pt", weights_only=False)["model"]
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    with pytest.raises(ConfigError, match="precision"):
+        parse_config(tiny_config(precision="fp16"))
 
 
 def test_embedding_model_score_equals_encoders(tiny_data):

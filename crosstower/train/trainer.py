@@ -56,6 +56,7 @@ class TrainReport:
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    out_of_time: bool = False  # stopped by train.max_minutes (resumable with a larger budget)
     resumed_from_epoch: int | None = None
 
 
@@ -155,6 +156,7 @@ class Trainer:
             report.seconds = time.perf_counter() - started
             out_of_time = cfg.max_minutes is not None and report.seconds > 60 * cfg.max_minutes
             report.stopped_early = bad_epochs >= cfg.patience or out_of_time
+            report.out_of_time = out_of_time and bad_epochs < cfg.patience and epoch + 1 < cfg.epochs
             save_checkpoint(checkpoint_path, {
                 "model_name": self.config.model.name, "model": self.model.state_dict(),
                 "optimizer": optimizer.state_dict(), "report": dataclasses.asdict(report),
@@ -189,7 +191,7 @@ class Trainer:
         # so a long CPU training can be spread over several sessions; a patience stop stands.
         if report.stopped_early and state["bad_epochs"] < self.train_cfg.patience:
             budget = self.train_cfg.max_minutes
-            report.stopped_early = budget is not None and report.seconds > 60 * budget
+            report.stopped_early = report.out_of_time = budget is not None and report.seconds > 60 * budget
         report.resumed_from_epoch = report.epochs_run
         log.info("resumed from %s after epoch %d", path, report.epochs_run)
         return report, state["best_state"], state["bad_epochs"]
@@ -205,11 +207,13 @@ class Trainer:
         self.model.train()
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         for index in progress:
-            if self.pointwise:
-                loss, _ = self.model.pointwise_loss(self.train_rows.batch(index))
-            else:
-                loss, _ = self.model.loss(self.make_batch(index, generator))
+            with autocast:
+                if self.pointwise:
+                    loss, _ = self.model.pointwise_loss(self.train_rows.batch(index))
+                else:
+                    loss, _ = self.model.loss(self.make_batch(index, generator))
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr (now {cfg.lr})")
             optimizer.zero_grad(set_to_none=True)
