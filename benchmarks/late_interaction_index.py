@@ -24,8 +24,8 @@ from crosstower.evaluate.model_eval import evaluate_served, evaluate_split  # no
 from crosstower.run import load_trained  # noqa: E402
 
 # (tokens per user token, IVF lists probed, candidates re-scored exactly per user)
-GRID = [(8, 4, 100), (16, 8, 150), (32, 8, 300), (64, 16, 300), (32, 8, 600)]
-BEST = 3  # the grid point the compressed stores are measured at (the config defaults)
+GRID = [(16, 8, 150), (32, 8, 300), (64, 16, 300), (128, 16, 250), (128, 16, 300), (256, 32, 300)]
+BEST = 4  # the grid point the compressed stores are measured at (the config defaults)
 STORES = [("float16", 16), ("residual", 8), ("residual", 4), ("residual", 2)]
 
 

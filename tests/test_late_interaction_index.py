@@ -52,28 +52,37 @@ def test_search_equals_exhaustive_maxsim_when_every_item_is_a_candidate(spec):
     assert index.last_scored_fraction == pytest.approx(1.0)
 
 
-def slow_top_voted(owner, items, sims, num_users, length, num_items, top):
+def slow_top_voted(owner, items, gains, num_users, length, bias, top):
+    """Every item scored: summed best gain per user token (0 where not retrieved) plus the bias."""
     best = {}
-    for o, i, s in zip(owner, items, sims):
-        best[(o, i)] = max(best.get((o, i), -np.inf), s)
-    approx = {}
-    for (o, i), s in best.items():
-        approx[(o // length, i)] = approx.get((o // length, i), 0.0) + s
+    for o, i, g in zip(owner, items, gains):
+        best[(o, i)] = max(best.get((o, i), -np.inf), g)
     out = []
     for u in range(num_users):
-        ranked = sorted((-s, i) for (uu, i), s in approx.items() if uu == u)
+        approx = {i: float(bias[i]) for i in range(len(bias))}
+        for (o, i), g in best.items():
+            if o // length == u:
+                approx[i] += g
+        ranked = sorted((-s, i) for i, s in approx.items())
         out.append(sorted(i for _, i in ranked[:top]))
     return out
 
 
-def test_candidate_votes_are_maxsim_over_retrieved_tokens():
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_candidates_are_the_best_imputed_maxsim_plus_bias_over_every_item(with_bias):
+    """Retrieval gains (similarity above the token's lowest hit) summed over user tokens, plus
+    the bias; an item no token retrieved scores its bias, so popular items compete too."""
     rng = np.random.default_rng(0)
     owner = rng.integers(0, 12, 300)
     items = rng.integers(0, 20, 300)
-    sims = rng.random(300).round(3) + rng.random(300) * 1e-6  # no exact ties in the ordering
-    fast = _top_voted(owner, items, sims, num_users=4, length=3, num_items=20, top=5)
-    slow = slow_top_voted(owner, items, sims, 4, 3, 20, 5)
-    assert [f.tolist() for f in fast] == slow
+    gains = rng.random(300).round(3) + rng.random(300) * 1e-6  # no exact ties in the ordering
+    bias = (rng.random(20) * 3 if with_bias else np.zeros(20)) + rng.random(20) * 1e-6
+    top = 5
+    fast = _top_voted(owner, items, gains, 4, 3, bias, np.argsort(-bias)[:top], top)
+    assert [f.tolist() for f in fast] == slow_top_voted(owner, items, gains, 4, 3, bias, top)
+    # a user whose tokens retrieved nothing gets the items of highest bias
+    lonely = _top_voted(owner[owner < 9], items[owner < 9], gains[owner < 9], 4, 3, bias, np.argsort(-bias)[:top], top)
+    assert lonely[3].tolist() == sorted(np.argsort(-bias)[:top].tolist())
 
 
 def test_capped_candidates_score_a_fraction_and_save_load_round_trips(tmp_path):

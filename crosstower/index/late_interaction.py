@@ -4,9 +4,12 @@ A late-interaction score is not one inner product, so no single-vector MIPS inde
 index does what ColBERT v1 end-to-end retrieval does (methods.md §8.1):
 
 1. **Candidates.** Every real user token asks a faiss index over *all item token vectors* for its
-   ``tokens_per_query`` nearest item tokens (inner product on unit vectors). Each hit votes for
-   its item with its similarity; an item's approximate score sums, over the user tokens, the best
-   similarity that token found among the item's tokens (MaxSim restricted to what was retrieved).
+   ``tokens_per_query`` nearest item tokens (inner product on unit vectors). An item's
+   approximate score is MaxSim with every similarity a token did not retrieve imputed by the
+   lowest one it did retrieve (an upper bound on it, as in XTR, Lee et al. 2023), plus the item
+   bias: up to a per-user constant, the sum over user tokens of ``best hit - lowest hit`` plus the
+   bias. Items no token retrieved keep the bias alone, so the most popular items compete too (a
+   model trained with in-batch negatives and logQ carries much of the popularity in its bias).
    The ``max_candidates`` items with the best approximate score are kept.
 2. **Exact re-scoring.** The candidates' stored token vectors (float16, or ColBERTv2 residuals:
    :mod:`crosstower.index.token_store`) are scored by the model's own
@@ -56,13 +59,14 @@ class LateInteractionIndex(Index):
 
     def __init__(
         self, store: Float16Store | ResidualStore, mask: np.ndarray, bias: np.ndarray, candidate_index: faiss.Index,
-        spec: str, tokens_per_query: int = 64, max_candidates: int = 300, nprobe: int = 16,
+        spec: str, tokens_per_query: int = 128, max_candidates: int = 300, nprobe: int = 16,
     ) -> None:
         self.store, self.mask, self.bias, self.spec = store, mask, bias, spec
         self.candidate_index = candidate_index
         self.tokens_per_query, self.max_candidates, self.nprobe = tokens_per_query, max_candidates, nprobe
         # The faiss index holds the real tokens only, in (item, token) order: id -> item.
         self.token_item = np.nonzero(mask)[0].astype(np.int64)
+        self.bias_order = np.argsort(-bias, kind="stable")  # items by bias: candidates no token retrieves
         self.last_scored_fraction = 0.0
         self._scored_pairs = self._queries = 0  # over every search since construction
         self._check_layout()
@@ -114,10 +118,13 @@ class LateInteractionIndex(Index):
         if hasattr(self.candidate_index, "nprobe"):
             self.candidate_index.nprobe = self.nprobe
         sims, ids = self.candidate_index.search(flat[real], self.tokens_per_query)
+        found = ids >= 0
+        lowest = np.where(found, sims, np.inf).min(axis=1, keepdims=True)  # imputed for the rest
         owner = np.repeat(np.flatnonzero(real), self.tokens_per_query)  # user-token row of every hit
-        hit_items = np.where(ids >= 0, self.token_item[ids.clip(min=0)], -1).reshape(-1)
-        sims, keep = sims.reshape(-1), hit_items >= 0
-        return _top_voted(owner[keep], hit_items[keep], sims[keep], b, length, self.num_items, self.max_candidates)
+        hit_items = np.where(found, self.token_item[ids.clip(min=0)], -1).reshape(-1)
+        gains, keep = (sims - lowest).reshape(-1), found.reshape(-1)
+        return _top_voted(owner[keep], hit_items[keep], gains[keep], b, length, self.bias,
+                          self.bias_order[: self.max_candidates], self.max_candidates)
 
     def search(
         self, queries: TokenSequence, k: int, exclude: Ragged | None = None
@@ -174,30 +181,34 @@ class LateInteractionIndex(Index):
 
 
 def _top_voted(
-    owner: np.ndarray, items: np.ndarray, sims: np.ndarray, num_users: int, length: int, num_items: int, top: int
+    owner: np.ndarray, items: np.ndarray, gains: np.ndarray, num_users: int, length: int, bias: np.ndarray,
+    by_bias: np.ndarray, top: int,
 ) -> list[np.ndarray]:
-    """Per user, the ``top`` items by approximate MaxSim over the retrieved tokens.
+    """Per user, the ``top`` items by approximate score: summed retrieval gains plus the item bias.
 
-    ``owner`` is the user-token row (``user * length + token``) of each hit. Per (user token, item)
-    only the best hit counts (the max of MaxSim); per (user, item) those maxima are summed.
+    ``owner`` is the user-token row (``user * length + token``) of each hit and ``gains`` its
+    similarity above the token's lowest hit. Per (user token, item) only the best hit counts (the
+    max of MaxSim); per (user, item) those maxima are summed. Items no token retrieved score their
+    bias alone, so the ``by_bias`` items (the highest biases, best first) are candidates as well.
     """
-    if len(owner) == 0:
-        return [np.zeros(0, np.int64) for _ in range(num_users)]
+    num_items = len(bias)
     keys = owner * num_items + items
-    order = np.lexsort((-sims, keys))  # by key, best similarity first within a key
-    keys, sims = keys[order], sims[order]
+    order = np.lexsort((-gains, keys))  # by key, best gain first within a key
+    keys, gains = keys[order], gains[order]
     first = np.concatenate([[True], keys[1:] != keys[:-1]])
-    keys, sims = keys[first], sims[first]  # max over a user token's hits on one item
+    keys, gains = keys[first], gains[first]  # max over a user token's hits on one item
     user_item = (keys // num_items) // length * num_items + keys % num_items
     pairs, inverse = np.unique(user_item, return_inverse=True)
-    approx = np.bincount(inverse, weights=sims, minlength=len(pairs))
     users, candidate = pairs // num_items, pairs % num_items
+    approx = np.bincount(inverse, weights=gains, minlength=len(pairs)) + bias[candidate]
     out = []
     bounds = np.searchsorted(users, np.arange(num_users + 1))
     for u in range(num_users):
         lo, hi = bounds[u], bounds[u + 1]
-        chosen = lo + np.argsort(-approx[lo:hi], kind="stable")[:top]
-        out.append(np.sort(candidate[chosen]))
+        unretrieved = by_bias[~np.isin(by_bias, candidate[lo:hi])]
+        pool = np.concatenate([candidate[lo:hi], unretrieved])
+        scores = np.concatenate([approx[lo:hi], bias[unretrieved]])
+        out.append(np.sort(pool[np.argsort(-scores, kind="stable")[:top]]))
     return out
 
 

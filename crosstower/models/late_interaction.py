@@ -92,7 +92,7 @@ class LateInteraction(Recommender):
         return TokenSequence(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
 
     @torch.no_grad()
-    def build_index(self, spec: str = "IVF{auto},Flat", tokens_per_query: int = 64, max_candidates: int = 300,
+    def build_index(self, spec: str = "IVF{auto},Flat", tokens_per_query: int = 128, max_candidates: int = 300,
                     nprobe: int = 16, store: str = "float16", nbits: int = 4):
         """The late-interaction index of the catalogue (stored tokens, faiss candidates)."""
         from crosstower.index import LateInteractionIndex
