@@ -250,6 +250,11 @@ def load_trained(run_dir: Path, data_dir: Path | None = None) -> tuple[RunConfig
 
 
 def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
-    """Recompute the metrics of a finished run from its saved config, split and model."""
+    """Recompute the metrics of a finished run from its saved config, split and model; a model
+    with its own index is served again from an index rebuilt by the current code."""
     config, _, dataset, split, model = load_trained(run_dir, data_dir)
-    return {part: evaluate_part(model, dataset, split, part, config)[0] for part in ("val", "test")}
+    metrics = {part: evaluate_part(model, dataset, split, part, config)[0] for part in ("val", "test")}
+    index = _build_index(model, dataset, split, config) if split.protocol != "p4" else None
+    if index is not None:
+        metrics["test_served"] = evaluate_served(model, index, split.test, dataset.num_items, config)[0]
+    return metrics

@@ -237,7 +237,7 @@ def test_late_interaction_run_serves_from_its_index(tmp_path):
     MaxSim on float16 tokens, so the served metrics match the exhaustive ones up to the order of
     near-ties (exact equality on rounded tokens is tested in test_late_interaction_index.py); a
     capped index scores fewer items."""
-    from crosstower.run import run_experiment
+    from crosstower.run import reevaluate, run_experiment
     from tests.test_training import TINY
 
     def run(index: dict, name: str) -> dict:
@@ -256,3 +256,5 @@ def test_late_interaction_run_serves_from_its_index(tmp_path):
     capped = run({"candidate_index": "IVF4,Flat", "tokens_per_query": 4, "max_candidates": 15, "nprobe": 1}, "capped")
     assert capped["index"]["scored_fraction"] <= 15 / capped["data"]["items"]
     assert (tmp_path / "capped" / "index" / "index.json").exists()
+    # re-evaluating a finished run serves it again from a rebuilt index: the same numbers
+    assert reevaluate(tmp_path / "capped")["test_served"] == capped["metrics"]["test_served"]
