@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Produce the issue-4 numbers in docs/results.md (interaction-rich scorers and pre-ranking): one
 # `crosstower run` per config, one at a time on one thread each (the cross encoder alone takes
-# about an hour for 2 synthetic epochs), then the tables, the late-interaction index
+# about two hours for its 7 synthetic epochs), then the tables, the late-interaction index
 # sweep and the scoring costs.
 #   bash benchmarks/issue4_runs.sh [DATA_DIR]
 set -euo pipefail
