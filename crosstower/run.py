@@ -146,9 +146,8 @@ def _train_and_evaluate(
             model, dataset, split, part, config, progress=True
         )
     index_summary = _index_summary(model)
-    # A model with its own index is also evaluated as served; a P4 (pre-ranking) run scores
-    # given pairs only.
-    index = _build_index(model, dataset, split, config) if split.protocol != "p4" else None
+    # A model with its own index is also evaluated as served.
+    index = _build_index(model, dataset, split, config)
     if index is not None:
         index.save(workdir / "index")
         metrics["test_served"], timing["test_served_eval_seconds"] = evaluate_served(
@@ -182,7 +181,10 @@ def _train_and_evaluate(
 
 
 def _build_index(model: Recommender, dataset: Dataset, split: Split, config: RunConfig):
-    """The index that serves ``model``, or None for models served by exhaustive or exact scoring."""
+    """The index that serves ``model``, or None for models served by exhaustive or exact scoring
+    and for P4 (pre-ranking) runs, which score given pairs only."""
+    if split.protocol == "p4":
+        return None
     if isinstance(model, SparCode) and model.quantizer is not None:
         return _build_sparcode_index(model, dataset, split, config)
     if isinstance(model, LateInteraction):
@@ -254,7 +256,7 @@ def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
     with its own index is served again from an index rebuilt by the current code."""
     config, _, dataset, split, model = load_trained(run_dir, data_dir)
     metrics = {part: evaluate_part(model, dataset, split, part, config)[0] for part in ("val", "test")}
-    index = _build_index(model, dataset, split, config) if split.protocol != "p4" else None
+    index = _build_index(model, dataset, split, config)
     if index is not None:
         metrics["test_served"] = evaluate_served(model, index, split.test, dataset.num_items, config)[0]
     return metrics
