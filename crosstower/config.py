@@ -79,6 +79,10 @@ class TrainConfig(Strict):
     # with AMX/AVX512-BF16); validation and test scoring always run in float32, so rankings are
     # exact and comparable across precisions.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Where training steps and validation run: "cpu", or "cuda" / "cuda:N" where a GPU exists.
+    # Batches are built on the CPU either way; test scoring runs here too, the index is built
+    # and the model saved on the CPU, so a run trained on a GPU serves and loads anywhere.
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
 
 
 class EvaluateConfig(Strict):

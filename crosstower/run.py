@@ -145,6 +145,7 @@ def _train_and_evaluate(
         metrics[part], timing[f"{part}_eval_seconds"] = evaluate_part(
             model, dataset, split, part, config, progress=True
         )
+    model.cpu()  # trained on train.device; indexed, served and saved on the CPU
     index_summary = _index_summary(model)
     # A model with its own index is also evaluated as served.
     index = _build_index(model, dataset, split, config)

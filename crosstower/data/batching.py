@@ -13,6 +13,7 @@ time stamp, whatever part (train, validation, test) the row is in.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,10 @@ class UserInput:
     def __len__(self) -> int:
         return len(self.users)
 
+    def to(self, device: torch.device | str) -> "UserInput":
+        """The same input on ``device`` (a no-op on the device it is on)."""
+        return UserInput(*(_to(t, device) for t in (self.users, self.history, self.example_age)))
+
 
 @dataclass
 class TrainBatch:
@@ -57,6 +62,12 @@ class TrainBatch:
     positive_log_q: torch.Tensor | None  # float [B], subtracted from positive logits
     negative_log_q: torch.Tensor | None  # float [B, K]
     in_batch_mask: torch.Tensor | None = None  # bool [B, B]; None: no in-batch negatives
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        """The same batch on ``device``: batches are built on the CPU and trained on ``train.device``."""
+        return TrainBatch(self.user.to(device), *(
+            _to(getattr(self, f.name), device) for f in dataclasses.fields(self) if f.name != "user"
+        ))
 
     def candidate_logits(
         self, positive_logits: torch.Tensor, sampled_logits: torch.Tensor, in_batch_logits: torch.Tensor | None
@@ -81,6 +92,13 @@ class PointwiseBatch:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def to(self, device: torch.device | str) -> "PointwiseBatch":
+        return PointwiseBatch(self.user.to(device), self.items.to(device), self.labels.to(device))
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
 
 
 class TrainExamples:

@@ -87,13 +87,16 @@ def evaluate_served(
 
 
 def _scorer(model: Recommender, block: EvalUsers, history_length: int) -> Scorer:
+    device = model.device
     if isinstance(model, EmbeddingRecommender):
         # Encode every evaluated user once (not once per item chunk), in fixed blocks.
         user_vectors = torch.cat([
-            model.encode_users(eval_user_input(block, np.arange(lo, min(lo + ENCODE_BLOCK, len(block))), history_length))
+            model.encode_users(
+                eval_user_input(block, np.arange(lo, min(lo + ENCODE_BLOCK, len(block))), history_length).to(device)
+            )
             for lo in range(0, len(block), ENCODE_BLOCK)
         ])
         item_vectors = model.item_vectors()
-        return lambda rows, lo, hi: user_vectors[torch.from_numpy(rows)] @ item_vectors[lo:hi].T
+        return lambda rows, lo, hi: user_vectors[torch.from_numpy(rows).to(device)] @ item_vectors[lo:hi].T
     item_scorer = model.item_scorer()
-    return lambda rows, lo, hi: item_scorer(eval_user_input(block, rows, history_length), lo, hi)
+    return lambda rows, lo, hi: item_scorer(eval_user_input(block, rows, history_length).to(device), lo, hi)

@@ -36,8 +36,10 @@ def row_logits(model: Recommender, rows: PointwiseRows) -> np.ndarray:
     """``score_pairs`` of every row, float64 ``[len(rows)]`` (the model is put in eval mode)."""
     was_training = model.training
     model.eval()
+    device = model.device
     parts = [
-        model.score_pairs(rows.user_input(index), torch.from_numpy(rows.items[index])).double().numpy()
+        model.score_pairs(rows.user_input(index).to(device), torch.from_numpy(rows.items[index]).to(device))
+        .double().cpu().numpy()
         for index in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // ROW_BLOCK)))
     ]
     model.train(was_training)

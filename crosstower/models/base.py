@@ -9,6 +9,7 @@ whose score is one inner product (:class:`EmbeddingRecommender`) also offers ``e
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
@@ -53,6 +54,13 @@ class Recommender(nn.Module):
     warmup_epochs: int = 0
     """Epochs at the start of training that are never selected as the best (see SparCode)."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live (``train.device``); inputs are moved there."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
     def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:
         """Called by the trainer before epoch ``epoch`` (also after a resume); a no-op here."""
 
@@ -62,7 +70,7 @@ class Recommender(nn.Module):
 
     def item_scorer(self) -> ItemRangeScorer:
         """A function ``(user, start, stop) -> [B, stop - start]`` for full-ranking evaluation."""
-        return lambda user, start, stop: self.score(user, torch.arange(start, stop))
+        return lambda user, start, stop: self.score(user, torch.arange(start, stop, device=self.device))
 
 
 class EmbeddingRecommender(Recommender):
@@ -83,7 +91,7 @@ class EmbeddingRecommender(Recommender):
     @torch.no_grad()
     def item_vectors(self, chunk: int = 65536) -> torch.Tensor:
         """The whole catalogue's item vectors ``[num_items, D]``, encoded in chunks."""
-        return torch.cat([self.encode_items(c) for c in torch.arange(self.num_items).split(chunk)])
+        return torch.cat([self.encode_items(c) for c in torch.arange(self.num_items, device=self.device).split(chunk)])
 
     def item_scorer(self) -> ItemRangeScorer:
         """Encodes the catalogue once, then scores by one matrix product per call."""

@@ -158,7 +158,7 @@ def info_nce(z_users: torch.Tensor, z_items: torch.Tensor, items: torch.Tensor, 
     same = items[:, None] == items[None, :]
     same.fill_diagonal_(False)
     logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(items)))
+    return F.cross_entropy(logits, torch.arange(len(items), device=logits.device))
 
 
 # ------------------------------------------------------------------------------------ model
@@ -237,7 +237,7 @@ class IntTower(Recommender):
     @torch.no_grad()
     def catalogue_heads(self, chunk: int = 8192) -> torch.Tensor:
         """The whole catalogue's item heads ``[num_items, H_i, d_h]`` (what a pre-ranker stores)."""
-        return torch.cat([self.encode_item_heads(c) for c in torch.arange(self.num_items).split(chunk)])
+        return torch.cat([self.encode_item_heads(c) for c in torch.arange(self.num_items, device=self.device).split(chunk)])
 
     def _candidate_heads(self, items: torch.Tensor) -> torch.Tensor:
         """Item heads of ``items`` (any shape S) -> ``[*S, H_i, d_h]``, each distinct item

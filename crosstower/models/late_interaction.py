@@ -88,7 +88,7 @@ class LateInteraction(Recommender):
     @torch.no_grad()
     def catalogue_tokens(self, chunk: int = 8192) -> TokenSequence:
         """The whole catalogue's item token vectors, encoded in chunks (what an index stores)."""
-        parts = [self.encode_item_tokens(c) for c in torch.arange(self.num_items).split(chunk)]
+        parts = [self.encode_item_tokens(c) for c in torch.arange(self.num_items, device=self.device).split(chunk)]
         return TokenSequence(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]))
 
     @torch.no_grad()
@@ -98,7 +98,7 @@ class LateInteraction(Recommender):
         from crosstower.index import LateInteractionIndex
 
         self.eval()
-        bias = self.item_bias(torch.arange(self.num_items))
+        bias = self.item_bias(torch.arange(self.num_items, device=self.device))
         return LateInteractionIndex.build(self.catalogue_tokens(), bias, spec, store=store, nbits=nbits,
                                           tokens_per_query=tokens_per_query, max_candidates=max_candidates,
                                           nprobe=nprobe)
@@ -107,7 +107,7 @@ class LateInteraction(Recommender):
     def item_bias(self, items: torch.Tensor) -> torch.Tensor:
         """The per-item term added to MaxSim (zeros without ``item_bias``), shaped like ``items``."""
         if self.bias is None:
-            return torch.zeros(items.shape)
+            return torch.zeros(items.shape, device=items.device)
         return self.bias(items).squeeze(-1)
 
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class LateInteraction(Recommender):
         """Encodes the catalogue's tokens once; each call runs MaxSim against a range of it."""
         catalogue = self.catalogue_tokens()
         with torch.no_grad():
-            bias = self.item_bias(torch.arange(self.num_items))
+            bias = self.item_bias(torch.arange(self.num_items, device=self.device))
 
         def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
             items = TokenSequence(catalogue.tokens[start:stop], catalogue.mask[start:stop])

@@ -203,7 +203,7 @@ class SparCode(Recommender):
         sample = torch.randperm(len(examples))[: self.settings.kmeans_examples].numpy()
         blocks = np.array_split(sample, -(-len(sample) // 1024))
         self.eval()
-        tokens = torch.cat([self.tokenizer(examples.user_input(block)) for block in blocks]).flatten(0, 1)
+        tokens = torch.cat([self.tokenizer(examples.user_input(block).to(self.device)) for block in blocks]).flatten(0, 1)
         self.quantizer.init_kmeans(tokens, seed=epoch)
         self.quantizing.fill_(True)
         log.info("epoch %d: codebooks set by k-means on %d tokens; quantisation on", epoch, len(tokens))
@@ -213,7 +213,7 @@ class SparCode(Recommender):
         """Quantised user tokens ``[B, K_u, D]`` and their codes ``[B, K_u, M]`` (None unquantised)."""
         tokens = self.tokenizer(user)
         if not bool(self.quantizing):
-            self.last_vq_loss = torch.zeros(())
+            self.last_vq_loss = tokens.new_zeros(())
             return tokens, None
         out = self.quantizer(tokens)
         self.last_vq_loss = out.loss
@@ -258,7 +258,7 @@ class SparCode(Recommender):
             for lo in range(0, len(users), 1024)
         ]
         distinct = torch.unique(torch.cat(blocks).reshape(-1, self.settings.num_codebooks), dim=0)
-        item_tokens = self.item_tokenizer(torch.arange(self.num_items))
+        item_tokens = self.item_tokenizer(torch.arange(self.num_items, device=self.device))
         return SparseCodeIndex.build(
             lambda c: self.score_codes(c, item_tokens), distinct, self.quantizer.lookup(distinct),
             self.num_items, self.settings.codebook_size, keep=keep, code_chunk=code_chunk, workers=workers,
@@ -280,7 +280,7 @@ class SparCode(Recommender):
     def item_scorer(self):
         """Tokenises the catalogue once; each call scores a range of it."""
         with torch.no_grad():
-            item_tokens = self.item_tokenizer(torch.arange(self.num_items))
+            item_tokens = self.item_tokenizer(torch.arange(self.num_items, device=self.device))
 
         def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
             tokens, _ = self.user_tokens(user)

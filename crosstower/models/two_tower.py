@@ -75,7 +75,7 @@ class TwoTower(EmbeddingRecommender):
         if self.settings.use_history:
             parts.append(self._history_vector(user))
         if self.settings.use_example_age:
-            age = user.example_age if user.example_age is not None else torch.zeros(len(user))
+            age = user.example_age if user.example_age is not None else torch.zeros(len(user), device=user.users.device)
             parts.append(age.unsqueeze(-1))
         vector = self._similarity_space(self.user_tower(torch.cat(parts, dim=-1))) * self.log_scale.exp()
         if self.bias is not None:

@@ -44,7 +44,7 @@ def user_field_tokens(
     tokens = [user_fields(user.users)] if user_fields is not None else []
     if use_history:
         if user.history.shape[1] == 0:
-            tokens.append(torch.zeros(len(user), 1, dim))
+            tokens.append(torch.zeros(len(user), 1, dim, device=user.users.device))
         else:
             tokens.append(masked_mean(embed_history(item_fields, user.history), user.history_mask).unsqueeze(1))
     return torch.cat(tokens, dim=1)
@@ -89,11 +89,11 @@ class SATokenizer(nn.Module):
     def forward(self, user: UserInput) -> torch.Tensor:
         """``[B, K_u, dim]`` user tokens: the encoder's outputs at the query positions."""
         b, length = user.history.shape
-        tokens, masks, summary = [], [torch.ones(b, self.num_tokens, dtype=torch.bool)], []
+        tokens, masks, summary = [], [torch.ones(b, self.num_tokens, dtype=torch.bool, device=user.users.device)], []
         if self.user_fields is not None:
             fields = self.user_fields(user.users)
             tokens.append(fields + self.field_positions)
-            masks.append(torch.ones(b, self.user_fields.num_fields, dtype=torch.bool))
+            masks.append(torch.ones(b, self.user_fields.num_fields, dtype=torch.bool, device=user.users.device))
             summary.append(fields.flatten(1))
         if length:
             history = embed_history(self.item_fields, user.history)

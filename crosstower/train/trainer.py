@@ -39,7 +39,7 @@ from crosstower.data.sampling import (
     uniform_sampler,
 )
 from crosstower.data.splits import Split
-from crosstower.errors import CheckpointError, TrainingError
+from crosstower.errors import CheckpointError, ConfigError, TrainingError
 from crosstower.evaluate.model_eval import evaluate_split
 from crosstower.evaluate.pre_ranking import evaluate_rows, higher_is_better, part_rows
 from crosstower.models.base import Recommender
@@ -58,6 +58,24 @@ class TrainReport:
     stopped_early: bool = False
     out_of_time: bool = False  # stopped by train.max_minutes (resumable with a larger budget)
     resumed_from_epoch: int | None = None
+
+
+def training_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; a GPU that is not there is a config error, not a crash."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' asked for, but torch sees no CUDA device; use 'cpu'")
+    return device
+
+
+# Train settings a resumed run may change: the epoch and time budgets, and the device and thread
+# count (a run started on the CPU can go on on a GPU; the loss it optimises is the same).
+RESUMABLE_CHANGES = ("epochs", "max_minutes", "device", "threads")
+
+
+def _without_budgets(config: dict) -> dict:
+    train = {k: v for k, v in config.get("train", {}).items() if k not in RESUMABLE_CHANGES}
+    return {**config, "train": train}
 
 
 def set_seed(seed: int) -> None:
@@ -126,6 +144,7 @@ class Trainer:
         cfg = self.train_cfg
         torch.set_num_threads(cfg.threads)
         set_seed(cfg.seed)
+        self.model.to(training_device(cfg.device))
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         metric = self.eval_cfg.early_stopping_metric
         higher = higher_is_better(metric)
@@ -173,14 +192,12 @@ class Trainer:
         return evaluate_split(self.model, self.split.val, self.dataset.num_items, self.config)[0]
 
     def _resumable_config(self) -> dict:
-        """The config a resumed run must share: everything but the epoch and time budgets."""
-        config = self.config.model_dump(mode="json")
-        config["train"] = {k: v for k, v in config["train"].items() if k not in ("epochs", "max_minutes")}
-        return config
+        """The config a resumed run must share: everything but the budgets and where it runs."""
+        return _without_budgets(self.config.model_dump(mode="json"))
 
     def _resume(self, path: Path, optimizer: torch.optim.Optimizer) -> tuple[TrainReport, dict, int]:
         state = load_checkpoint(path, self.config.model.name)
-        if state.get("config") != self._resumable_config():
+        if _without_budgets(state.get("config") or {}) != self._resumable_config():
             raise CheckpointError(f"{path}: written under a different config; rerun without --resume")
         if state.get("data") != self.data_fingerprint:
             raise CheckpointError(f"{path}: written for different data; rerun without --resume")
@@ -207,13 +224,13 @@ class Trainer:
         self.model.train()
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        device = self.model.device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         for index in progress:
+            batch = self.train_rows.batch(index) if self.pointwise else self.make_batch(index, generator)
+            batch = batch.to(device)
             with autocast:
-                if self.pointwise:
-                    loss, _ = self.model.pointwise_loss(self.train_rows.batch(index))
-                else:
-                    loss, _ = self.model.loss(self.make_batch(index, generator))
+                loss, _ = self.model.pointwise_loss(batch) if self.pointwise else self.model.loss(batch)
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr (now {cfg.lr})")
             optimizer.zero_grad(set_to_none=True)
