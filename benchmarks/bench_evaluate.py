@@ -10,7 +10,6 @@ writes them to benchmarks/out/evaluate.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import torch
 from crosstower.data.ragged import Ragged
 from crosstower.evaluate import evaluate_ranking
 from crosstower.evaluate.ranking import DEFAULT_ITEM_CHUNK, DEFAULT_USER_BATCH
+from crosstower.files import write_json
 
 NUM_USERS, NUM_ITEMS, DIM = 1_000, 100_000, 64
 NUM_TARGETS, NUM_EXCLUDED = 10, 20
@@ -96,8 +96,7 @@ def main() -> None:
         "runs": runs, "metrics": reference,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -80,6 +79,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crosstower.files import write_json
 from crosstower.index import CodeQueries, ExactInnerProductIndex, SparseCodeIndex, encode_code_ids
 from crosstower.nn.fields import MLP
 from crosstower.nn.quantizer import ProductQuantizer
@@ -652,8 +652,7 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
         result = run_size(n, s, log)
         report["results"].append(result)
         log(table(result, s))
-        out.parent.mkdir(parents=True, exist_ok=True)  # written after every size: a long run keeps its parts
-        out.write_text(json.dumps(report, indent=2))
+        write_json(out, report)  # written after every size: a long run keeps its parts
     log(f"wrote {out}")
     return report
 

@@ -14,13 +14,13 @@ The issue's bar reads off the table: served Recall@50 >= 95% of exhaustive while
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosstower.evaluate.model_eval import evaluate_served, evaluate_split  # noqa: E402
+from crosstower.files import write_json  # noqa: E402
 from crosstower.run import load_trained  # noqa: E402
 
 # (tokens per user token, IVF lists probed, candidates re-scored exactly per user)
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/late_interaction_index.json"))
     args = parser.parse_args(argv)
     rows = [row for run in args.runs for row in sweep(run, args.data_dir, args.spec, STORES)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, rows)
     print("| run | setting | Recall@50 | share of exhaustive | NDCG@50 | items scored | token bytes / item | index MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

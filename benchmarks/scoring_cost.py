@@ -20,7 +20,6 @@ item, and the exhaustive-evaluation throughput its run measured.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosstower.data.batching import eval_user_input  # noqa: E402
+from crosstower.files import write_json  # noqa: E402
 from crosstower.models.base import EmbeddingRecommender  # noqa: E402
 from crosstower.run import load_trained  # noqa: E402
 
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/scoring_cost.json"))
     args = parser.parse_args(argv)
     rows = [measure(run, args.data_dir) for run in args.runs]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, rows)
     print("| run | MACs / pair | bytes / item | exhaustive pairs / s | test Recall@50 |")
     print("|---|---|---|---|---|")
     for r in rows:

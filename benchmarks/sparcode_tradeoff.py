@@ -16,13 +16,13 @@ beside them: they are what an index that kept everything would reach.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from crosstower.evaluate.model_eval import evaluate_served
+from crosstower.files import write_json
 from crosstower.index import SparseCodeIndex
 from crosstower.run import load_trained
 
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < f <= 1 for f in args.fractions):
         parser.error("--fractions must lie in (0, 1]")
     results = [tradeoff(run, args.fractions, args.data_dir) for run in args.runs]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     if args.plot:
         plot(results, args.plot)
     return 0

@@ -18,7 +18,6 @@ left to learn (mostly the 12,800-entry taste table, from about 130k training int
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from crosstower.data import synthetic  # noqa: E402
 from crosstower.data.splits import make_split  # noqa: E402
 from crosstower.evaluate.ranking import evaluate_ranking  # noqa: E402
+from crosstower.files import write_json  # noqa: E402
 
 
 def interest_probabilities(weights: np.ndarray, segment: np.ndarray, taste: np.ndarray, bucket_share: np.ndarray,
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = {k: round(v, 4) for k, v in metrics.items()}
         print(f"{name}: Recall@50 {metrics['recall@50']:.4f}  NDCG@50 {metrics['ndcg@50']:.4f}  "
               f"Precision@50 {metrics['precision@50']:.4f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":
