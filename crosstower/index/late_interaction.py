@@ -42,10 +42,13 @@ def _faiss_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
     """A trained and filled faiss index over ``vectors`` (inner-product metric)."""
     # {auto}: 4 sqrt(n) inverted lists, the usual faiss guidance, but no more than n / 39 so
     # that k-means has the 39 training points per centroid faiss asks for.
-    spec = spec.replace("{auto}", str(max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))))
+    lists = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))
+    spec = spec.replace("{auto}", str(lists))
     index = faiss.index_factory(vectors.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        sample = np.random.default_rng(seed).permutation(len(vectors))[: 256 * 1024]
+        # 256k training points, or 64 a list where there are more lists (millions of tokens)
+        size = max(256 * 1024, 64 * lists)
+        sample = np.random.default_rng(seed).permutation(len(vectors))[:size]
         index.train(vectors[sample])
     index.add(vectors)
     return index
