@@ -2,14 +2,17 @@
 # The GPU runs of docs/results.md ("Runs on a GPU" in the issue-3 and issue-4 sections): each is
 # `crosstower run CONFIG --set train.device=cuda` with the overrides named in its table row.
 #
-#   bash benchmarks/gpu_runs.sh [DATA_DIR]        (default ../shared/data; needs a CUDA device)
+#   [CT=crosstower] bash benchmarks/gpu_runs.sh [DATA_DIR]    (default ../shared/data)
+#
+# It needs a CUDA device and crosstower installed over a CUDA build of torch (`make install`
+# puts the CPU wheel in .venv; CT names another installation's command).
 #
 # The recorded runs ran side by side on one H200 (10-14 at a time, one CPU thread each), so a
 # 5-minute budget (`train.max_minutes`) bought 9-16 epochs; run alone, a run gets further within
 # the same budget. Rows that patience stopped do not depend on that speed.
 set -euo pipefail
 DATA_DIR=${1:-../shared/data}
-CT=".venv/bin/crosstower"
+CT=${CT:-.venv/bin/crosstower}
 OUT=runs/gpu
 S="--set train.epochs=100 --set train.patience=5 --set train.max_minutes=5"
 IB="--set train.negatives.in_batch=true --set train.negatives.logq=true"

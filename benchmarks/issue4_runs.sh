@@ -3,7 +3,7 @@
 # `crosstower run` per config, one at a time on one thread each, then the tables, the
 # late-interaction index sweep and the scoring costs. The cross encoders dominate: about 5.5 hours
 # for the 17 synthetic epochs on one CPU thread, minutes on a GPU (DEVICE=cuda trains every run
-# there; indexes, serving and saved models stay on the CPU).
+# there, given a CUDA build of torch in .venv; indexes, serving and saved models stay on the CPU).
 #   [DEVICE=cuda] bash benchmarks/issue4_runs.sh [DATA_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
