@@ -73,7 +73,7 @@ def training_device(name: str) -> torch.device:
 RESUMABLE_CHANGES = ("epochs", "max_minutes", "device", "threads")
 
 
-def _without_budgets(config: dict) -> dict:
+def _comparable_on_resume(config: dict) -> dict:
     train = {k: v for k, v in config.get("train", {}).items() if k not in RESUMABLE_CHANGES}
     return {**config, "train": train}
 
@@ -173,7 +173,7 @@ class Trainer:
                 else:
                     bad_epochs += 1
             report.seconds = time.perf_counter() - started
-            out_of_time = cfg.max_minutes is not None and report.seconds > 60 * cfg.max_minutes
+            out_of_time = self._over_budget(report.seconds)
             report.stopped_early = bad_epochs >= cfg.patience or out_of_time
             report.out_of_time = out_of_time and bad_epochs < cfg.patience and epoch + 1 < cfg.epochs
             save_checkpoint(checkpoint_path, {
@@ -191,13 +191,18 @@ class Trainer:
             return evaluate_rows(self.model, self.val_rows)[0]
         return evaluate_split(self.model, self.split.val, self.dataset.num_items, self.config)[0]
 
+    def _over_budget(self, seconds: float) -> bool:
+        """Whether ``seconds`` of training (earlier sittings included) exceed ``train.max_minutes``."""
+        budget = self.train_cfg.max_minutes
+        return budget is not None and seconds > 60 * budget
+
     def _resumable_config(self) -> dict:
         """The config a resumed run must share: everything but the budgets and where it runs."""
-        return _without_budgets(self.config.model_dump(mode="json"))
+        return _comparable_on_resume(self.config.model_dump(mode="json"))
 
     def _resume(self, path: Path, optimizer: torch.optim.Optimizer) -> tuple[TrainReport, dict, int]:
         state = load_checkpoint(path, self.config.model.name)
-        if _without_budgets(state.get("config") or {}) != self._resumable_config():
+        if _comparable_on_resume(state.get("config") or {}) != self._resumable_config():
             raise CheckpointError(f"{path}: written under a different config; rerun without --resume")
         if state.get("data") != self.data_fingerprint:
             raise CheckpointError(f"{path}: written for different data; rerun without --resume")
@@ -207,8 +212,7 @@ class Trainer:
         # A run stopped by its time budget goes on when resumed with a larger budget (or none),
         # so a long CPU training can be spread over several sessions; a patience stop stands.
         if report.stopped_early and state["bad_epochs"] < self.train_cfg.patience:
-            budget = self.train_cfg.max_minutes
-            report.stopped_early = report.out_of_time = budget is not None and report.seconds > 60 * budget
+            report.stopped_early = report.out_of_time = self._over_budget(report.seconds)
         report.resumed_from_epoch = report.epochs_run
         log.info("resumed from %s after epoch %d", path, report.epochs_run)
         return report, state["best_state"], state["bad_epochs"]
