@@ -162,6 +162,10 @@ class SparCodeConfig(_TokenizerFields):
     name: Literal["sparcode", "alltoall"]
     interaction: Literal["mlp", "sa"] = "mlp"
     user_tokens: int = Field(4, ge=1)
+    # "summary": K_u tokens that each summarise the user (the tokenizer's heads or query
+    # tokens); "history": one token per item of the last K_u history items, read in the user's
+    # context (users with a shorter history have fewer tokens).
+    user_tokens_from: Literal["summary", "history"] = "summary"
     item_tokens: int = Field(4, ge=1)
     interaction_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     # MLP encoder only: add a factorised bilinear term (A token) * (B item) to its first layer.
@@ -361,6 +365,11 @@ class RunConfig(Strict):
         # Under p4 the labels give the negatives: the sampled ones are not used.
         if self.model.name != "popularity" and not pointwise and not has_negatives:
             raise ValueError("train.negatives: no negatives (set num > 0 with a sampler, or in_batch: true)")
+        if getattr(self.model, "user_tokens_from", "summary") == "history" and self.model.user_tokens > self.train.history_length:
+            raise ValueError(
+                f"model.user_tokens: {self.model.user_tokens} history tokens need train.history_length >= "
+                f"{self.model.user_tokens}, got {self.train.history_length}"
+            )
         warmup = getattr(self.model, "vq_warmup_epochs", 0)
         if self.model.name == "sparcode" and warmup >= self.train.epochs:
             raise ValueError(f"model.vq_warmup_epochs: {warmup} leaves no quantised epoch in train.epochs {self.train.epochs}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from crosstower.config import parse_config
-from crosstower.data.batching import eval_user_input
+from crosstower.data.batching import UserInput, eval_user_input
 from crosstower.data.splits import make_split
 from crosstower.losses import sampled_softmax
 from crosstower.models.sparcode import SparCode, SparCodeSettings
@@ -15,15 +15,20 @@ from tests.helpers import random_dataset
 torch.set_num_threads(1)
 
 
-def reference_score(model: SparCode, tokens: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
-    """One pair at a time: sum_k ReLU(MLP([token_k; flattened item tokens]) + b), the MLP's first
-    layer plus (A token_k) * (B item) when the encoder has the multiplicative term."""
+def reference_score(
+    model: SparCode, tokens: torch.Tensor, item_tokens: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One pair at a time: sum over the real tokens k of ReLU(MLP([token_k; flattened item
+    tokens]) + b), the MLP's first layer plus (A token_k) * (B item) when the encoder has the
+    multiplicative term."""
     enc = model.interaction
     weight = torch.cat([enc.token_in.weight, enc.item_in.weight], dim=1)
     scores = torch.zeros(tokens.shape[0], item_tokens.shape[0])
     for u in range(tokens.shape[0]):
         for i in range(item_tokens.shape[0]):
             for k in range(tokens.shape[1]):
+                if mask is not None and not mask[u, k]:
+                    continue
                 x = torch.cat([tokens[u, k], item_tokens[i].flatten()])
                 hidden = x @ weight.T + enc.token_in.bias
                 if enc.token_gate is not None:
@@ -33,21 +38,43 @@ def reference_score(model: SparCode, tokens: torch.Tensor, item_tokens: torch.Te
     return scores
 
 
-@pytest.mark.parametrize("tokenizer,products", [("dnn", False), ("sa", False), ("dnn", True)])
-def test_batched_score_equals_per_pair_reference(tokenizer, products):
+def varied_histories(split) -> UserInput:
+    """The test users, each repeated with its history cut to 10, 6, 3 and 1 items (padding on the
+    left, as batches hold it), so that one-token-per-history-item tokenizers have absent tokens."""
+    full = eval_user_input(split.test, np.arange(len(split.test)), 10)
+    users, histories = [], []
+    for keep in (10, 6, 3, 1):
+        history = full.history.clone()
+        history[:, : 10 - keep] = -1
+        users.append(full.users)
+        histories.append(history)
+    return UserInput(torch.cat(users), torch.cat(histories))
+
+
+@pytest.mark.parametrize(
+    "tokenizer,products,source",
+    [("dnn", False, "summary"), ("sa", False, "summary"), ("dnn", True, "summary"), ("dnn", False, "history"),
+     ("sa", True, "history")],
+)
+def test_batched_score_equals_per_pair_reference(tokenizer, products, source):
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(0)
-    settings = SparCodeSettings(tokenizer=tokenizer, dim=8, user_tokens=3, item_tokens=2, tokenizer_hidden=[16],
-                                item_hidden=[16], interaction_hidden=[16, 8], quantize=False, sparsity_bias=-0.05,
-                                max_history=10, sa_layers=1, interaction_products=products)
+    # 8 history tokens out of a history of 10: some users have fewer items, so some tokens are absent
+    settings = SparCodeSettings(tokenizer=tokenizer, dim=8, user_tokens=8 if source == "history" else 3, item_tokens=2,
+                                tokenizer_hidden=[16], item_hidden=[16], interaction_hidden=[16, 8], quantize=False,
+                                sparsity_bias=-0.05, max_history=10, sa_layers=1, interaction_products=products,
+                                user_tokens_from=source)
     model = SparCode(ds, settings).eval()
-    user = eval_user_input(split.test, np.arange(len(split.test)), 10)
+    user = varied_histories(split)
     items = torch.arange(ds.num_items)
     with torch.no_grad():
         batched = model.score(user, items)
-        reference = reference_score(model, model.user_tokens(user)[0], model.item_tokenizer(items))
+        tokens, _, mask = model.user_tokens(user)
+        reference = reference_score(model, tokens, model.item_tokenizer(items), mask)
         ranged = model.item_scorer()(user, 3, 11)
+    if source == "history":
+        assert mask is not None and not mask.all() and mask.any(1).all()
     assert torch.allclose(batched, reference, atol=1e-5)
     assert torch.allclose(ranged, batched[:, 3:11], atol=1e-6)
     assert (batched >= 0).all()
@@ -91,23 +118,52 @@ def test_alltoall_trains_end_to_end_from_a_config(tmp_path):
     assert results["model"] == "alltoall" and results["metrics"]["test"]["recall@50"] > 0
 
 
-def test_quantised_sparcode_scores_are_sums_of_code_scores():
-    """What the index relies on: a user's score is the sum of its codes' scores."""
+@pytest.mark.parametrize("source", ["summary", "history"])
+def test_quantised_sparcode_scores_are_sums_of_code_scores(source):
+    """What the index relies on: a user's score is the sum of its (real) codes' scores."""
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(0)
-    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=3, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
-                                          interaction_hidden=[16], num_codebooks=2, codebook_size=4))
-    user = eval_user_input(split.test, np.arange(len(split.test)), 10)
+    k_u = 8 if source == "history" else 3
+    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=k_u, item_tokens=2, tokenizer_hidden=[16],
+                                          item_hidden=[16], interaction_hidden=[16], num_codebooks=2, codebook_size=4,
+                                          user_tokens_from=source, max_history=10))
+    user = varied_histories(split)
     model.train()
     model.user_tokens(user)  # data-dependent codebook initialisation and one EMA step
     model.eval()
     with torch.no_grad():
         items = torch.arange(ds.num_items)
-        _, codes = model.user_tokens(user)
-        per_code = model.score_codes(codes.reshape(-1, 2), model.item_tokenizer(items))
-        summed = per_code.view(len(user), 3, -1).sum(1)
+        _, codes, mask = model.user_tokens(user)
+        real = torch.ones(codes.shape[:2], dtype=torch.bool) if mask is None else mask
+        assert (codes[~real] == -1).all() and (codes[real] >= 0).all()
+        per_code = model.score_codes(codes.reshape(-1, 2).clamp_min(0), model.item_tokenizer(items))
+        summed = (per_code.view(len(user), k_u, -1) * real.unsqueeze(-1)).sum(1)
         assert torch.allclose(model.score(user, items), summed, atol=1e-5)
+
+
+def test_history_token_index_serves_the_exhaustive_scores():
+    """One token per history item, some absent: the index built from the users' own codes
+    answers with the model's exhaustive scores (float16 storage) and the same top items."""
+    ds = random_dataset(num_users=20, num_items=15, rows=300)
+    split = make_split(ds, "p2")
+    torch.manual_seed(1)
+    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=8, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
+                                          interaction_hidden=[16], num_codebooks=2, codebook_size=4, tokenizer="sa",
+                                          sa_layers=1, user_tokens_from="history", max_history=10))
+    user = varied_histories(split)
+    model.train()
+    model.user_tokens(user)
+    model.eval()
+    index = model.build_index(user)
+    with torch.no_grad():
+        exhaustive = model.score(user, torch.arange(ds.num_items))
+        queries = model.code_queries(user)
+    assert (queries.codes == -1).all(-1).any()  # the case under test: absent tokens
+    served = index.dense_scores(queries.codes, queries.vectors)
+    assert torch.allclose(served, exhaustive, rtol=2e-3, atol=2e-3)
+    scores, _ = index.search(queries, 5)
+    assert torch.allclose(scores, exhaustive.topk(5).values, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("tokenizer", ["dnn", "sa"])

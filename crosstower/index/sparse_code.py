@@ -58,7 +58,9 @@ class CodeQueries(NamedTuple):
     """What a SparCode user looks like to the index: its K_u code tuples and token vectors.
 
     ``vectors`` (the quantised or pre-quantisation token vectors) is only read for codes that were
-    not indexed; it may be ``None`` when every code of the query is known to be indexed.
+    not indexed; it may be ``None`` when every code of the query is known to be indexed. A code
+    tuple of -1 entries is a token the user does not have (a history slot without an item, for a
+    tokenizer with one token per history item): it reads no posting list.
     """
 
     codes: torch.Tensor  # int64 [B, K_u, M]
@@ -79,7 +81,13 @@ def encode_code_ids(codes: np.ndarray | torch.Tensor, codebook_size: int) -> np.
     return ids
 
 
-def _check_codes(codes: np.ndarray | torch.Tensor, codebook_size: int, what: str) -> np.ndarray:
+ABSENT_ROW = -1
+"""The index row of an absent token (a query code tuple of -1 entries): an empty posting list."""
+
+
+def _check_codes(
+    codes: np.ndarray | torch.Tensor, codebook_size: int, what: str, absent: bool = False
+) -> np.ndarray:
     """Codes as int64 with every entry in ``[0, N)`` and ``N^M`` representable in int64."""
     if isinstance(codes, torch.Tensor):
         codes = codes.detach().cpu().numpy()
@@ -91,8 +99,11 @@ def _check_codes(codes: np.ndarray | torch.Tensor, codebook_size: int, what: str
         raise ValueError(f"{what} must end in a code-tuple axis of length M >= 1, got shape {codes.shape}")
     if codebook_size < 1 or codebook_size ** codes.shape[-1] >= 2**63:
         raise ValueError(f"codebook_size={codebook_size} with M={codes.shape[-1]} does not fit int64 ids")
-    if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
-        raise ValueError(f"{what} hold entries outside [0, {codebook_size}): min {codes.min()}, max {codes.max()}")
+    present = codes
+    if absent and codes.size:  # absent tokens are whole tuples of -1; a partial -1 is an error
+        present = codes[~(codes == -1).all(-1)]
+    if present.size and (present.min() < 0 or present.max() >= codebook_size):
+        raise ValueError(f"{what} hold entries outside [0, {codebook_size}): min {present.min()}, max {present.max()}")
     return codes
 
 
@@ -384,13 +395,16 @@ class SparseCodeIndex(Index):
 
     def lookup(self, codes: torch.Tensor | np.ndarray, vectors: torch.Tensor | None = None) -> np.ndarray:
         """Index rows ``[B, K_u]`` of the query codes; unindexed codes map to the nearest indexed
-        code by squared Euclidean distance between the token's vector and the code vectors."""
-        codes_np = _check_codes(codes, self.codebook_size, "query codes")
+        code by squared Euclidean distance between the token's vector and the code vectors, and
+        absent tokens (codes of -1) to :data:`ABSENT_ROW`."""
+        codes_np = _check_codes(codes, self.codebook_size, "query codes", absent=True)
         if codes_np.ndim != 3 or codes_np.shape[2] != self.num_codebooks:
             raise ValueError(f"query codes must be [B, K_u, {self.num_codebooks}], got {codes_np.shape}")
+        absent = (codes_np == -1).all(-1).reshape(-1)
         ids = encode_code_ids(codes_np, self.codebook_size).reshape(-1)
         rows = np.searchsorted(self._code_ids, ids).clip(max=self.num_codes - 1)
-        unseen = np.flatnonzero(self._code_ids[rows] != ids)
+        rows[absent] = ABSENT_ROW
+        unseen = np.flatnonzero(~absent & (self._code_ids[rows] != ids))
         if len(unseen):
             if vectors is None:
                 raise ValueError(f"{len(unseen)} query codes were not indexed and no vectors were given")
@@ -426,8 +440,10 @@ class SparseCodeIndex(Index):
         gathered with one vectorised CSR slice: no loop over users or codes."""
         b, k_u = rows.shape
         flat = rows.reshape(-1)
-        starts = self._indptr[flat]
-        lengths = self._indptr[flat + 1] - starts
+        present = flat != ABSENT_ROW
+        safe = np.where(present, flat, 0)
+        starts = self._indptr[safe]
+        lengths = np.where(present, self._indptr[safe + 1] - starts, 0)
         ends = np.cumsum(lengths)
         pos = np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
         user = np.repeat(np.arange(len(flat), dtype=np.int64) // max(k_u, 1), lengths)

@@ -51,6 +51,7 @@ class SparCodeSettings:
     tokenizer: str = "dnn"  # "dnn" or "sa"
     dim: int = 64
     user_tokens: int = 4
+    user_tokens_from: str = "summary"  # "summary" or "history" (one token per recent history item)
     item_tokens: int = 4
     user_fields: list[str] | None = None
     item_fields: list[str] | None = None
@@ -118,10 +119,13 @@ def build_tokenizers(
     item_fields = FieldEmbedder(dataset.items.select(s.item_fields), s.dim)
     user_table = dataset.users.select(s.user_fields)
     user_fields = FieldEmbedder(user_table, s.dim) if user_table.fields else None
+    from_history = s.user_tokens_from == "history"
     if s.tokenizer == "dnn":
-        tokenizer = DNNTokenizer(user_fields, item_fields, s.dim, user_tokens, s.tokenizer_hidden, s.dropout)
+        tokenizer = DNNTokenizer(user_fields, item_fields, s.dim, user_tokens, s.tokenizer_hidden, s.dropout, from_history)
     else:
-        tokenizer = SATokenizer(user_fields, item_fields, s.dim, user_tokens, s.max_history, s.sa_layers, s.sa_heads, s.dropout)
+        tokenizer = SATokenizer(
+            user_fields, item_fields, s.dim, user_tokens, s.max_history, s.sa_layers, s.sa_heads, s.dropout, from_history
+        )
     return tokenizer, ItemTokenizer(item_fields, s.dim, item_tokens, s.item_hidden, s.dropout)
 
 
@@ -203,21 +207,41 @@ class SparCode(Recommender):
         sample = torch.randperm(len(examples))[: self.settings.kmeans_examples].numpy()
         blocks = np.array_split(sample, -(-len(sample) // 1024))
         self.eval()
-        tokens = torch.cat([self.tokenizer(examples.user_input(block).to(self.device)) for block in blocks]).flatten(0, 1)
+        tokens = torch.cat([self._real_tokens(*self.tokenizer.tokenize(examples.user_input(block).to(self.device)))
+                            for block in blocks])
         self.quantizer.init_kmeans(tokens, seed=epoch)
         self.quantizing.fill_(True)
         log.info("epoch %d: codebooks set by k-means on %d tokens; quantisation on", epoch, len(tokens))
 
     # ---- the pieces the index needs -------------------------------------------------------
-    def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Quantised user tokens ``[B, K_u, D]`` and their codes ``[B, K_u, M]`` (None unquantised)."""
-        tokens = self.tokenizer(user)
+    @staticmethod
+    def _real_tokens(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The real tokens of ``tokens [B, K_u, D]`` as rows ``[R, D]``."""
+        return tokens.flatten(0, 1) if mask is None else tokens[mask]
+
+    def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Quantised user tokens ``[B, K_u, D]``, their codes ``[B, K_u, M]`` (None unquantised)
+        and which tokens are real ``[B, K_u]`` (None: all). A token that is not real (a history
+        slot without an item) is neither quantised nor scored: its vector is 0, its code -1."""
+        tokens, mask = self.tokenizer.tokenize(user)
         if not bool(self.quantizing):
             self.last_vq_loss = tokens.new_zeros(())
-            return tokens, None
-        out = self.quantizer(tokens)
+            return tokens, None, mask
+        if mask is None:
+            out = self.quantizer(tokens)
+            self.last_vq_loss = out.loss
+            return out.quantized, out.codes, None
+        out = self.quantizer(tokens[mask])  # the codebooks learn from real tokens only
         self.last_vq_loss = out.loss
-        return out.quantized, out.codes
+        quantized = tokens.new_zeros(tokens.shape).masked_scatter(mask.unsqueeze(-1), out.quantized)
+        codes = out.codes.new_full((*mask.shape, out.codes.shape[-1]), -1)
+        codes[mask] = out.codes
+        return quantized, codes, mask
+
+    def user_scores(self, user: UserInput, item_tokens: torch.Tensor) -> torch.Tensor:
+        """``y(u, i)``: the sum over the user's real tokens of their sparsified scores."""
+        tokens, _, mask = self.user_tokens(user)
+        return _sum_real(self.sliced_token_scores(tokens, item_tokens), mask)
 
     def token_scores(self, tokens: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
         """Sparsified per-token scores ``ReLU(E(token, item) + b)``: ``[..., T, N]``."""
@@ -253,11 +277,11 @@ class SparCode(Recommender):
         if not bool(self.quantizing):
             raise ValueError("an unquantised (all-to-all or still warming up) model has no codes to index")
         self.eval()
-        blocks = [
-            self.user_tokens(UserInput(users.users[lo : lo + 1024], users.history[lo : lo + 1024]))[1]
-            for lo in range(0, len(users), 1024)
-        ]
-        distinct = torch.unique(torch.cat(blocks).reshape(-1, self.settings.num_codebooks), dim=0)
+        blocks = []
+        for lo in range(0, len(users), 1024):
+            _, codes, mask = self.user_tokens(UserInput(users.users[lo : lo + 1024], users.history[lo : lo + 1024]))
+            blocks.append(self._real_tokens(codes, mask))
+        distinct = torch.unique(torch.cat(blocks), dim=0)
         item_tokens = self.item_tokenizer(torch.arange(self.num_items, device=self.device))
         return SparseCodeIndex.build(
             lambda c: self.score_codes(c, item_tokens), distinct, self.quantizer.lookup(distinct),
@@ -266,16 +290,16 @@ class SparCode(Recommender):
 
     @torch.no_grad()
     def code_queries(self, user: UserInput):
-        """The index query of a user batch: its token codes and quantised token vectors."""
+        """The index query of a user batch: its token codes (-1 for a token that is not real) and
+        quantised token vectors."""
         from crosstower.index import CodeQueries
 
-        vectors, codes = self.user_tokens(user)
+        vectors, codes, _ = self.user_tokens(user)
         return CodeQueries(codes, vectors)
 
     # ---- the model contract ---------------------------------------------------------------
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
-        tokens, _ = self.user_tokens(user)
-        return self.sliced_token_scores(tokens, self.item_tokenizer(items)).sum(-2)
+        return self.user_scores(user, self.item_tokenizer(items))
 
     def item_scorer(self):
         """Tokenises the catalogue once; each call scores a range of it."""
@@ -283,24 +307,23 @@ class SparCode(Recommender):
             item_tokens = self.item_tokenizer(torch.arange(self.num_items, device=self.device))
 
         def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
-            tokens, _ = self.user_tokens(user)
-            return self.sliced_token_scores(tokens, item_tokens[start:stop]).sum(-2)
+            return self.user_scores(user, item_tokens[start:stop])
 
         return scorer
 
     def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Sampled softmax over the positive and its negatives, plus the quantiser's loss."""
-        tokens, _ = self.user_tokens(batch.user)  # [B, K_u, D]
+        tokens, _, real = self.user_tokens(batch.user)  # [B, K_u, D], which are real [B, K_u]
         candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)  # [B, 1 + K]
         unique, inverse = torch.unique(candidates, return_inverse=True)
         flat = self.item_tokenizer(unique).flatten(1)
         item_tokens = F.embedding(inverse, flat).view(*candidates.shape, self.settings.item_tokens, -1)
         token_scores = self.token_scores(tokens, item_tokens)  # [B, K_u, 1 + K]
-        logits = token_scores.sum(-2)
+        logits = _sum_real(token_scores, real)
         in_batch_logits = None
         if batch.in_batch_mask is not None:
             # every user against every row's positive: [B, K_u, D] x [B, K_i, D] -> [B, B]
-            in_batch_logits = self.token_scores(tokens, item_tokens[:, 0]).sum(-2)
+            in_batch_logits = _sum_real(self.token_scores(tokens, item_tokens[:, 0]), real)
         negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch_logits)
         softmax = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
         # L1 on the sampled negatives' (code, item) scores: pushes them to exact zeros, which is
@@ -310,7 +333,14 @@ class SparCode(Recommender):
         # ReLU passes no gradient and training cannot recover.
         sparsity = token_scores.new_zeros(())
         if bool(self.quantizing) and batch.negatives.shape[1]:
-            sparsity = token_scores[..., 1:].mean()
+            sparsity = self._real_tokens(token_scores[..., 1:], real).mean()
         total = softmax + self.settings.vq_weight * self.last_vq_loss + self.settings.sparsity_weight * sparsity
         return total, {"softmax": float(softmax.detach()), "vq": float(self.last_vq_loss.detach()),
                        "sparsity": float(sparsity.detach())}
+
+
+def _sum_real(token_scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-token scores ``[B, K_u, N]`` summed over the real tokens (``mask [B, K_u]``)."""
+    if mask is None:
+        return token_scores.sum(-2)
+    return (token_scores * mask.unsqueeze(-1).to(token_scores.dtype)).sum(-2)

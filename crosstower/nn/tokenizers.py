@@ -11,6 +11,16 @@ encoder reads. Two user tokenizers follow the paper's variants:
   token is a learned vector plus a linear map of the DNN tokenizer's input (the field tokens and
   the mean history token): measured on the synthetic default, learned queries alone left the
   tokenizer at popularity level (val Recall@50 0.18 after 800 steps, 0.27 with the summary).
+
+Both take ``from_history``: instead of ``K_u`` tokens that summarise the whole user, emit one
+token per recent history item (the last ``K_u`` of them), each read in the context of the user:
+the DNN tokenizer maps [user fields; mean history; that item] through its MLP, the SA tokenizer
+returns its encoder's output at that item's position. Why: a user's interests are several
+distinct groups of items; with one token per history item the interaction encoder can score an
+item against each of them separately, as a cross encoder's item attends to each history item,
+while each token still carries only (user context, one item) and so quantises into few codes.
+Users with a shorter history have fewer tokens: :meth:`tokenize` returns the mask of the real
+ones, and a user without history has none (every score 0).
 """
 
 from __future__ import annotations
@@ -34,6 +44,20 @@ def embed_history(items: FieldEmbedder, history: torch.Tensor) -> torch.Tensor:
     return F.embedding(inverse, items(unique).sum(-2))
 
 
+def recent_history_mask(user: UserInput, num_tokens: int) -> torch.Tensor:
+    """``[B, num_tokens]``: whether each of the last ``num_tokens`` history slots holds an item
+    (histories are right-aligned, so padding is on the left)."""
+    mask = user.history_mask[:, -num_tokens:]
+    return F.pad(mask, (num_tokens - mask.shape[1], 0), value=False)
+
+
+def recent_history_slots(tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The last ``num_tokens`` positions of ``tokens [B, L, d]``, left-padded with zeros when ``L``
+    is shorter (aligned with :func:`recent_history_mask`)."""
+    tail = tokens[:, -num_tokens:] if tokens.shape[1] else tokens
+    return F.pad(tail, (0, 0, num_tokens - tail.shape[1], 0))
+
+
 def user_field_tokens(
     user_fields: FieldEmbedder | None, item_fields: FieldEmbedder, user: UserInput, use_history: bool, dim: int
 ) -> torch.Tensor:
@@ -53,30 +77,45 @@ def user_field_tokens(
 class DNNTokenizer(nn.Module):
     def __init__(
         self, user_fields: FieldEmbedder | None, item_fields: FieldEmbedder, dim: int,
-        num_tokens: int, hidden: list[int], dropout: float = 0.0,
+        num_tokens: int, hidden: list[int], dropout: float = 0.0, from_history: bool = False,
     ):
         super().__init__()
         self.user_fields, self.item_fields, self.num_tokens, self.dim = user_fields, item_fields, num_tokens, dim
+        self.from_history = from_history
         in_dim = (user_fields.num_fields * dim if user_fields is not None else 0) + dim
-        # The last layer is the K_u heads: one linear map to K_u * dim, viewed as K_u tokens.
-        self.mlp = MLP([in_dim, *hidden, num_tokens * dim], dropout)
+        # The last layer is the K_u heads: one linear map to K_u * dim, viewed as K_u tokens;
+        # from the history, one token per item, from [user; the item].
+        self.mlp = MLP([in_dim + dim, *hidden, dim] if from_history else [in_dim, *hidden, num_tokens * dim], dropout)
 
     def forward(self, user: UserInput) -> torch.Tensor:
         """``[B, K_u, dim]`` user tokens."""
-        parts = [masked_mean(embed_history(self.item_fields, user.history), user.history_mask)]
+        return self.tokenize(user)[0]
+
+    def tokenize(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """User tokens ``[B, K_u, dim]`` and, from the history, which of them are real ``[B, K_u]``."""
+        history = embed_history(self.item_fields, user.history)
+        parts = [masked_mean(history, user.history_mask)]
         if self.user_fields is not None:
             parts.insert(0, self.user_fields(user.users).flatten(1))
-        return self.mlp(torch.cat(parts, dim=-1)).view(len(user), self.num_tokens, self.dim)
+        summary = torch.cat(parts, dim=-1)
+        if not self.from_history:
+            return self.mlp(summary).view(len(user), self.num_tokens, self.dim), None
+        items = recent_history_slots(history, self.num_tokens)
+        context = summary.unsqueeze(1).expand(-1, self.num_tokens, -1)
+        return self.mlp(torch.cat([context, items], dim=-1)), recent_history_mask(user, self.num_tokens)
 
 
 class SATokenizer(nn.Module):
     def __init__(
         self, user_fields: FieldEmbedder | None, item_fields: FieldEmbedder, dim: int, num_tokens: int,
-        max_history: int, layers: int = 2, heads: int = 2, dropout: float = 0.0,
+        max_history: int, layers: int = 2, heads: int = 2, dropout: float = 0.0, from_history: bool = False,
     ):
         super().__init__()
         self.user_fields, self.item_fields, self.num_tokens = user_fields, item_fields, num_tokens
-        self.queries = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
+        self.from_history = from_history
+        # From the history, one summary query stays in the sequence: it is the position every
+        # user has, so attention never sees a row of padding only.
+        self.queries = nn.Parameter(torch.randn(1 if from_history else num_tokens, dim) * 0.02)
         num_fields = user_fields.num_fields if user_fields is not None else 0
         self.field_positions = nn.Parameter(torch.randn(max(num_fields, 1), dim) * 0.02)
         self.history_positions = nn.Parameter(torch.randn(max(max_history, 1), dim) * 0.02)
@@ -87,9 +126,15 @@ class SATokenizer(nn.Module):
         self.summary = nn.Linear(num_fields * dim + dim, dim)
 
     def forward(self, user: UserInput) -> torch.Tensor:
-        """``[B, K_u, dim]`` user tokens: the encoder's outputs at the query positions."""
+        """``[B, K_u, dim]`` user tokens."""
+        return self.tokenize(user)[0]
+
+    def tokenize(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """User tokens ``[B, K_u, dim]``: the encoder's outputs at the query positions, or (from
+        the history) at the last ``K_u`` history positions with the mask of the real ones."""
         b, length = user.history.shape
-        tokens, masks, summary = [], [torch.ones(b, self.num_tokens, dtype=torch.bool, device=user.users.device)], []
+        num_queries = self.queries.shape[0]
+        tokens, masks, summary = [], [torch.ones(b, num_queries, dtype=torch.bool, device=user.users.device)], []
         if self.user_fields is not None:
             fields = self.user_fields(user.users)
             tokens.append(fields + self.field_positions)
@@ -104,7 +149,10 @@ class SATokenizer(nn.Module):
             summary.append(self.queries.new_zeros(b, self.queries.shape[1]))
         queries = self.queries + self.summary(torch.cat(summary, dim=1)).unsqueeze(1)
         hidden = self.encoder(torch.cat([queries, *tokens], dim=1), torch.cat(masks, dim=1))
-        return hidden[:, : self.num_tokens]
+        if not self.from_history:
+            return hidden[:, : self.num_tokens], None
+        history_part = hidden[:, hidden.shape[1] - length :]
+        return recent_history_slots(history_part, self.num_tokens), recent_history_mask(user, self.num_tokens)
 
 
 class ItemTokenizer(nn.Module):
