@@ -303,3 +303,35 @@ def test_sparsity_weight_leaves_fewer_nonzero_code_item_scores(tmp_path):
         return run_experiment(config, tmp_path / f"run-{weight}")["index"]["kept_fraction"]
 
     assert kept(2.0) < 0.5 * kept(0.0)
+
+
+def test_history_tokens_need_that_much_history():
+    from crosstower.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.history_length"):
+        parse_config({"model": {"name": "sparcode", "user_tokens": 30, "user_tokens_from": "history"},
+                      "train": {"history_length": 20}})
+    parse_config({"model": {"name": "sparcode", "user_tokens": 30}, "train": {"history_length": 20}})
+
+
+def test_dnn_history_token_is_the_mlp_of_the_user_summary_and_its_item():
+    """Slot k of the last K_u history slots holds MLP([mean history; item k]); a slot the user's
+    history does not reach is absent."""
+    from crosstower.nn.fields import FieldEmbedder
+    from crosstower.nn.tokenizers import DNNTokenizer
+
+    ds = random_dataset(num_users=20, num_items=15, rows=300)
+    torch.manual_seed(0)
+    tokenizer = DNNTokenizer(None, FieldEmbedder(ds.items, 8), 8, 4, [16], from_history=True)
+    history = torch.tensor([[-1, -1, 3, 4, 5], [1, 2, 3, 4, 9]])
+    with torch.no_grad():
+        tokens, mask = tokenizer.tokenize(UserInput(torch.tensor([0, 1]), history))
+        assert mask.tolist() == [[False, True, True, True], [True, True, True, True]]
+        embed = tokenizer.item_fields(torch.arange(ds.num_items)).sum(-2)
+        for u, row in enumerate(history.tolist()):
+            items = [i for i in row if i >= 0]
+            summary = embed[items].mean(0)
+            for slot, item in enumerate(row[-4:]):
+                if item >= 0:
+                    expected = tokenizer.mlp(torch.cat([summary, embed[item]]))
+                    assert torch.allclose(tokens[u, slot], expected, atol=1e-5)
