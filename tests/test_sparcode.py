@@ -335,3 +335,22 @@ def test_dnn_history_token_is_the_mlp_of_the_user_summary_and_its_item():
                 if item >= 0:
                     expected = tokenizer.mlp(torch.cat([summary, embed[item]]))
                     assert torch.allclose(tokens[u, slot], expected, atol=1e-5)
+
+
+def test_time_budget_ending_in_the_warm_up_still_trains_one_quantised_epoch(tmp_path):
+    """A budget that runs out during the unquantised warm-up would leave nothing to select,
+    evaluate or index: the run goes on to the first quantised epoch and then stops."""
+    from crosstower.run import run_experiment
+    from tests.test_training import TINY
+
+    config = parse_config({
+        "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
+        "model": {"name": "sparcode", "dim": 8, "user_tokens": 2, "item_tokens": 2, "tokenizer_hidden": [16],
+                  "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 16, "vq_warmup_epochs": 2,
+                  "kmeans_examples": 1000},
+        "train": {"epochs": 5, "threads": 1, "batch_size": 256, "history_length": 10, "max_minutes": 1e-6,
+                  "negatives": {"num": 10}},
+    })
+    results = run_experiment(config, tmp_path / "run")
+    assert results["timing"]["epochs"] == 3 and results["timing"]["best_epoch"] == 2
+    assert results["timing"]["out_of_time"] and "test_served" in results["metrics"]

@@ -174,6 +174,11 @@ class Trainer:
                     bad_epochs += 1
             report.seconds = time.perf_counter() - started
             out_of_time = self._over_budget(report.seconds)
+            if out_of_time and epoch < self.model.warmup_epochs:
+                # Stopping now would leave no selectable epoch (nothing to restore, evaluate or index).
+                log.warning("train.max_minutes reached in warm-up epoch %d: training on to the first epoch after "
+                            "the warm-up (%d)", epoch, self.model.warmup_epochs)
+                out_of_time = False
             report.stopped_early = bad_epochs >= cfg.patience or out_of_time
             report.out_of_time = out_of_time and bad_epochs < cfg.patience and epoch + 1 < cfg.epochs
             save_checkpoint(checkpoint_path, {
