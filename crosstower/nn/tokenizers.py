@@ -20,7 +20,10 @@ distinct groups of items; with one token per history item the interaction encode
 item against each of them separately, as a cross encoder's item attends to each history item,
 while each token still carries only (user context, one item) and so quantises into few codes.
 Users with a shorter history have fewer tokens: :meth:`tokenize` returns the mask of the real
-ones, and a user without history has none (every score 0).
+ones, and a user without history has none (every score 0). Measured on the synthetic default
+(docs/results.md): history tokens help the DNN tokenizer (all-to-all test Recall@50 0.4155, 1.15x
+its two-tower model) but not the SA tokenizer, whose outputs at history positions learned worse
+than its query tokens.
 """
 
 from __future__ import annotations
