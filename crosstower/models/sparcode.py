@@ -207,18 +207,13 @@ class SparCode(Recommender):
         sample = torch.randperm(len(examples))[: self.settings.kmeans_examples].numpy()
         blocks = np.array_split(sample, -(-len(sample) // 1024))
         self.eval()
-        tokens = torch.cat([self._real_tokens(*self.tokenizer.tokenize(examples.user_input(block).to(self.device)))
+        tokens = torch.cat([_real_tokens(*self.tokenizer.tokenize(examples.user_input(block).to(self.device)))
                             for block in blocks])
         self.quantizer.init_kmeans(tokens, seed=epoch)
         self.quantizing.fill_(True)
         log.info("epoch %d: codebooks set by k-means on %d tokens; quantisation on", epoch, len(tokens))
 
     # ---- the pieces the index needs -------------------------------------------------------
-    @staticmethod
-    def _real_tokens(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The real tokens of ``tokens [B, K_u, D]`` as rows ``[R, D]``."""
-        return tokens.flatten(0, 1) if mask is None else tokens[mask]
-
     def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Quantised user tokens ``[B, K_u, D]``, their codes ``[B, K_u, M]`` (None unquantised)
         and which tokens are real ``[B, K_u]`` (None: all). A token that is not real (a history
@@ -227,15 +222,12 @@ class SparCode(Recommender):
         if not bool(self.quantizing):
             self.last_vq_loss = tokens.new_zeros(())
             return tokens, None, mask
-        if mask is None:
-            out = self.quantizer(tokens)
-            self.last_vq_loss = out.loss
-            return out.quantized, out.codes, None
-        out = self.quantizer(tokens[mask])  # the codebooks learn from real tokens only
+        real = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
+        out = self.quantizer(tokens[real])  # the codebooks learn from real tokens only
         self.last_vq_loss = out.loss
-        quantized = tokens.new_zeros(tokens.shape).masked_scatter(mask.unsqueeze(-1), out.quantized)
-        codes = out.codes.new_full((*mask.shape, out.codes.shape[-1]), -1)
-        codes[mask] = out.codes
+        quantized = tokens.new_zeros(tokens.shape).masked_scatter(real.unsqueeze(-1), out.quantized)
+        codes = out.codes.new_full((*real.shape, out.codes.shape[-1]), -1)
+        codes[real] = out.codes
         return quantized, codes, mask
 
     def user_scores(self, user: UserInput, item_tokens: torch.Tensor) -> torch.Tensor:
@@ -280,7 +272,7 @@ class SparCode(Recommender):
         blocks = []
         for lo in range(0, len(users), 1024):
             _, codes, mask = self.user_tokens(UserInput(users.users[lo : lo + 1024], users.history[lo : lo + 1024]))
-            blocks.append(self._real_tokens(codes, mask))
+            blocks.append(_real_tokens(codes, mask))
         distinct = torch.unique(torch.cat(blocks), dim=0)
         item_tokens = self.item_tokenizer(torch.arange(self.num_items, device=self.device))
         return SparseCodeIndex.build(
@@ -333,10 +325,15 @@ class SparCode(Recommender):
         # ReLU passes no gradient and training cannot recover.
         sparsity = token_scores.new_zeros(())
         if bool(self.quantizing) and batch.negatives.shape[1]:
-            sparsity = self._real_tokens(token_scores[..., 1:], real).mean()
+            sparsity = _real_tokens(token_scores[..., 1:], real).mean()
         total = softmax + self.settings.vq_weight * self.last_vq_loss + self.settings.sparsity_weight * sparsity
         return total, {"softmax": float(softmax.detach()), "vq": float(self.last_vq_loss.detach()),
                        "sparsity": float(sparsity.detach())}
+
+
+def _real_tokens(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The real tokens of ``tokens [B, K_u, ...]`` as rows ``[R, ...]``."""
+    return tokens.flatten(0, 1) if mask is None else tokens[mask]
 
 
 def _sum_real(token_scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
