@@ -68,8 +68,14 @@ def kept_row(scores: np.ndarray, keep) -> np.ndarray:
     return out
 
 
-def reference_search(model, indexed, keep, codes, vectors, exclude, k):
-    """Full kept code x item matrix, summed over each user's token rows, then a stable sort."""
+def random_prior(num_items: int, seed: int) -> np.ndarray:
+    """An item prior in quarters (exact in float32 sums, many ties), of either sign."""
+    return (np.random.default_rng(seed).integers(-8, 9, num_items) / 4).astype(np.float32)
+
+
+def reference_search(model, indexed, keep, codes, vectors, exclude, k, prior=None):
+    """Full kept code x item matrix, summed over each user's token rows (plus the item prior),
+    then a stable sort."""
     indexed = indexed.numpy()
     table = np.stack([kept_row(model(torch.from_numpy(c[None]))[0].numpy(), keep) for c in indexed])
     table = table.astype(np.float16).astype(np.float32)
@@ -77,6 +83,8 @@ def reference_search(model, indexed, keep, codes, vectors, exclude, k):
     idx_vectors = model.vectors(torch.from_numpy(indexed)).numpy()
     dense = np.zeros((codes.shape[0], table.shape[1]), dtype=np.float32)
     for u in range(codes.shape[0]):
+        if prior is not None:
+            dense[u] += prior
         for t in range(codes.shape[1]):
             row = known.get(tuple(codes[u, t].tolist()))
             if row is None:  # nearest indexed code vector
@@ -124,17 +132,19 @@ def test_exact_index_equals_topk_items_and_round_trips(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("keep", ["nonzero", 3, 0.5])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_served_search_equals_exhaustive_scoring_of_kept_entries(keep, seed: int) -> None:
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_served_search_equals_exhaustive_scoring_of_kept_entries(keep, seed: int, with_prior: bool) -> None:
     n, m, dim, num_items, k_u = 4, 2, 5, 30, 3
     model = BilinearScorer(n, m, dim, num_items, seed)
     codes = all_codes(n, m)
     rng = np.random.default_rng(seed)
+    prior = random_prior(num_items, seed) if with_prior else None
     indexed = codes[np.sort(rng.choice(len(codes), 10, replace=False))]  # "codes seen in training"
-    index = build(model, indexed[torch.from_numpy(rng.permutation(10))], keep)  # order must not matter
+    index = build(model, indexed[torch.from_numpy(rng.permutation(10))], keep, item_prior=prior)  # any order
     queries = torch.from_numpy(rng.integers(0, n, (8, k_u, m)))  # some of them never indexed
     vectors = model.vectors(queries.reshape(-1, m)).reshape(8, k_u, dim) + 0.01
     exclude = random_exclusions(8, num_items, seed)
-    ref_scores, ref_items, ref_dense = reference_search(model, indexed, keep, queries, vectors, exclude, 12)
+    ref_scores, ref_items, ref_dense = reference_search(model, indexed, keep, queries, vectors, exclude, 12, prior)
     for sparse in (None, True, False):  # ranking over posting-list items only, or densely
         scores, items = index.search(CodeQueries(queries, vectors), 12, exclude, user_batch=3, sparse=sparse)
         assert torch.equal(items, ref_items)
@@ -142,7 +152,7 @@ def test_served_search_equals_exhaustive_scoring_of_kept_entries(keep, seed: int
     dense = index.dense_scores(queries, vectors)
     finite = torch.isfinite(ref_dense)
     assert torch.equal(dense[finite], ref_dense[finite])
-    assert (dense >= 0).all()  # never-posted items score 0, not -inf
+    assert (dense >= (torch.from_numpy(prior) if with_prior else 0)).all()  # never-posted: the prior or 0, not -inf
 
 
 def test_top_l_keeps_the_largest_positive_scores_per_code() -> None:
@@ -188,15 +198,18 @@ def test_pruning_a_nonzero_index_equals_building_with_the_sparser_rule(keep) -> 
     """Scores are exact in float16 here (quarters), so pruning and building agree entry for entry."""
     model = BilinearScorer(3, 2, 4, 25, seed=5)
     codes = all_codes(3, 2)
-    pruned, built = build(model, codes, "nonzero").pruned(keep), build(model, codes, keep)
+    prior = random_prior(25, seed=5)  # carried over unchanged
+    pruned = build(model, codes, "nonzero", item_prior=prior).pruned(keep)
+    built = build(model, codes, keep, item_prior=prior)
     for name, array in built.arrays().items():
         np.testing.assert_array_equal(pruned.arrays()[name], array, err_msg=name)
     assert pruned.keep == built.keep and pruned.nnz < build(model, codes, "nonzero").nnz
 
 
-def test_save_load_mmap_round_trip_gives_identical_searches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_save_load_mmap_round_trip_gives_identical_searches(tmp_path: Path, with_prior: bool) -> None:
     model = BilinearScorer(4, 2, 5, 30, seed=5)
-    index = build(model, all_codes(4, 2)[::2], 3)
+    index = build(model, all_codes(4, 2)[::2], 3, item_prior=random_prior(30, seed=5) if with_prior else None)
     queries = torch.randint(0, 4, (6, 2, 2), generator=torch.Generator().manual_seed(0))
     q = CodeQueries(queries, model.vectors(queries.reshape(-1, 2)).reshape(6, 2, 5))
     exclude = random_exclusions(6, 30, seed=2)
@@ -284,11 +297,13 @@ def test_corrupt_or_missing_index_folder_raises_checkpoint_error(tmp_path: Path)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_sparse_ranking_equals_dense_ranking_with_ties_and_exclusions(seed: int) -> None:
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_sparse_ranking_equals_dense_ranking_with_ties_and_exclusions(seed: int, with_prior: bool) -> None:
     """Few posting items per code (top-4) against 200 items: at small k the sparse path ranks,
-    at large k users run out of candidates and the search must give the dense answer."""
+    at large k users run out of candidates and the search must give the dense answer. With an
+    item prior, items outside the posting lists compete through it (the top-prior candidates)."""
     model = BilinearScorer(6, 2, 5, 200, seed)
-    index = build(model, all_codes(6, 2), 4)
+    index = build(model, all_codes(6, 2), 4, item_prior=random_prior(200, seed) if with_prior else None)
     rng = np.random.default_rng(seed)
     queries = torch.from_numpy(rng.integers(0, 6, (20, 3, 2)))
     exclude = random_exclusions(20, 200, seed, per_row=6)

@@ -51,12 +51,19 @@ def varied_histories(split) -> UserInput:
     return UserInput(torch.cat(users), torch.cat(histories))
 
 
+def randomise_item_bias(model: SparCode) -> torch.Tensor:
+    """Give the (zero-initialised) item prior random values, so a test can see it; returns it."""
+    with torch.no_grad():
+        model.bias.weight.normal_()
+    return model.bias.weight.detach().squeeze(-1)
+
+
 @pytest.mark.parametrize(
-    "tokenizer,products,source",
-    [("dnn", False, "summary"), ("sa", False, "summary"), ("dnn", True, "summary"), ("dnn", False, "history"),
-     ("sa", True, "history")],
+    "tokenizer,products,source,item_bias",
+    [("dnn", False, "summary", False), ("sa", False, "summary", False), ("dnn", True, "summary", False),
+     ("dnn", False, "history", False), ("sa", True, "history", False), ("dnn", False, "history", True)],
 )
-def test_batched_score_equals_per_pair_reference(tokenizer, products, source):
+def test_batched_score_equals_per_pair_reference(tokenizer, products, source, item_bias):
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(0)
@@ -64,23 +71,25 @@ def test_batched_score_equals_per_pair_reference(tokenizer, products, source):
     settings = SparCodeSettings(tokenizer=tokenizer, dim=8, user_tokens=8 if source == "history" else 3, item_tokens=2,
                                 tokenizer_hidden=[16], item_hidden=[16], interaction_hidden=[16, 8], quantize=False,
                                 sparsity_bias=-0.05, max_history=10, sa_layers=1, interaction_products=products,
-                                user_tokens_from=source)
+                                user_tokens_from=source, item_bias=item_bias)
     model = SparCode(ds, settings).eval()
+    prior = randomise_item_bias(model) if item_bias else torch.zeros(ds.num_items)
     user = varied_histories(split)
     items = torch.arange(ds.num_items)
     with torch.no_grad():
         batched = model.score(user, items)
         tokens, _, mask = model.user_tokens(user)
-        reference = reference_score(model, tokens, model.item_tokenizer(items), mask)
+        reference = reference_score(model, tokens, model.item_tokenizer(items), mask) + prior
         ranged = model.item_scorer()(user, 3, 11)
     if source == "history":
         assert mask is not None and not mask.all() and mask.any(1).all()
     assert torch.allclose(batched, reference, atol=1e-5)
     assert torch.allclose(ranged, batched[:, 3:11], atol=1e-6)
-    assert (batched >= 0).all()
+    assert (batched >= prior).all()
 
 
-def test_loss_uses_candidates_and_in_batch_negatives(tmp_path):
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_loss_uses_candidates_and_in_batch_negatives(tmp_path, item_bias):
     ds = random_dataset(num_users=30, num_items=25, rows=600)
     split = make_split(ds, "p1")
     config = parse_config({"model": {"name": "youtubednn"}, "train": {"batch_size": 8, "negatives": {"num": 4, "in_batch": True}}})
@@ -88,11 +97,14 @@ def test_loss_uses_candidates_and_in_batch_negatives(tmp_path):
     batch = trainer.make_batch(np.arange(8), torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16],
-                                          item_hidden=[16], interaction_hidden=[16], quantize=False))
+                                          item_hidden=[16], interaction_hidden=[16], quantize=False, item_bias=item_bias))
+    if item_bias:
+        randomise_item_bias(model)
     loss, parts = model.loss(batch)
     loss.backward()
     assert torch.isfinite(loss) and parts["vq"] == 0.0
     assert model.interaction.token_in.weight.grad is not None
+    assert not item_bias or model.bias.weight.grad.abs().sum() > 0
     # the loss is the sampled softmax of the model's own full scores at the batch's candidates
     with torch.no_grad():
         direct = model.score(batch.user, torch.arange(ds.num_items))
@@ -142,15 +154,19 @@ def test_quantised_sparcode_scores_are_sums_of_code_scores(source):
         assert torch.allclose(model.score(user, items), summed, atol=1e-5)
 
 
-def test_history_token_index_serves_the_exhaustive_scores():
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_history_token_index_serves_the_exhaustive_scores(item_bias):
     """One token per history item, some absent: the index built from the users' own codes
-    answers with the model's exhaustive scores (float16 storage) and the same top items."""
+    answers with the model's exhaustive scores (float16 storage) and the same top items; an
+    item prior is served beside the posting lists."""
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(1)
     model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=8, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
                                           interaction_hidden=[16], num_codebooks=2, codebook_size=4, tokenizer="sa",
-                                          sa_layers=1, user_tokens_from="history", max_history=10))
+                                          sa_layers=1, user_tokens_from="history", max_history=10, item_bias=item_bias))
+    if item_bias:
+        randomise_item_bias(model)
     user = varied_histories(split)
     model.train()
     model.user_tokens(user)
@@ -164,6 +180,7 @@ def test_history_token_index_serves_the_exhaustive_scores():
     assert torch.allclose(served, exhaustive, rtol=2e-3, atol=2e-3)
     scores, _ = index.search(queries, 5)
     assert torch.allclose(scores, exhaustive.topk(5).values, rtol=2e-3, atol=2e-3)
+    assert ("item_prior" in index.arrays()) == item_bias
 
 
 @pytest.mark.parametrize("tokenizer", ["dnn", "sa"])

@@ -17,9 +17,11 @@ Storage, one CSR table sorted by code id (see :func:`encode_code_ids`):
   inspection and for mapping rows back to codes)
 - ``code_vectors`` float32 ``[C, D]``: the quantised (reconstruction) vector of each code, used to
   map a query code that was never indexed to the nearest indexed one.
+- ``item_prior`` float32 ``[num_items]``, optional: a per-item score added to every user's sum
+  (a model's learned item bias, e.g. popularity), so that the code scores need not carry it.
 
 Score semantics at search time: an item absent from all of a user's posting lists scores exactly
-0, not -inf. That is the true (kept) score, since dropped entries are those at or below the keep
+its prior (0 without one), not -inf. That is the true (kept) score, since dropped entries are those at or below the keep
 rule and ReLU makes the rest 0; it also means such items still fill the top-k, after all items
 with a positive score, in ascending item order (the evaluation tie rule), rather than leaving
 holes. Excluded items score -inf, as in evaluation.
@@ -242,6 +244,7 @@ class SparseCodeIndex(Index):
         num_items: int,
         codebook_size: int,
         keep: Keep = "nonzero",
+        item_prior: np.ndarray | None = None,
     ) -> None:
         # np.asanyarray keeps a memory map when its dtype is already right (no read, no copy).
         self._indptr = np.asanyarray(indptr, dtype=np.int64)
@@ -254,6 +257,8 @@ class SparseCodeIndex(Index):
         self.codebook_size = int(codebook_size)
         mode, value = _parse_keep(keep)  # canonical, JSON-friendly form (no numpy scalars)
         self.keep: Keep = "nonzero" if keep == "nonzero" else (int(value) if mode == "top" else value)
+        self._item_prior = None if item_prior is None else np.asanyarray(item_prior, dtype=np.float32)
+        self._prior_order: np.ndarray | None = None  # items by descending prior, computed on demand
         self._nearest_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._check_layout()
 
@@ -269,6 +274,8 @@ class SparseCodeIndex(Index):
         nnz = len(self._items)
         if len(self._scores) != nnz or self._indptr[0] != 0 or self._indptr[-1] != nnz:
             raise ValueError(f"indptr ends at {self._indptr[-1]} but there are {nnz} items, {len(self._scores)} scores")
+        if self._item_prior is not None and self._item_prior.shape != (self.num_items,):
+            raise ValueError(f"item_prior has shape {self._item_prior.shape}, expected ({self.num_items},)")
         if np.any(np.diff(self._indptr) < 0):
             raise ValueError("indptr is not non-decreasing")
         if np.any(np.diff(self._code_ids) <= 0):
@@ -291,6 +298,7 @@ class SparseCodeIndex(Index):
         code_chunk: int = 1024,
         workers: int = 1,
         progress: bool = True,
+        item_prior: torch.Tensor | np.ndarray | None = None,
     ) -> SparseCodeIndex:
         """Score every code in ``codes`` against the catalogue and keep the entries ``keep`` says.
 
@@ -300,7 +308,7 @@ class SparseCodeIndex(Index):
         With ``workers > 1`` chunks are scored in spawned processes, so ``score_codes`` must be
         picklable (a module-level function or an object of an importable class, e.g. an
         ``nn.Module`` wrapper) and is sent once to each worker; torch's threads are divided
-        among the workers.
+        among the workers. ``item_prior`` [num_items] is added to every user's score at search.
         """
         if code_chunk < 1 or workers < 1 or num_items < 1:
             raise ValueError(f"need code_chunk, workers, num_items >= 1, got {code_chunk}, {workers}, {num_items}")
@@ -312,7 +320,9 @@ class SparseCodeIndex(Index):
                 total=math.ceil(len(codes_np) / code_chunk), progress=progress,
             )
             indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            index = cls(indptr, items, scores, ids, codes_np, vectors, num_items, codebook_size, keep)
+            if isinstance(item_prior, torch.Tensor):
+                item_prior = item_prior.detach().to("cpu", torch.float32).numpy()
+            index = cls(indptr, items, scores, ids, codes_np, vectors, num_items, codebook_size, keep, item_prior)
         index.build_seconds = timer.seconds
         return index
 
@@ -337,7 +347,7 @@ class SparseCodeIndex(Index):
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return SparseCodeIndex(
             indptr, np.asarray(self._items)[kept], scores[kept], self._code_ids, self._codes,
-            self._code_vectors, self.num_items, self.codebook_size, keep,
+            self._code_vectors, self.num_items, self.codebook_size, keep, self._item_prior,
         )
 
     # -------------------------------------------------------------------------------- search
@@ -381,13 +391,38 @@ class SparseCodeIndex(Index):
         the same; the cost then follows the posting lists, not the catalogue), else densely."""
         users, items, scores = self._gather(rows)
         if sparse is None:
-            sparse = 32 * len(items) < len(rows) * self.num_items  # sorting n triples beats a dense block only when n is small
+            # sorting n triples beats a dense block only when n is small
+            sparse = 32 * (len(items) + self._prior_candidates(users, exclude, k, len(rows))) < len(rows) * self.num_items
         if sparse:
-            found = _sparse_topk(users, items, scores, len(rows), self.num_items, exclude, k)
+            if self._item_prior is not None:
+                users, items, scores = self._with_prior_candidates(users, items, scores, exclude, k, len(rows))
+            found = _sparse_topk(users, items, scores, len(rows), self.num_items, exclude, k, self._item_prior)
             if found is not None:
                 return found
         dense = self._dense(users, items, scores, len(rows))
         return topk_items(_block_scorer(dense), len(rows), self.num_items, exclude, k, len(rows), self.num_items)
+
+    def _prior_candidates(self, users: np.ndarray, exclude: Ragged, k: int, b: int) -> int:
+        """How many top-prior items each user of a block needs beside its posting lists, so that
+        ranking over posting-list items alone stays exact: an item outside a user's lists scores
+        its prior, and the best ``k`` of those are among the first ``k + |lists| + |excluded|``
+        items by prior. 0 without a prior."""
+        if self._item_prior is None:
+            return 0
+        most = int(np.bincount(users, minlength=b).max(initial=0)) + int(exclude.lengths.max(initial=0))
+        return min(self.num_items, k + most)
+
+    def _with_prior_candidates(
+        self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, exclude: Ragged, k: int, b: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The block's triples plus (user, top-prior item, 0) for every user: candidates whose
+        score is their prior alone (adding 0 changes no sum)."""
+        if self._prior_order is None:
+            self._prior_order = np.lexsort((np.arange(self.num_items), -self._item_prior))  # ties: lower item
+        top = self._prior_order[: self._prior_candidates(users, exclude, k, b)].astype(np.int64)
+        return (np.concatenate([users, np.repeat(np.arange(b, dtype=np.int64), len(top))]),
+                np.concatenate([items, np.tile(top, b)]),
+                np.concatenate([scores, np.zeros(b * len(top), dtype=np.float32)]))
 
     def dense_scores(self, codes: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """The accumulated scores ``[B, num_items]`` float32 (no exclusions): what search ranks."""
@@ -450,8 +485,11 @@ class SparseCodeIndex(Index):
         return user, self._items[pos].astype(np.int64), self._scores[pos].astype(np.float32)
 
     def _dense(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, b: int) -> torch.Tensor:
-        """The triples added into ``[b, num_items]`` float32 with one ``index_add_``."""
-        dense = torch.zeros(b, self.num_items)  # not a view: topk_items may then mask it in place
+        """The triples added into ``[b, num_items]`` float32 (the prior, else 0) with one ``index_add_``."""
+        if self._item_prior is None:
+            dense = torch.zeros(b, self.num_items)
+        else:  # a copy, not a view: topk_items may then mask it in place
+            dense = torch.from_numpy(np.array(self._item_prior)).expand(b, -1).clone()
         dense.view(-1).index_add_(0, torch.from_numpy(users * self.num_items + items), torch.from_numpy(scores))
         return dense
 
@@ -486,7 +524,7 @@ class SparseCodeIndex(Index):
     # -------------------------------------------------------------------------------- protocol
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {
+        arrays = {
             "indptr": self._indptr,
             "items": self._items,
             "scores": self._scores,
@@ -494,6 +532,9 @@ class SparseCodeIndex(Index):
             "codes": self._codes,
             "code_vectors": self._code_vectors,
         }
+        if self._item_prior is not None:
+            arrays["item_prior"] = self._item_prior
+        return arrays
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -505,6 +546,7 @@ class SparseCodeIndex(Index):
             "nnz": self.nnz,
             "kept_fraction": self.kept_fraction,
             "keep": self.keep,
+            "item_prior": self._item_prior is not None,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -517,7 +559,10 @@ class SparseCodeIndex(Index):
         index = cls(
             arrays["indptr"], arrays["items"], arrays["scores"], arrays["code_ids"], arrays["codes"],
             arrays["code_vectors"], meta["num_items"], meta["codebook_size"], meta.get("keep", "nonzero"),
+            arrays.get("item_prior"),
         )
+        if meta.get("item_prior", False) != (index._item_prior is not None):
+            raise ValueError("the header and the arrays disagree on whether there is an item_prior")
         if index.nnz != meta["nnz"] or index.num_codes != meta["codes_indexed"]:
             raise ValueError("array sizes disagree with the header")
         return index
@@ -559,16 +604,19 @@ def _collect(
 
 
 def _sparse_topk(
-    users: np.ndarray, items: np.ndarray, scores: np.ndarray, b: int, num_items: int, exclude: Ragged, k: int
+    users: np.ndarray, items: np.ndarray, scores: np.ndarray, b: int, num_items: int, exclude: Ragged, k: int,
+    item_prior: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Top-k over the posting-list items only, or None when some user has fewer than ``k``
-    of them left after exclusion (its list would continue with score-0 items; the dense path
-    handles that). Sums are added in the same order as the dense path, so scores are identical,
-    and equal scores rank by lower item index, as in evaluation."""
+    """Top-k over the candidate items only, or None when some user has fewer than ``k`` of
+    them left after exclusion (its list would continue with items scored by the prior or 0; the
+    dense path handles that). Sums start from the item's prior and are added in the same order
+    as the dense path, so scores are identical, and equal scores rank by lower item index, as in
+    evaluation."""
     keys = torch.from_numpy(users * num_items + items)
     unique, inverse = torch.unique(keys, return_inverse=True)
-    sums = torch.zeros(len(unique)).index_add_(0, inverse, torch.from_numpy(scores)).numpy()
     unique = unique.numpy()
+    start = torch.zeros(len(unique)) if item_prior is None else torch.from_numpy(np.asarray(item_prior)[unique % num_items])
+    sums = start.index_add_(0, inverse, torch.from_numpy(scores)).numpy()
     keep = ~np.isin(unique, exclude.pair_keys(num_items))
     unique, sums = unique[keep], sums[keep]
     user, item = unique // num_items, unique % num_items

@@ -73,6 +73,7 @@ class SparCodeSettings:
     kmeans_examples: int = 8192
     sparsity_bias: float = 0.0
     sparsity_weight: float = 0.0
+    item_bias: bool = False
     dropout: float = 0.0
 
 
@@ -198,6 +199,14 @@ class SparCode(Recommender):
         # epochs. A buffer, so that a checkpoint resumes in the right phase.
         self.register_buffer("quantizing", torch.tensor(self.quantizer is not None and self.warmup_epochs == 0))
         self.last_vq_loss = torch.zeros(())
+        # A per-item prior outside the code scores. Without it an item's popularity can only be
+        # expressed through every code's score of it, which fills each posting list with the
+        # popular items whatever the code means; with it the code scores need only say what the
+        # code adds, so they can be zero for most items. Served as one dense vector beside the
+        # posting lists (SparseCodeIndex's ``item_prior``).
+        self.bias = nn.Embedding(self.num_items, 1) if s.item_bias else None
+        if self.bias is not None:
+            nn.init.zeros_(self.bias.weight)
 
     @torch.no_grad()
     def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:
@@ -251,6 +260,12 @@ class SparCode(Recommender):
         """What the index stores: the score of each code ``[C, M]`` against each item ``[C, N]``."""
         return self.sliced_token_scores(self.quantizer.lookup(codes), item_tokens)
 
+    def item_bias(self, items: torch.Tensor) -> torch.Tensor:
+        """The per-item prior (zeros without ``item_bias``), shaped like ``items``."""
+        if self.bias is None:
+            return torch.zeros(items.shape, device=items.device)
+        return self.bias(items).squeeze(-1)
+
     def training_stats(self) -> dict[str, float]:
         """Codebook usage and perplexity over the epoch's batches (collapse shows here first)."""
         if not bool(self.quantizing):
@@ -274,10 +289,13 @@ class SparCode(Recommender):
             _, codes, mask = self.user_tokens(UserInput(users.users[lo : lo + 1024], users.history[lo : lo + 1024]))
             blocks.append(_real_tokens(codes, mask))
         distinct = torch.unique(torch.cat(blocks), dim=0)
-        item_tokens = self.item_tokenizer(torch.arange(self.num_items, device=self.device))
+        catalogue = torch.arange(self.num_items, device=self.device)
+        item_tokens = self.item_tokenizer(catalogue)
+        prior = self.item_bias(catalogue) if self.bias is not None else None
         return SparseCodeIndex.build(
             lambda c: self.score_codes(c, item_tokens), distinct, self.quantizer.lookup(distinct),
             self.num_items, self.settings.codebook_size, keep=keep, code_chunk=code_chunk, workers=workers,
+            item_prior=prior,
         )
 
     @torch.no_grad()
@@ -291,15 +309,16 @@ class SparCode(Recommender):
 
     # ---- the model contract ---------------------------------------------------------------
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
-        return self.user_scores(user, self.item_tokenizer(items))
+        return self.user_scores(user, self.item_tokenizer(items)) + self.item_bias(items)
 
     def item_scorer(self):
         """Tokenises the catalogue once; each call scores a range of it."""
         with torch.no_grad():
-            item_tokens = self.item_tokenizer(torch.arange(self.num_items, device=self.device))
+            catalogue = torch.arange(self.num_items, device=self.device)
+            item_tokens, prior = self.item_tokenizer(catalogue), self.item_bias(catalogue)
 
         def scorer(user: UserInput, start: int, stop: int) -> torch.Tensor:
-            return self.user_scores(user, item_tokens[start:stop])
+            return self.user_scores(user, item_tokens[start:stop]) + prior[start:stop]
 
         return scorer
 
@@ -311,11 +330,12 @@ class SparCode(Recommender):
         flat = self.item_tokenizer(unique).flatten(1)
         item_tokens = F.embedding(inverse, flat).view(*candidates.shape, self.settings.item_tokens, -1)
         token_scores = self.token_scores(tokens, item_tokens)  # [B, K_u, 1 + K]
-        logits = _sum_real(token_scores, real)
+        logits = _sum_real(token_scores, real) + self.item_bias(candidates)
         in_batch_logits = None
         if batch.in_batch_mask is not None:
             # every user against every row's positive: [B, K_u, D] x [B, K_i, D] -> [B, B]
             in_batch_logits = _sum_real(self.token_scores(tokens, item_tokens[:, 0]), real)
+            in_batch_logits = in_batch_logits + self.item_bias(batch.positives)[None, :]
         negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch_logits)
         softmax = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
         # L1 on the sampled negatives' (code, item) scores: pushes them to exact zeros, which is
