@@ -363,8 +363,8 @@ class SparseCodeIndex(Index):
         """Top-``k`` items of every user, ``queries = CodeQueries(codes [B, K_u, M], vectors)``
         (or the codes tensor alone when every code is known to be indexed).
 
-        ``sparse`` forces (True) or forbids (False) ranking over the posting-list items only;
-        by default it is used when they are far fewer than the catalogue. Both give the same
+        ``sparse`` forces (True) or forbids (False) ranking over the posting-list items only
+        (with an item prior, also over enough of the top-prior items to stay exact); by default it is used when they are far fewer than the catalogue. Both give the same
         result (tested).
 
         Users are processed in blocks of ``user_batch`` (default: as many as fit a 64 MB dense
@@ -392,7 +392,8 @@ class SparseCodeIndex(Index):
         users, items, scores = self._gather(rows)
         if sparse is None:
             # sorting n triples beats a dense block only when n is small
-            sparse = 32 * (len(items) + self._prior_candidates(users, exclude, k, len(rows))) < len(rows) * self.num_items
+            extra = len(rows) * self._prior_candidates(users, exclude, k, len(rows))
+            sparse = 32 * (len(items) + extra) < len(rows) * self.num_items
         if sparse:
             if self._item_prior is not None:
                 users, items, scores = self._with_prior_candidates(users, items, scores, exclude, k, len(rows))
