@@ -12,7 +12,9 @@ exactly zero and need not be stored, so the index of (code -> item, score) is sp
 sums the posting lists of the user's ``K_u`` codes (:mod:`crosstower.index.sparse_code`).
 
 With ``quantize: false`` the same tokenizer and encoder, unquantised and scored exhaustively,
-give the all-to-all upper bound the index is measured against.
+give the all-to-all upper bound the index is measured against. With ``item_bias`` a learned
+per-item prior ``p_i`` is added outside the sum, ``y(u, i) = p_i + sum_k ReLU(...)``, and served
+as one dense vector beside the posting lists (not in the paper; see ``__init__`` for why).
 
 Training: sampled softmax over the candidates (plus in-batch negatives with logQ, optionally),
 the quantiser's commitment loss and, with ``sparsity_weight``, an L1 penalty on the sampled
