@@ -21,9 +21,9 @@ Storage, one CSR table sorted by code id (see :func:`encode_code_ids`):
   (a model's learned item bias, e.g. popularity), so that the code scores need not carry it.
 
 Score semantics at search time: an item absent from all of a user's posting lists scores exactly
-its prior (0 without one), not -inf. That is the true (kept) score, since dropped entries are those at or below the keep
-rule and ReLU makes the rest 0; it also means such items still fill the top-k, after all items
-with a positive score, in ascending item order (the evaluation tie rule), rather than leaving
+its prior (0 without one), not -inf. That is the true (kept) score, since dropped entries are
+those at or below the keep rule and ReLU makes the rest 0; it also means such items still fill
+the top-k (by prior, then in ascending item order, the evaluation tie rule) rather than leaving
 holes. Excluded items score -inf, as in evaluation.
 """
 
@@ -364,8 +364,8 @@ class SparseCodeIndex(Index):
         (or the codes tensor alone when every code is known to be indexed).
 
         ``sparse`` forces (True) or forbids (False) ranking over the posting-list items only
-        (with an item prior, also over enough of the top-prior items to stay exact); by default it is used when they are far fewer than the catalogue. Both give the same
-        result (tested).
+        (with an item prior, also over enough of the top-prior items to stay exact); by default
+        it is used when they are far fewer than the catalogue. Both give the same result (tested).
 
         Users are processed in blocks of ``user_batch`` (default: as many as fit a 64 MB dense
         score block); the result does not depend on the block size.
@@ -616,7 +616,10 @@ def _sparse_topk(
     keys = torch.from_numpy(users * num_items + items)
     unique, inverse = torch.unique(keys, return_inverse=True)
     unique = unique.numpy()
-    start = torch.zeros(len(unique)) if item_prior is None else torch.from_numpy(np.asarray(item_prior)[unique % num_items])
+    if item_prior is None:
+        start = torch.zeros(len(unique))
+    else:
+        start = torch.from_numpy(np.asarray(item_prior)[unique % num_items])
     sums = start.index_add_(0, inverse, torch.from_numpy(scores)).numpy()
     keep = ~np.isin(unique, exclude.pair_keys(num_items))
     unique, sums = unique[keep], sums[keep]
