@@ -39,7 +39,7 @@ import torch
 
 from crosstower.data.ragged import Ragged
 from crosstower.evaluate.ranking import topk_items
-from crosstower.index.base import Index, Timer, check_exclude
+from crosstower.index.base import Index, Timer, as_tensor, check_exclude
 
 ScoreCodes = Callable[[torch.Tensor], torch.Tensor]
 """``score_codes(codes [c, M] int64) -> scores [c, num_items]``: the encoder run on whole codes."""
@@ -390,18 +390,18 @@ class SparseCodeIndex(Index):
         """Top-k of one block: over the posting-list items only when they are few (the result is
         the same; the cost then follows the posting lists, not the catalogue), else densely."""
         users, items, scores = self._gather(rows)
-        if sparse is None:
-            # sorting n triples beats a dense block only when n is small
-            extra = len(rows) * self._prior_candidates(users, exclude, k, len(rows))
-            sparse = 32 * (len(items) + extra) < len(rows) * self.num_items
+        b = len(rows)
+        per_user = self._prior_candidates(users, exclude, k, b)
+        if sparse is None:  # sorting n triples beats a dense block only when n is small
+            sparse = 32 * (len(items) + b * per_user) < b * self.num_items
         if sparse:
-            if self._item_prior is not None:
-                users, items, scores = self._with_prior_candidates(users, items, scores, exclude, k, len(rows))
-            found = _sparse_topk(users, items, scores, len(rows), self.num_items, exclude, k, self._item_prior)
+            if per_user:
+                users, items, scores = self._with_prior_candidates(users, items, scores, per_user, b)
+            found = _sparse_topk(users, items, scores, b, self.num_items, exclude, k, self._item_prior)
             if found is not None:
                 return found
-        dense = self._dense(users, items, scores, len(rows))
-        return topk_items(_block_scorer(dense), len(rows), self.num_items, exclude, k, len(rows), self.num_items)
+        dense = self._dense(users, items, scores, b)
+        return topk_items(_block_scorer(dense), b, self.num_items, exclude, k, b, self.num_items)
 
     def _prior_candidates(self, users: np.ndarray, exclude: Ragged, k: int, b: int) -> int:
         """How many top-prior items each user of a block needs beside its posting lists, so that
@@ -414,13 +414,14 @@ class SparseCodeIndex(Index):
         return min(self.num_items, k + most)
 
     def _with_prior_candidates(
-        self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, exclude: Ragged, k: int, b: int
+        self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, per_user: int, b: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The block's triples plus (user, top-prior item, 0) for every user: candidates whose
-        score is their prior alone (adding 0 changes no sum)."""
+        """The block's triples plus (user, top-prior item, 0) for each of the ``per_user``
+        top-prior items and every user: candidates whose score is their prior alone (adding 0
+        changes no sum)."""
         if self._prior_order is None:
             self._prior_order = np.lexsort((np.arange(self.num_items), -self._item_prior))  # ties: lower item
-        top = self._prior_order[: self._prior_candidates(users, exclude, k, b)].astype(np.int64)
+        top = self._prior_order[:per_user].astype(np.int64)
         return (np.concatenate([users, np.repeat(np.arange(b, dtype=np.int64), len(top))]),
                 np.concatenate([items, np.tile(top, b)]),
                 np.concatenate([scores, np.zeros(b * len(top), dtype=np.float32)]))
@@ -490,7 +491,7 @@ class SparseCodeIndex(Index):
         if self._item_prior is None:
             dense = torch.zeros(b, self.num_items)
         else:  # a copy, not a view: topk_items may then mask it in place
-            dense = torch.from_numpy(np.array(self._item_prior)).expand(b, -1).clone()
+            dense = as_tensor(self._item_prior).expand(b, -1).clone()
         dense.view(-1).index_add_(0, torch.from_numpy(users * self.num_items + items), torch.from_numpy(scores))
         return dense
 
