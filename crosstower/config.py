@@ -150,6 +150,10 @@ class _TokenizerFields(Strict):
     sa_layers: int = Field(2, ge=1)
     sa_heads: int = Field(2, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # A learned per-item prior added to every score. SparCode serves it as a dense vector beside
+    # the posting lists, so popularity need not fill every code's posting list; the two-tower
+    # model serves it as one more item-vector dimension (against a constant 1 on the user side).
+    item_bias: bool = False
 
 
 class TokenTwoTowerConfig(_TokenizerFields):
@@ -190,9 +194,6 @@ class SparCodeConfig(_TokenizerFields):
     # Weight of the L1 penalty on sampled negatives' per-token scores (0: none), applied once
     # quantisation is on; larger weights leave fewer non-zero (code, item) scores to index.
     sparsity_weight: float = Field(0.0, ge=0)
-    # A learned per-item prior added outside the code scores (served as a dense vector beside
-    # the posting lists): popularity then need not fill every code's posting list.
-    item_bias: bool = False
     # Which (code, item) scores the index keeps: "nonzero", the top-L per code (an int), or
     # the scores above a threshold (a float >= 0).
     index_keep: Union[Literal["nonzero"], int, float] = "nonzero"

@@ -51,8 +51,8 @@ def varied_histories(split) -> UserInput:
     return UserInput(torch.cat(users), torch.cat(histories))
 
 
-def randomise_item_bias(model: SparCode) -> torch.Tensor:
-    """Give the (zero-initialised) item prior random values, so a test can see it; returns it."""
+def randomise_item_bias(model: torch.nn.Module) -> torch.Tensor:
+    """Give a model's (zero-initialised) item prior random values, so a test can see it; returns it."""
     with torch.no_grad():
         model.bias.weight.normal_()
     return model.bias.weight.detach().squeeze(-1)
@@ -183,19 +183,35 @@ def test_history_token_index_serves_the_exhaustive_scores(item_bias):
     assert ("item_prior" in index.arrays()) == item_bias
 
 
-@pytest.mark.parametrize("tokenizer", ["dnn", "sa"])
-def test_token_two_tower_trains_from_a_config(tmp_path, tokenizer):
+@pytest.mark.parametrize("tokenizer, item_bias", [("dnn", False), ("sa", False), ("dnn", True)])
+def test_token_two_tower_trains_from_a_config(tmp_path, tokenizer, item_bias):
     from crosstower.run import run_experiment
     from tests.test_training import TINY
 
     config = parse_config({
         "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
         "model": {"name": "twotower", "tokenizer": tokenizer, "dim": 8, "tokenizer_hidden": [16],
-                  "item_hidden": [16], "sa_layers": 1},
+                  "item_hidden": [16], "sa_layers": 1, "item_bias": item_bias},
         "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10, "negatives": {"num": 10}},
     })
     results = run_experiment(config, tmp_path / "run")
-    assert results["index"]["kind"] == "exact_inner_product" and results["index"]["dim"] == 8
+    assert results["index"]["kind"] == "exact_inner_product" and results["index"]["dim"] == 8 + item_bias
+
+
+def test_token_two_tower_item_bias_adds_a_per_item_prior_to_the_dot_product():
+    from crosstower.models.token_two_tower import TokenTwoTower
+
+    ds = random_dataset(num_users=20, num_items=15, rows=300)
+    split = make_split(ds, "p2")
+    torch.manual_seed(0)
+    model = TokenTwoTower(ds, SparCodeSettings(dim=8, tokenizer_hidden=[16], item_hidden=[16], item_bias=True)).eval()
+    prior = randomise_item_bias(model)
+    with torch.no_grad():
+        user, items = varied_histories(split), torch.arange(ds.num_items)
+        dot = model.tokenizer(user)[:, 0] @ model.item_tokenizer(items)[:, 0].T
+        assert torch.allclose(model.score(user, items), dot + prior, atol=1e-5)
+        assert torch.allclose(model.score_pairs(user, items[: len(user.users)]),
+                              (dot + prior).diagonal()[: len(user.users)], atol=1e-5)
 
 
 @pytest.mark.parametrize("interaction", ["mlp", "sa"])

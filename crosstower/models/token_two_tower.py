@@ -2,12 +2,15 @@
 
 The user tokenizer (DNN or SA) emits one token and the item tokenizer one token; the score is
 their inner product. Holding the tokenizers fixed isolates what SparCode adds: the all-to-all
-interaction encoder over several quantised tokens.
+interaction encoder over several quantised tokens. With ``item_bias`` the score gains the same
+learned per-item prior SparCode can add, ``<u, i> + p_i``, so that the two are compared with
+equal means of expressing popularity; it stays servable by MIPS (``[u; 1] . [i; p_i]``).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
@@ -20,9 +23,18 @@ class TokenTwoTower(EmbeddingRecommender):
         super().__init__(dataset.num_items)
         self.settings = settings
         self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, settings, user_tokens=1, item_tokens=1)
+        self.bias = nn.Embedding(dataset.num_items, 1) if settings.item_bias else None
+        if self.bias is not None:
+            nn.init.zeros_(self.bias.weight)
 
     def encode_users(self, user: UserInput) -> torch.Tensor:
-        return self.tokenizer(user)[:, 0]
+        vector = self.tokenizer(user)[:, 0]
+        if self.bias is not None:
+            vector = torch.cat([vector, torch.ones_like(vector[:, :1])], dim=-1)
+        return vector
 
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
-        return self.item_tokenizer(items)[:, 0]
+        vector = self.item_tokenizer(items)[:, 0]
+        if self.bias is not None:
+            vector = torch.cat([vector, self.bias(items)], dim=-1)
+        return vector
