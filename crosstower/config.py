@@ -176,6 +176,9 @@ class SparCodeConfig(_TokenizerFields):
     interaction_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     # MLP encoder only: add a factorised bilinear term (A token) * (B item) to its first layer.
     interaction_products: bool = False
+    # "product": each codebook snaps its own dim / num_codebooks slice of a token; "residual":
+    # each codebook snaps the whole token's residual after the codebooks before it.
+    quantizer: Literal["product", "residual"] = "product"
     num_codebooks: int = Field(2, ge=1)
     codebook_size: int = Field(256, ge=2)
     commitment: float = Field(0.25, ge=0)
@@ -200,7 +203,7 @@ class SparCodeConfig(_TokenizerFields):
 
     @model_validator(mode="after")
     def _codebooks_divide_dim(self):
-        if self.name == "sparcode" and self.dim % self.num_codebooks:
+        if self.name == "sparcode" and self.quantizer == "product" and self.dim % self.num_codebooks:
             raise ValueError(f"dim {self.dim} is not divisible by num_codebooks {self.num_codebooks}")
         return self
 

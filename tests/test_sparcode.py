@@ -130,8 +130,8 @@ def test_alltoall_trains_end_to_end_from_a_config(tmp_path):
     assert results["model"] == "alltoall" and results["metrics"]["test"]["recall@50"] > 0
 
 
-@pytest.mark.parametrize("source", ["summary", "history"])
-def test_quantised_sparcode_scores_are_sums_of_code_scores(source):
+@pytest.mark.parametrize("source, quantizer", [("summary", "product"), ("history", "product"), ("summary", "residual")])
+def test_quantised_sparcode_scores_are_sums_of_code_scores(source, quantizer):
     """What the index relies on: a user's score is the sum of its (real) codes' scores."""
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
@@ -139,7 +139,7 @@ def test_quantised_sparcode_scores_are_sums_of_code_scores(source):
     k_u = 8 if source == "history" else 3
     model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=k_u, item_tokens=2, tokenizer_hidden=[16],
                                           item_hidden=[16], interaction_hidden=[16], num_codebooks=2, codebook_size=4,
-                                          user_tokens_from=source, max_history=10))
+                                          user_tokens_from=source, max_history=10, quantizer=quantizer))
     user = varied_histories(split)
     model.train()
     model.user_tokens(user)  # data-dependent codebook initialisation and one EMA step
@@ -154,8 +154,8 @@ def test_quantised_sparcode_scores_are_sums_of_code_scores(source):
         assert torch.allclose(model.score(user, items), summed, atol=1e-5)
 
 
-@pytest.mark.parametrize("item_bias", [False, True])
-def test_history_token_index_serves_the_exhaustive_scores(item_bias):
+@pytest.mark.parametrize("item_bias, quantizer", [(False, "product"), (True, "product"), (False, "residual")])
+def test_history_token_index_serves_the_exhaustive_scores(item_bias, quantizer):
     """One token per history item, some absent: the index built from the users' own codes
     answers with the model's exhaustive scores (float16 storage) and the same top items; an
     item prior is served beside the posting lists."""
@@ -164,7 +164,8 @@ def test_history_token_index_serves_the_exhaustive_scores(item_bias):
     torch.manual_seed(1)
     model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=8, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
                                           interaction_hidden=[16], num_codebooks=2, codebook_size=4, tokenizer="sa",
-                                          sa_layers=1, user_tokens_from="history", max_history=10, item_bias=item_bias))
+                                          sa_layers=1, user_tokens_from="history", max_history=10, item_bias=item_bias,
+                                          quantizer=quantizer))
     if item_bias:
         randomise_item_bias(model)
     user = varied_histories(split)
@@ -214,8 +215,8 @@ def test_token_two_tower_item_bias_adds_a_per_item_prior_to_the_dot_product():
                               (dot + prior).diagonal()[: len(user.users)], atol=1e-5)
 
 
-@pytest.mark.parametrize("interaction", ["mlp", "sa"])
-def test_sparcode_run_serves_from_its_index(tmp_path, interaction):
+@pytest.mark.parametrize("interaction, quantizer", [("mlp", "product"), ("sa", "product"), ("mlp", "residual")])
+def test_sparcode_run_serves_from_its_index(tmp_path, interaction, quantizer):
     """With keep: nonzero the index holds every score the model can give a training code, so
     served metrics equal exhaustive ones wherever test users' codes were indexed."""
     from crosstower.index import SparseCodeIndex
@@ -225,7 +226,8 @@ def test_sparcode_run_serves_from_its_index(tmp_path, interaction):
     config = parse_config({
         "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
         "model": {"name": "sparcode", "interaction": interaction, "dim": 8, "user_tokens": 2, "item_tokens": 2,
-                  "tokenizer_hidden": [16], "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 8},
+                  "tokenizer_hidden": [16], "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 8,
+                  "quantizer": quantizer},
         "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10,
                   "negatives": {"num": 10, "in_batch": True}},
     })

@@ -66,6 +66,7 @@ class SparCodeSettings:
     interaction_hidden: list[int] = field(default_factory=lambda: [128, 64])
     interaction_products: bool = False
     quantize: bool = True
+    quantizer: str = "product"  # "product" or "residual"
     num_codebooks: int = 2
     codebook_size: int = 256
     commitment: float = 0.25
@@ -191,9 +192,10 @@ class SparCode(Recommender):
             self.interaction = InteractionSA(s.dim, s.sa_heads, s.interaction_hidden, s.dropout)
         self.quantizer = None
         if s.quantize:
-            from crosstower.nn.quantizer import ProductQuantizer
+            from crosstower.nn.quantizer import ProductQuantizer, ResidualQuantizer
 
-            self.quantizer = ProductQuantizer(
+            quantizer_class = ResidualQuantizer if s.quantizer == "residual" else ProductQuantizer
+            self.quantizer = quantizer_class(
                 s.dim, s.num_codebooks, s.codebook_size, commitment=s.commitment, dead_threshold=s.vq_dead_threshold
             )
             self.warmup_epochs = s.vq_warmup_epochs

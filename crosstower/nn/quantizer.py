@@ -5,6 +5,8 @@ user token can take, so a token must be snapped to a finite set of codes. Each t
 dimension ``D`` is split into ``M`` sub-vectors of ``D / M``. Sub-vector ``m`` is replaced by its
 nearest entry of codebook ``m``, which has ``N`` entries. A token's code is the tuple
 ``(c_1, ..., c_M)``, and there are ``N ** M`` of them. All tokens of all users share the codebooks.
+:class:`ResidualQuantizer` keeps the codes and everything below, but its ``M`` codebooks quantise
+the whole token in turn, each what the ones before it left over.
 
 Why the design is as it is:
 
@@ -68,6 +70,10 @@ class ProductQuantizer(nn.Module):
     Keep the module in float32 or float64: EMA statistics in half precision drift.
     """
 
+    # Each codebook quantises its own slice of the vector (``D / M`` wide); the residual
+    # quantiser below instead quantises the whole vector at every level.
+    splits_dim = True
+
     def __init__(
         self,
         dim: int,
@@ -89,11 +95,11 @@ class ProductQuantizer(nn.Module):
         it, they stay at ``N(0, init_std^2)``.
         """
         super().__init__()
-        _check_args(dim, num_codebooks, codebook_size, decay, eps, commitment, dead_threshold)
+        _check_args(dim, num_codebooks, codebook_size, decay, eps, commitment, dead_threshold, self.splits_dim)
         self.dim = dim
         self.num_codebooks = num_codebooks
         self.codebook_size = codebook_size
-        self.sub_dim = dim // num_codebooks
+        self.sub_dim = dim // num_codebooks if self.splits_dim else dim
         self.decay = decay
         self.eps = eps
         self.commitment = commitment
@@ -148,10 +154,9 @@ class ProductQuantizer(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"ProductQuantizer expects last dimension {self.dim}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        sub = self._split(x.detach())
-        if self.training and sub.shape[1] > 0 and not bool(self.initialized):
+        if self.training and x.numel() > 0 and not bool(self.initialized):
             self.init_from(x.detach())
-        codes = self.nearest(sub)  # [M, R]
+        sub, codes = self.assign(x.detach())  # [M, R, d], [M, R]
         codes_out = codes.t().reshape(*lead, self.num_codebooks)
         q = self.lookup(codes_out).to(x.dtype)
         loss = self.commitment * F.mse_loss(x, q.detach()) if x.numel() else x.sum() * 0.0
@@ -169,16 +174,25 @@ class ProductQuantizer(nn.Module):
         return QuantizerOutput(quantized, codes_out, loss, perplexity, usage)
 
     @torch.no_grad()
-    def nearest(self, sub: Tensor) -> Tensor:
-        """Exact nearest entries: ``sub [M, R, D/M]`` -> codes ``[M, R]`` int64.
+    def assign(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """What each codebook quantises and the entry it picks: ``x [..., D]`` -> the
+        ``[M, R, d]`` inputs of the codebooks (here the sub-vectors) and their codes ``[M, R]``."""
+        sub = self._split(x)
+        return sub, self.nearest(sub)
+
+    @torch.no_grad()
+    def nearest(self, sub: Tensor, books: Tensor | None = None) -> Tensor:
+        """Exact nearest entries: ``sub [M, R, d]`` -> codes ``[M, R]`` int64, row ``m`` searched in
+        ``books[m]`` (default: this quantiser's codebooks).
 
         Uses ``||a||^2 - 2 a.b + ||b||^2`` with a batched matmul per codebook, over row chunks,
         in at least float32 (autocast is disabled: half precision would mis-rank near ties).
         """
-        dtype = torch.promote_types(torch.promote_types(sub.dtype, self.codebooks.dtype), torch.float32)
-        books = self.codebooks.to(dtype)
+        books = self.codebooks if books is None else books
+        dtype = torch.promote_types(torch.promote_types(sub.dtype, books.dtype), torch.float32)
+        books = books.to(dtype)
         book_sq = books.pow(2).sum(-1).unsqueeze(1)  # [M, 1, N]
-        rows = max(1, _SEARCH_BUDGET // (self.num_codebooks * self.codebook_size))
+        rows = max(1, _SEARCH_BUDGET // (books.shape[0] * self.codebook_size))
         out = []
         with torch.autocast(device_type=sub.device.type, enabled=False):
             for start in range(0, sub.shape[1], rows):
@@ -186,34 +200,37 @@ class ProductQuantizer(nn.Module):
                 dist = chunk.pow(2).sum(-1, keepdim=True) - 2 * torch.bmm(chunk, books.transpose(1, 2)) + book_sq
                 out.append(dist.argmin(-1))
         if not out:
-            return torch.zeros(self.num_codebooks, 0, dtype=torch.int64, device=sub.device)
+            return torch.zeros(books.shape[0], 0, dtype=torch.int64, device=sub.device)
         return torch.cat(out, dim=1)
 
     # ------------------------------------------------------------------ codebook learning
     @torch.no_grad()
     def init_from(self, vectors: Tensor) -> None:
-        """Seed each codebook with random sub-vectors of ``vectors [..., D]`` and reset the EMA.
+        """Seed each codebook with random rows of what it quantises (``vectors [..., D]``'s
+        sub-vectors) and reset the EMA.
 
         If there are fewer rows than entries, rows are drawn with replacement. The small noise
         that is always added keeps duplicate entries apart.
         """
-        sub = self._split(vectors.detach()).to(self.codebooks.dtype)  # [M, R, d]
-        if sub.shape[1] == 0:
-            raise ValueError("ProductQuantizer.init_from needs at least one vector")
-        rows, n = sub.shape[1], self.codebook_size
+        x = vectors.detach().to(self.codebooks.dtype)
+        if x.numel() == 0:
+            raise ValueError(f"{type(self).__name__}.init_from needs at least one vector")
+        n = self.codebook_size
         for m in range(self.num_codebooks):
+            level = self._level_input(x, m)  # [R, d], after the codebooks before m are set
+            rows = level.shape[0]
             if rows >= n:
-                pick = torch.randperm(rows, device=sub.device)[:n]
+                pick = torch.randperm(rows, device=level.device)[:n]
             else:
-                pick = torch.randint(rows, (n,), device=sub.device)
-            self.codebooks[m] = sub[m, pick] + _noise(sub[m], (n, self.sub_dim))
+                pick = torch.randint(rows, (n,), device=level.device)
+            self.codebooks[m] = level[pick] + _noise(level, (n, self.sub_dim))
         self.cluster_size_ema.fill_(1.0)
         self.embed_sum_ema.copy_(self.codebooks)
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def init_kmeans(self, vectors: Tensor, iterations: int = 20, seed: int = 0) -> None:
-        """Set each codebook to the k-means centroids of its sub-vectors of ``vectors [..., D]``.
+        """Set each codebook to the k-means centroids of what it quantises of ``vectors [..., D]``.
 
         SparCode warms up without quantisation; the tokens it has then learned are spread over
         the space the ranking needs, and k-means on them gives codebooks whose every entry is in
@@ -224,12 +241,12 @@ class ProductQuantizer(nn.Module):
         """
         import faiss
 
-        sub = self._split(vectors.detach()).to(torch.float32).cpu()  # [M, R, d]
-        rows = sub.shape[1]
+        x = vectors.detach().to(self.codebooks.dtype)
+        rows = x.numel() // self.dim
         if rows < self.codebook_size:
             raise ValueError(f"k-means initialisation needs at least {self.codebook_size} vectors, got {rows}")
         for m in range(self.num_codebooks):
-            data = np.ascontiguousarray(sub[m].numpy())
+            data = np.ascontiguousarray(self._level_input(x, m).to(torch.float32).cpu().numpy())
             kmeans = faiss.Kmeans(self.sub_dim, self.codebook_size, niter=iterations, seed=seed + m, verbose=False)
             kmeans.train(data)
             _, assigned = kmeans.index.search(data, 1)
@@ -238,6 +255,10 @@ class ProductQuantizer(nn.Module):
             self.cluster_size_ema[m] = torch.from_numpy(share).to(self.cluster_size_ema) * self.codebook_size
         self.embed_sum_ema.copy_(self.codebooks * self.cluster_size_ema.unsqueeze(-1))
         self.initialized.fill_(True)
+
+    def _level_input(self, x: Tensor, m: int) -> Tensor:
+        """What codebook ``m`` quantises of ``x [..., D]``, as ``[R, d]``: sub-vector ``m``."""
+        return self._split(x)[m]
 
     @torch.no_grad()
     def _update(self, sub: Tensor, codes: Tensor, counts: Tensor) -> Tensor:
@@ -341,6 +362,52 @@ class ProductQuantizer(nn.Module):
             raise ValueError(f"codes must have last dimension {self.num_codebooks}, got shape {tuple(codes.shape)}")
 
 
+class ResidualQuantizer(ProductQuantizer):
+    """Residual vector quantisation: ``M`` codebooks of ``N`` whole-``D`` entries, applied in turn.
+
+    Level 1 snaps the token to its nearest entry of codebook 1, level ``m`` snaps what the
+    levels before it left over (the residual), and the reconstruction is the sum of the ``M``
+    chosen entries. A code is still a tuple ``(c_1, ..., c_M)`` with ``N ** M`` values, so the
+    index, the code ids and the fallback to the nearest built code are unchanged. Why offer it:
+    a product code spends each codebook on a fixed ``D / M`` slice, whatever the tokens'
+    variance is along it; residual levels refine the whole vector, coarse to fine, and usually
+    reconstruct it better at the same ``N`` and ``M``. The greedy level-by-level choice is not
+    the jointly nearest tuple (that would need a search over all ``N ** M``), as is usual.
+
+    Everything else (EMA per level on that level's inputs, dead-entry restart, straight-through
+    gradient, commitment loss, k-means initialisation level by level) is
+    :class:`ProductQuantizer`'s, applied to the levels' inputs instead of the sub-vectors.
+    """
+
+    splits_dim = False
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """Reconstruct ``[..., M]`` codes as ``[..., D]`` vectors (the sum of the chosen entries)."""
+        self._check_codes_shape(codes)
+        books = torch.arange(self.num_codebooks, device=codes.device)
+        return self.codebooks[books, codes.long()].sum(-2)
+
+    @torch.no_grad()
+    def assign(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Greedy level by level: ``x [..., D]`` -> each level's inputs ``[M, R, D]`` and codes ``[M, R]``."""
+        residual = x.reshape(-1, self.dim)
+        inputs, codes = [], []
+        for m in range(self.num_codebooks):
+            code = self.nearest(residual.unsqueeze(0), self.codebooks[m : m + 1])[0]
+            inputs.append(residual)
+            codes.append(code)
+            residual = residual - self.codebooks[m, code].to(residual.dtype)
+        return torch.stack(inputs), torch.stack(codes)
+
+    def _level_input(self, x: Tensor, m: int) -> Tensor:
+        """What codebook ``m`` quantises: ``x`` less the entries levels ``< m`` chose, ``[R, D]``."""
+        residual = x.reshape(-1, self.dim)
+        for level in range(m):
+            code = self.nearest(residual.unsqueeze(0), self.codebooks[level : level + 1])[0]
+            residual = residual - self.codebooks[level, code].to(residual.dtype)
+        return residual
+
+
 def _perplexity(counts: Tensor) -> Tensor:
     """``exp(entropy)`` of each row's code histogram: ``[M, N]`` counts -> ``[M]`` (1.0 for an empty batch)."""
     p = counts.float() / counts.sum(-1, keepdim=True).clamp_min(1).float()
@@ -358,14 +425,15 @@ def _noise(sub: Tensor, shape: tuple[int, ...] | torch.Size, per_codebook: bool 
 
 
 def _check_args(
-    dim: int, num_codebooks: int, codebook_size: int, decay: float, eps: float, commitment: float, dead_threshold: float
+    dim: int, num_codebooks: int, codebook_size: int, decay: float, eps: float, commitment: float, dead_threshold: float,
+    splits_dim: bool = True,
 ) -> None:
     if num_codebooks < 1 or codebook_size < 1 or dim < 1:
         raise ValueError(
             "ProductQuantizer needs dim, num_codebooks and codebook_size >= 1, "
             f"got {dim}, {num_codebooks}, {codebook_size}"
         )
-    if dim % num_codebooks:
+    if splits_dim and dim % num_codebooks:
         raise ValueError(
             f"ProductQuantizer: dim={dim} is not divisible by num_codebooks={num_codebooks}; "
             "each codebook quantises an equal slice of dim / num_codebooks"
