@@ -5,12 +5,15 @@
         --plot docs/sparcode_tradeoff.png
 
 Reads a finished SparCode run (its config, split, model and the ``nonzero`` index it saved),
-prunes that index (:meth:`SparseCodeIndex.pruned`, no encoder call) to each fraction by two rules,
-the top ``L = fraction * num_items`` scores of every code (``top_l``) and the largest scores of
-the whole table whatever their code (``threshold``), and evaluates the served test metrics at
-each level with the same evaluator as the run. Fraction 1 keeps every positive score, i.e. the index
-the run served. The run's exhaustive test metrics (the model scored on every item) are written
-beside them: they are what an index that kept everything would reach.
+prunes that index (:meth:`SparseCodeIndex.pruned`, no encoder call) to each fraction by three
+rules, the top ``L = fraction * num_items`` scores of every code (``top_l``), the largest scores
+of the whole table whatever their code (``threshold``), and the same budget shared among the
+codes by use (``usage``: :class:`UsageBudget` with ``--usage-exponent``; an index saved without
+its codes' usage gets it from the model and the training users, as the run would have recorded
+it), and evaluates the served test metrics at each level with the same evaluator as the run.
+Fraction 1 keeps every positive score, i.e. the index the run served. The run's exhaustive test
+metrics (the model scored on every item) are written beside them: they are what an index that
+kept everything would reach.
 """
 
 from __future__ import annotations
@@ -24,20 +27,28 @@ import numpy as np
 from crosstower.evaluate.model_eval import evaluate_served
 from crosstower.files import write_json
 from crosstower.index import SparseCodeIndex
-from crosstower.run import load_trained
+from crosstower.index.sparse_code import UsageBudget
+from crosstower.run import indexing_users, load_trained
 
 METRICS = ("recall@50", "ndcg@50", "precision@50")
 
 
-def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None) -> dict:
+def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None, usage_exponent: float) -> dict:
     config, saved, dataset, split, model = load_trained(run_dir, data_dir)
     full = SparseCodeIndex.load(run_dir / "index")
+    if "code_usage" not in full.arrays():
+        full = full.with_code_usage(*model.code_usage(indexing_users(dataset, split, config)))
     rows = []
     for fraction in sorted(fractions, reverse=True):
-        for rule, keep in (("top_l", max(1, round(fraction * dataset.num_items))), ("threshold", _threshold(full, fraction))):
+        rules = (
+            ("top_l", max(1, round(fraction * dataset.num_items))),
+            ("threshold", _threshold(full, fraction)),
+            ("usage", None if fraction >= 1 else UsageBudget(fraction, usage_exponent)),
+        )
+        for rule, keep in rules:
             index = full if keep is None or (rule == "top_l" and keep >= dataset.num_items) else full.pruned(keep)
-            if index is full and rule == "threshold" and rows and rows[-1]["keep"] == full.keep:
-                continue  # both rules keep the whole index at this fraction: one row is enough
+            if index is full and rule != "top_l" and rows and rows[-1]["keep"] == full.keep:
+                continue  # the rules keep the whole index at this fraction: one row is enough
             metrics, seconds = evaluate_served(model, index, split.test, dataset.num_items, config)
             rows.append({
                 "fraction_asked": fraction, "rule": rule, "keep": index.keep, "kept_fraction": index.kept_fraction,
@@ -75,7 +86,7 @@ def plot(results: list[dict], path: Path) -> None:
     for r in results:
         label = f"{r['dataset']} {r['protocol'].upper()}"
         line = None
-        for rule, style in (("top_l", "o-"), ("threshold", "s:")):
+        for rule, style in (("top_l", "o-"), ("threshold", "s:"), ("usage", "^-.")):
             levels = [x for x in r["levels"] if x["rule"] == rule]
             line, = ax.plot([x["kept_fraction"] for x in levels], [x["recall@50"] for x in levels], style,
                             color=line.get_color() if line else None, label=f"{label}: served, {rule}")
@@ -97,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/sparcode_tradeoff.json"))
     parser.add_argument("--plot", type=Path, help="PNG to write")
+    parser.add_argument("--usage-exponent", type=float, default=0.5,
+                        help="the usage rule's exponent: code c keeps a share of the budget in proportion to usage_c**e")
     args = parser.parse_args(argv)
     if any(not 0 < f <= 1 for f in args.fractions):
         parser.error("--fractions must lie in (0, 1]")
-    results = [tradeoff(run, args.fractions, args.data_dir) for run in args.runs]
+    results = [tradeoff(run, args.fractions, args.data_dir, args.usage_exponent) for run in args.runs]
     write_json(args.out, results)
     if args.plot:
         plot(results, args.plot)

@@ -138,6 +138,13 @@ class YouTubeDNNConfig(_TwoTowerFields):
     temperature: float = Field(1.0, gt=0)
 
 
+class IndexBudget(Strict):
+    """A sparse code index's size budget, shared among the codes by use (``UsageBudget``)."""
+
+    share: float = Field(gt=0, le=1)
+    usage_exponent: float = Field(0.5, ge=0)
+
+
 class _TokenizerFields(Strict):
     """What the tokenizer-based models (SparCode, all-to-all, tokenizer two-tower) share."""
 
@@ -197,9 +204,10 @@ class SparCodeConfig(_TokenizerFields):
     # Weight of the L1 penalty on sampled negatives' per-token scores (0: none), applied once
     # quantisation is on; larger weights leave fewer non-zero (code, item) scores to index.
     sparsity_weight: float = Field(0.0, ge=0)
-    # Which (code, item) scores the index keeps: "nonzero", the top-L per code (an int), or
-    # the scores above a threshold (a float >= 0).
-    index_keep: Union[Literal["nonzero"], int, float] = "nonzero"
+    # Which (code, item) scores the index keeps: "nonzero", the top-L per code (an int), the
+    # scores above a threshold (a float >= 0), or {share, usage_exponent}: about that share of
+    # the table, each code's top entries in proportion to its use (index.sparse_code.UsageBudget).
+    index_keep: Union[Literal["nonzero"], int, float, IndexBudget] = "nonzero"
 
     @model_validator(mode="after")
     def _codebooks_divide_dim(self):

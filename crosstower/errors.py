@@ -29,9 +29,13 @@ class CheckpointError(CrosstowerError):
 def first_error_line(error, root: str = "", skip: tuple[str, ...] = ()) -> str:
     """The first problem of a pydantic ``ValidationError`` as one line: ``root.loc: message``.
 
-    ``skip`` drops location parts such as the tag pydantic inserts for a tagged union.
+    ``skip`` drops location parts such as the tag pydantic inserts for a tagged union. Of
+    several problems the deepest is reported: for a value that fits no member of a plain union,
+    pydantic reports one problem per member, and the member that got furthest (e.g. a mapping
+    with one unknown key) says best what is wrong.
     """
-    first = error.errors()[0]
+    errors = error.errors()
+    first = max(errors, key=lambda e: len(e["loc"]))  # max keeps the first of equally deep ones
     parts = ([root] if root else []) + [str(p) for p in first["loc"] if str(p) not in skip]
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
     return f"{'.'.join(parts)}: {message}" if parts else message

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crosstower.config import RunConfig, dump_config
+from crosstower.config import IndexBudget, RunConfig, dump_config
 from crosstower.data.dataset import Dataset
 from crosstower.data.features import add_train_statistics
 from crosstower.data.loaders import LOADERS, load_dataset
@@ -196,13 +196,20 @@ def _build_index(model: Recommender, dataset: Dataset, split: Split, config: Run
     return None
 
 
-def _build_sparcode_index(model: SparCode, dataset: Dataset, split: Split, config: RunConfig):
-    """Index the codes of every training user's tokens (their full training history as input)."""
+def indexing_users(dataset: Dataset, split: Split, config: RunConfig) -> UserInput:
+    """The users whose codes a SparCode index holds: every training user, with its whole
+    training history (to ``history_length``) as input."""
     users = np.unique(split.train["user"].to_numpy())
     history = Ragged.from_groups(split.train["user"].to_numpy(), split.train["item"].to_numpy(), dataset.num_users)
-    user = UserInput(torch.from_numpy(users), torch.from_numpy(history.take(users).padded_tail(config.train.history_length)))
-    log.info("building the sparse code index from %d training users", len(users))
-    return model.build_index(user, keep=config.model.index_keep)
+    return UserInput(torch.from_numpy(users), torch.from_numpy(history.take(users).padded_tail(config.train.history_length)))
+
+
+def _build_sparcode_index(model: SparCode, dataset: Dataset, split: Split, config: RunConfig):
+    """Index the codes of every training user's tokens."""
+    user = indexing_users(dataset, split, config)
+    log.info("building the sparse code index from %d training users", len(user))
+    keep = config.model.index_keep
+    return model.build_index(user, keep=keep.model_dump() if isinstance(keep, IndexBudget) else keep)
 
 
 def _index_summary(model: Recommender) -> dict:

@@ -15,6 +15,7 @@ from crosstower.data.ragged import Ragged
 from crosstower.errors import CheckpointError
 from crosstower.evaluate.ranking import topk_items
 from crosstower.index import CodeQueries, ExactInnerProductIndex, Index, SparseCodeIndex, encode_code_ids
+from crosstower.index.sparse_code import UsageBudget, usage_allocation
 
 torch.set_num_threads(1)
 
@@ -193,23 +194,85 @@ def test_nonzero_keeps_exactly_the_positive_scores_and_sizes_add_up() -> None:
     json.dumps(info)  # goes into metrics.json as is
 
 
-@pytest.mark.parametrize("keep", [1, 3, 0.5, 1.25])
+def random_usage(num_codes: int, seed: int) -> np.ndarray:
+    """Token counts per code, from 0 to a few hundred (heavy-tailed, as real code use is)."""
+    return np.random.default_rng(seed).zipf(1.6, num_codes).clip(max=500) - 1
+
+
+@pytest.mark.parametrize("keep", [1, 3, 0.5, 1.25, UsageBudget(0.1, 0.5), UsageBudget(0.1, 0.0), UsageBudget(0.3, 1.0)])
 def test_pruning_a_nonzero_index_equals_building_with_the_sparser_rule(keep) -> None:
     """Scores are exact in float16 here (quarters), so pruning and building agree entry for entry."""
     model = BilinearScorer(3, 2, 4, 25, seed=5)
     codes = all_codes(3, 2)
-    prior = random_prior(25, seed=5)  # carried over unchanged
-    pruned = build(model, codes, "nonzero", item_prior=prior).pruned(keep)
-    built = build(model, codes, keep, item_prior=prior)
+    prior, usage = random_prior(25, seed=5), random_usage(len(codes), seed=5)  # carried over unchanged
+    pruned = build(model, codes, "nonzero", item_prior=prior, code_usage=usage).pruned(keep)
+    built = build(model, codes, keep, item_prior=prior, code_usage=usage)
     for name, array in built.arrays().items():
         np.testing.assert_array_equal(pruned.arrays()[name], array, err_msg=name)
     assert pruned.keep == built.keep and pruned.nnz < build(model, codes, "nonzero").nnz
 
 
-@pytest.mark.parametrize("with_prior", [False, True])
-def test_save_load_mmap_round_trip_gives_identical_searches(tmp_path: Path, with_prior: bool) -> None:
+def test_usage_allocation_shares_the_budget_by_usage_to_the_power_of_the_exponent() -> None:
+    usage = np.array([0, 1, 4, 16, 100])
+    assert usage_allocation(usage, 0.1, 0.0, 30).tolist() == [3] * 5  # the uniform top-L, 0.1 * 30
+    for exponent in (0.5, 1.0, 2.0):
+        limits = usage_allocation(usage, 0.1, exponent, 30)
+        weights = usage.astype(float) ** exponent
+        expected = np.minimum(np.floor(0.1 * 5 * 30 * weights / weights.sum()), 30)
+        assert limits.tolist() == expected.astype(int).tolist() and limits.sum() <= 0.1 * 5 * 30
+    assert usage_allocation(np.array([1, 1000]), 0.9, 1.0, 30).tolist() == [0, 30]  # capped at N
+    with pytest.raises(ValueError, match="usage > 0"):
+        usage_allocation(np.zeros(3), 0.1, 0.5, 30)
+
+
+def test_usage_budget_keeps_each_codes_own_top_l() -> None:
+    """Every code keeps the top L_c of its positive scores (ties to the lower item), L_c from
+    its usage, and the index stays within the budget."""
+    model = BilinearScorer(3, 2, 4, 25, seed=3)
+    codes = all_codes(3, 2)
+    usage = random_usage(len(codes), seed=3)
+    keep = UsageBudget(0.2, 0.5)
+    index = build(model, codes, keep, code_usage=usage)
+    full, limits = model(codes).numpy(), usage_allocation(usage, 0.2, 0.5, 25)
+    assert len(set(limits.tolist())) > 2  # the allocation differs between codes
+    for row in range(len(codes)):
+        items, _ = index.posting(row)
+        expected = np.flatnonzero(kept_row(full[row], int(limits[row]))) if limits[row] else []
+        np.testing.assert_array_equal(items, expected)
+    assert index.kept_fraction <= 0.2 and index.keep == {"share": 0.2, "usage_exponent": 0.5}
+    np.testing.assert_array_equal(index.arrays()["code_usage"], usage)
+
+
+def test_code_usage_follows_the_codes_and_can_be_attached_later() -> None:
+    """Usage given in any code order ends up on the right rows; an index saved without usage
+    gets it from (codes, counts) pairs, repeated codes adding up."""
+    model = BilinearScorer(3, 2, 4, 25, seed=6)
+    codes = all_codes(3, 2)
+    usage = random_usage(len(codes), seed=6)
+    shuffle = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))
+    shuffled = build(model, codes[shuffle], "nonzero", code_usage=usage[shuffle.numpy()])
+    np.testing.assert_array_equal(shuffled.arrays()["code_usage"], usage)
+    plain = build(model, codes, "nonzero")
+    assert "code_usage" not in plain.arrays()
+    with pytest.raises(ValueError, match="needs the codes' usage"):
+        plain.pruned(UsageBudget(0.1))
+    halves = torch.cat([codes, codes]), np.concatenate([usage // 2, usage - usage // 2])
+    attached = plain.with_code_usage(*halves)
+    np.testing.assert_array_equal(attached.arrays()["code_usage"], usage)
+    np.testing.assert_array_equal(attached.pruned(UsageBudget(0.1)).arrays()["items"],
+                                  shuffled.pruned(UsageBudget(0.1)).arrays()["items"])
+    partial = build(model, codes[:4], "nonzero")
+    with pytest.raises(ValueError, match="not indexed"):
+        partial.with_code_usage(codes[3:6], np.ones(3))
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_save_load_mmap_round_trip_gives_identical_searches(tmp_path: Path, with_extras: bool) -> None:
+    """With the optional arrays (item prior, code usage) and a usage budget, or without."""
     model = BilinearScorer(4, 2, 5, 30, seed=5)
-    index = build(model, all_codes(4, 2)[::2], 3, item_prior=random_prior(30, seed=5) if with_prior else None)
+    codes = all_codes(4, 2)[::2]
+    extras = {"item_prior": random_prior(30, seed=5), "code_usage": random_usage(len(codes), seed=5)}
+    index = build(model, codes, UsageBudget(0.2) if with_extras else 3, **(extras if with_extras else {}))
     queries = torch.randint(0, 4, (6, 2, 2), generator=torch.Generator().manual_seed(0))
     q = CodeQueries(queries, model.vectors(queries.reshape(-1, 2)).reshape(6, 2, 5))
     exclude = random_exclusions(6, 30, seed=2)
@@ -225,6 +288,8 @@ def test_save_load_mmap_round_trip_gives_identical_searches(tmp_path: Path, with
     assert not isinstance(in_memory.arrays()["items"], np.memmap)
     assert torch.equal(in_memory.search(q, 7)[1], index.search(q, 7)[1])
     assert loaded.describe() == {**index.describe(), "build_seconds": loaded.describe()["build_seconds"]}
+    for name, array in index.arrays().items():
+        np.testing.assert_array_equal(loaded.arrays()[name], array, err_msg=name)
     with pytest.raises(CheckpointError, match="expected 'exact_inner_product'"):
         ExactInnerProductIndex.load(path)
 
@@ -255,9 +320,13 @@ def test_invalid_inputs_are_rejected() -> None:
     dup = torch.tensor([[0, 1], [2, 2], [0, 1]])
     with pytest.raises(ValueError, match="repeated code tuples"):
         build(model, dup, "nonzero")
-    for bad in (-1, 0, True, -0.5, float("nan"), "all"):
+    usage = np.ones(9)
+    for bad in (-1, 0, True, -0.5, float("nan"), "all", UsageBudget(0.0), UsageBudget(1.5), UsageBudget(0.1, -1.0),
+                {"share": 0.1}, {"share": 0.1, "usage_exponent": 0.5, "extra": 1}):
         with pytest.raises(ValueError):
-            build(model, all_codes(3, 2), bad)
+            build(model, all_codes(3, 2), bad, code_usage=usage)
+    with pytest.raises(ValueError, match="code_usage must be"):
+        build(model, all_codes(3, 2), UsageBudget(0.1), code_usage=np.ones(4))
     with pytest.raises(ValueError, match="outside"):
         build(model, torch.tensor([[0, 3]]), "nonzero")
     with pytest.raises(ValueError, match="float16"):
@@ -335,8 +404,9 @@ def test_multi_process_build_equals_single_process() -> None:
     model = BilinearScorer(4, 2, 5, 30, seed=7)
     codes = all_codes(4, 2)
     start = time.perf_counter()
-    parallel = build(model, codes, 3, code_chunk=4, workers=2)
+    keep, usage = UsageBudget(0.2), random_usage(len(codes), seed=7)  # per-code limits cross the chunks
+    parallel = build(model, codes, keep, code_chunk=4, workers=2, code_usage=usage)
     assert time.perf_counter() - start < 30
-    single = build(model, codes, 3, code_chunk=4)
+    single = build(model, codes, keep, code_chunk=4, code_usage=usage)
     for name, array in single.arrays().items():
         np.testing.assert_array_equal(parallel.arrays()[name], array, err_msg=name)

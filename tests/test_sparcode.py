@@ -215,10 +215,12 @@ def test_token_two_tower_item_bias_adds_a_per_item_prior_to_the_dot_product():
                               (dot + prior).diagonal()[: len(user.users)], atol=1e-5)
 
 
-@pytest.mark.parametrize("interaction, quantizer", [("mlp", "product"), ("sa", "product"), ("mlp", "residual")])
-def test_sparcode_run_serves_from_its_index(tmp_path, interaction, quantizer):
-    """With keep: nonzero the index holds every score the model can give a training code, so
-    served metrics equal exhaustive ones wherever test users' codes were indexed."""
+@pytest.mark.parametrize("interaction, quantizer, keep", [
+    ("mlp", "product", "nonzero"), ("sa", "product", "nonzero"), ("mlp", "residual", {"share": 0.5, "usage_exponent": 0.5}),
+])
+def test_sparcode_run_serves_from_its_index(tmp_path, interaction, quantizer, keep):
+    """The run indexes its training users' codes with their usage, keeps what the config's
+    ``index_keep`` says, and saves the index it served from."""
     from crosstower.index import SparseCodeIndex
     from crosstower.run import run_experiment
     from tests.test_training import TINY
@@ -227,14 +229,17 @@ def test_sparcode_run_serves_from_its_index(tmp_path, interaction, quantizer):
         "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
         "model": {"name": "sparcode", "interaction": interaction, "dim": 8, "user_tokens": 2, "item_tokens": 2,
                   "tokenizer_hidden": [16], "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 8,
-                  "quantizer": quantizer},
+                  "quantizer": quantizer, "index_keep": keep},
         "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10,
                   "negatives": {"num": 10, "in_batch": True}},
     })
     results = run_experiment(config, tmp_path / "run")
     assert "test_served" in results["metrics"] and 0 < results["index"]["kept_fraction"] <= 1
+    assert results["index"]["keep"] == keep and results["index"]["code_usage"]
     index = SparseCodeIndex.load(tmp_path / "run" / "index")
     assert index.nnz == results["index"]["nnz"]
+    if keep != "nonzero":
+        assert index.kept_fraction <= keep["share"]
 
 
 def test_sa_interaction_equals_a_full_transformer_layer_at_the_first_position():

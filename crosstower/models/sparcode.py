@@ -277,14 +277,9 @@ class SparCode(Recommender):
         return {f"vq_{k}": v for k, v in self.quantizer.window_stats().items()}
 
     @torch.no_grad()
-    def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1):
-        """The sparse (code -> item, score) index of every code that ``users``' tokens occur as.
-
-        Enumerating all N^M codes stays possible through :meth:`SparseCodeIndex.build` directly;
-        indexing the codes that occur is the default because most of N^M never do.
-        """
-        from crosstower.index import SparseCodeIndex
-
+    def code_usage(self, users: UserInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct codes ``[C, M]`` that ``users``' real tokens take, and how many tokens took
+        each ``[C]``."""
         if not bool(self.quantizing):
             raise ValueError("an unquantised (all-to-all or still warming up) model has no codes to index")
         self.eval()
@@ -292,14 +287,26 @@ class SparCode(Recommender):
         for lo in range(0, len(users), 1024):
             _, codes, mask = self.user_tokens(UserInput(users.users[lo : lo + 1024], users.history[lo : lo + 1024]))
             blocks.append(_real_tokens(codes, mask))
-        distinct = torch.unique(torch.cat(blocks), dim=0)
+        return torch.unique(torch.cat(blocks), dim=0, return_counts=True)
+
+    @torch.no_grad()
+    def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1):
+        """The sparse (code -> item, score) index of every code that ``users``' tokens occur as,
+        with how many of their tokens took each code (for a :class:`UsageBudget`).
+
+        Enumerating all N^M codes stays possible through :meth:`SparseCodeIndex.build` directly;
+        indexing the codes that occur is the default because most of N^M never do.
+        """
+        from crosstower.index import SparseCodeIndex
+
+        distinct, usage = self.code_usage(users)
         catalogue = torch.arange(self.num_items, device=self.device)
         item_tokens = self.item_tokenizer(catalogue)
         prior = self.item_bias(catalogue) if self.bias is not None else None
         return SparseCodeIndex.build(
             lambda c: self.score_codes(c, item_tokens), distinct, self.quantizer.lookup(distinct),
             self.num_items, self.settings.codebook_size, keep=keep, code_chunk=code_chunk, workers=workers,
-            item_prior=prior,
+            item_prior=prior, code_usage=usage,
         )
 
     @torch.no_grad()
