@@ -33,7 +33,8 @@ from crosstower.run import indexing_users, load_trained
 METRICS = ("recall@50", "ndcg@50", "precision@50")
 
 
-def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None, usage_exponent: float) -> dict:
+def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None, usage_exponent: float,
+             part: str = "test") -> dict:
     config, saved, dataset, split, model = load_trained(run_dir, data_dir)
     full = SparseCodeIndex.load(run_dir / "index")
     if "code_usage" not in full.arrays():
@@ -49,7 +50,7 @@ def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None, usage
             index = full if keep is None or (rule == "top_l" and keep >= dataset.num_items) else full.pruned(keep)
             if index is full and rule != "top_l" and rows and rows[-1]["keep"] == full.keep:
                 continue  # the rules keep the whole index at this fraction: one row is enough
-            metrics, seconds = evaluate_served(model, index, split.test, dataset.num_items, config)
+            metrics, seconds = evaluate_served(model, index, getattr(split, part), dataset.num_items, config)
             rows.append({
                 "fraction_asked": fraction, "rule": rule, "keep": index.keep, "kept_fraction": index.kept_fraction,
                 "nnz": index.nnz, "index_bytes": index.nbytes(), "eval_seconds": seconds,
@@ -60,7 +61,7 @@ def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None, usage
     return {
         "run": str(run_dir), "dataset": saved["dataset"], "protocol": saved["protocol"], "model": saved["model"],
         "codes_indexed": full.num_codes, "num_items": dataset.num_items,
-        "exhaustive_test": {m: saved["metrics"]["test"][m] for m in METRICS}, "levels": rows,
+        "part": part, f"exhaustive_{part}": {m: saved["metrics"][part][m] for m in METRICS}, "levels": rows,
     }
 
 
@@ -90,10 +91,10 @@ def plot(results: list[dict], path: Path) -> None:
             levels = [x for x in r["levels"] if x["rule"] == rule]
             line, = ax.plot([x["kept_fraction"] for x in levels], [x["recall@50"] for x in levels], style,
                             color=line.get_color() if line else None, label=f"{label}: served, {rule}")
-        ax.axhline(r["exhaustive_test"]["recall@50"], color=line.get_color(), ls="--", lw=1, label=f"{label}: exhaustive")
+        ax.axhline(r[f"exhaustive_{r['part']}"]["recall@50"], color=line.get_color(), ls="--", lw=1, label=f"{label}: exhaustive")
     ax.set_xscale("log")
     ax.set_xlabel("share of code-item scores kept in the index")
-    ax.set_ylabel("test Recall@50")
+    ax.set_ylabel(f"{results[0]['part']} Recall@50")
     ax.set_title("SparCode: accuracy against index sparsity")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -108,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/sparcode_tradeoff.json"))
     parser.add_argument("--plot", type=Path, help="PNG to write")
+    parser.add_argument("--part", choices=("test", "val"), default="test",
+                        help="the users to evaluate; choose the exponent on val, report test")
     parser.add_argument("--usage-exponent", type=float, default=0.5,
                         help="the usage rule's exponent: code c keeps a share of the budget in proportion to usage_c**e")
     args = parser.parse_args(argv)
     if any(not 0 < f <= 1 for f in args.fractions):
         parser.error("--fractions must lie in (0, 1]")
-    results = [tradeoff(run, args.fractions, args.data_dir, args.usage_exponent) for run in args.runs]
+    results = [tradeoff(run, args.fractions, args.data_dir, args.usage_exponent, args.part) for run in args.runs]
     write_json(args.out, results)
     if args.plot:
         plot(results, args.plot)
