@@ -48,7 +48,6 @@ ScoreCodes = Callable[[torch.Tensor], torch.Tensor]
 """``score_codes(codes [c, M] int64) -> scores [c, num_items]``: the encoder run on whole codes."""
 
 
-
 @dataclass(frozen=True)
 class UsageBudget:
     """Keep about ``share`` of the (code x item) table, shared among the codes by their use.
@@ -81,6 +80,7 @@ class KeepRule(NamedTuple):
     mode: str
     value: float
     exponent: float = 0.0
+
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -691,7 +691,7 @@ class SparseCodeIndex(Index):
 
 def _sorted_codes(
     codes: torch.Tensor | np.ndarray, code_vectors: torch.Tensor | np.ndarray, codebook_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Codes, vectors and ids sorted by code id, and the sorting order; a repeated code tuple is
     a ValueError, since two rows for one code would make the index double-count or pick one
     arbitrarily."""

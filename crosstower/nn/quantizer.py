@@ -152,7 +152,7 @@ class ProductQuantizer(nn.Module):
         data-dependent init ran in this call.
         """
         if x.shape[-1] != self.dim:
-            raise ValueError(f"ProductQuantizer expects last dimension {self.dim}, got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects last dimension {self.dim}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         if self.training and x.numel() > 0 and not bool(self.initialized):
             self.init_from(x.detach())
