@@ -116,6 +116,32 @@ def test_loss_uses_candidates_and_in_batch_negatives(tmp_path, item_bias):
     assert torch.allclose(loss.detach(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("sparsity_bias", [0.0, -1e3])
+def test_training_stats_report_the_share_of_positive_scores_and_warn_when_the_relu_died(
+    tmp_path, caplog, sparsity_bias
+):
+    """A bias of -1000 puts every (token, item) score below 0: the share is 0 and a warning says
+    the ReLU died; the window restarts after each report."""
+    ds = random_dataset(num_users=30, num_items=25, rows=600)
+    split = make_split(ds, "p1")
+    config = parse_config({"model": {"name": "youtubednn"}, "train": {"batch_size": 8, "negatives": {"num": 4}}})
+    batch = Trainer(None, ds, split, config, tmp_path).make_batch(np.arange(8), torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
+                                          interaction_hidden=[16], quantize=False, sparsity_bias=sparsity_bias))
+    model.loss(batch)
+    model.loss(batch)
+    with torch.no_grad():
+        tokens, _, _ = model.user_tokens(batch.user)
+        items = model.item_tokenizer(torch.cat([batch.positives[:, None], batch.negatives], 1).flatten())
+        expected = float((model.token_scores(tokens, items.view(8, 5, 2, 8)) > 0).float().mean())
+    with caplog.at_level("WARNING", logger="crosstower.sparcode"):
+        stats = model.training_stats()
+    assert stats["positive_share"] == pytest.approx(expected)
+    assert (expected == 0) == (sparsity_bias < 0) and (expected == 0) == ("ReLU has died" in caplog.text)
+    assert model.training_stats() == {}  # nothing trained since the last report
+
+
 def test_alltoall_trains_end_to_end_from_a_config(tmp_path):
     from crosstower.run import run_experiment
     from tests.test_training import TINY

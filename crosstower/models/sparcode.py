@@ -203,6 +203,8 @@ class SparCode(Recommender):
         # epochs. A buffer, so that a checkpoint resumes in the right phase.
         self.register_buffer("quantizing", torch.tensor(self.quantizer is not None and self.warmup_epochs == 0))
         self.last_vq_loss = torch.zeros(())
+        # (positive, all) per-token candidate scores in training since the last training_stats().
+        self._score_counts = torch.zeros(2, dtype=torch.int64)
         # A per-item prior outside the code scores. Without it an item's popularity can only be
         # expressed through every code's score of it, which fills each posting list with the
         # popular items whatever the code means; with it the code scores need only say what the
@@ -271,10 +273,25 @@ class SparCode(Recommender):
         return self.bias(items).squeeze(-1)
 
     def training_stats(self) -> dict[str, float]:
-        """Codebook usage and perplexity over the epoch's batches (collapse shows here first)."""
-        if not bool(self.quantizing):
-            return {}
-        return {f"vq_{k}": v for k, v in self.quantizer.window_stats().items()}
+        """The share of positive (token, candidate) scores in the epoch's batches, and once
+        quantised the codebooks' usage and perplexity (collapse shows here first).
+
+        A share of 0 means the ReLU of ``sum_k ReLU(E + b)`` has died: every score is 0, no
+        gradient reaches the tokenizer or the encoder again, and only the item prior (if any)
+        ranks. Measured once on the synthetic default (history tokens with the prior, seed 1:
+        every score 0 after the first epoch, validation at popularity level); it is logged as a
+        warning so that such a run is stopped, not reported.
+        """
+        positive, total = (int(c) for c in self._score_counts)
+        self._score_counts = torch.zeros_like(self._score_counts)
+        stats = {"positive_share": positive / total} if total else {}
+        if total and positive == 0:
+            log.warning("every (user token, item) score of this epoch was 0: the ReLU has died and the model "
+                        "cannot recover (only the item prior ranks); try another train.seed (a lower train.lr or "
+                        "model.sparsity_bias > 0 may also help: untested)")
+        if bool(self.quantizing):
+            stats.update({f"vq_{k}": v for k, v in self.quantizer.window_stats().items()})
+        return stats
 
     @torch.no_grad()
     def code_usage(self, users: UserInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,6 +358,10 @@ class SparCode(Recommender):
         flat = self.item_tokenizer(unique).flatten(1)
         item_tokens = F.embedding(inverse, flat).view(*candidates.shape, self.settings.item_tokens, -1)
         token_scores = self.token_scores(tokens, item_tokens)  # [B, K_u, 1 + K]
+        with torch.no_grad():
+            real_scores = _real_tokens(token_scores, real)
+            counts = torch.stack([(real_scores > 0).sum(), torch.tensor(real_scores.numel(), device=real_scores.device)])
+            self._score_counts = self._score_counts.to(counts.device) + counts  # read once an epoch
         logits = _sum_real(token_scores, real) + self.item_bias(candidates)
         in_batch_logits = None
         if batch.in_batch_mask is not None:
