@@ -27,7 +27,7 @@ class CheckpointError(CrosstowerError):
 
 
 def first_error_line(error, root: str = "", skip: tuple[str, ...] = ()) -> str:
-    """The first problem of a pydantic ``ValidationError`` as one line: ``root.loc: message``.
+    """One problem of a pydantic ``ValidationError`` as one line: ``root.loc: message``.
 
     ``skip`` drops location parts such as the tag pydantic inserts for a tagged union. Of
     several problems the deepest is reported: for a value that fits no member of a plain union,
