@@ -219,17 +219,17 @@ def _top_l(scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, cols
 
 
-def _keep_entries(scores: torch.Tensor, rule: KeepRule, limits: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+def _keep_entries(scores: torch.Tensor, rule: KeepRule, limits: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """Kept entries of a chunk of code rows as (counts per row, items, scores) in CSR order.
 
-    Under "top" every row keeps its ``value`` best positive scores; under "budget" row ``r``
-    keeps its ``limits[r]`` best (the allocation of :func:`usage_allocation`)."""
+    Under "top" and "budget" row ``r`` keeps its ``limits[r]`` best positive scores
+    (:func:`_row_limits`); a threshold needs no limits."""
     if rule.mode == "threshold":
         rows, cols = (scores > rule.value).nonzero(as_tuple=True)  # row-major: rows, then items, ascending
         vals = scores[rows, cols]
     else:
         width = scores.shape[1]
-        per_row = torch.full((scores.shape[0],), int(rule.value)) if limits is None else torch.from_numpy(limits)
+        per_row = torch.from_numpy(limits)
         top = int(per_row.max()) if len(per_row) else 0
         if top == 0:
             vals, cols = scores[:, :0], torch.zeros(scores.shape[0], 0, dtype=torch.int64)
@@ -451,9 +451,8 @@ class SparseCodeIndex(Index):
         counts_np = _as_numpy(counts, np.int64)
         if codes_np.ndim != 2 or counts_np.shape != (len(codes_np),):
             raise ValueError(f"codes [n, M] and counts [n] must match, got {codes_np.shape} and {counts_np.shape}")
-        ids = encode_code_ids(codes_np, self.codebook_size)
-        rows = np.searchsorted(self._code_ids, ids).clip(max=self.num_codes - 1)
-        missing = self._code_ids[rows] != ids
+        rows, indexed = self._rows_of(encode_code_ids(codes_np, self.codebook_size))
+        missing = ~indexed
         if missing.any():
             raise ValueError(f"{int(missing.sum())} of the codes are not indexed, e.g. {codes_np[missing][0].tolist()}")
         usage = np.bincount(rows, weights=counts_np, minlength=self.num_codes).astype(np.int64)
@@ -550,18 +549,23 @@ class SparseCodeIndex(Index):
         if codes_np.ndim != 3 or codes_np.shape[2] != self.num_codebooks:
             raise ValueError(f"query codes must be [B, K_u, {self.num_codebooks}], got {codes_np.shape}")
         absent = (codes_np == -1).all(-1).reshape(-1)
-        ids = encode_code_ids(codes_np, self.codebook_size).reshape(-1)
-        rows = np.searchsorted(self._code_ids, ids).clip(max=self.num_codes - 1)
+        rows, indexed = self._rows_of(encode_code_ids(codes_np, self.codebook_size).reshape(-1))
         rows[absent] = ABSENT_ROW
-        unseen = np.flatnonzero(~absent & (self._code_ids[rows] != ids))
+        unseen = np.flatnonzero(~absent & ~indexed)
         if len(unseen):
             if vectors is None:
                 raise ValueError(f"{len(unseen)} query codes were not indexed and no vectors were given")
             flat = torch.as_tensor(vectors).detach().to("cpu", torch.float32).reshape(-1, self.dim)
-            if len(flat) != len(ids):
+            if len(flat) != len(rows):
                 raise ValueError(f"vectors must be [B, K_u, {self.dim}] matching the codes {codes_np.shape}")
             rows[unseen] = self.nearest_codes(flat[torch.from_numpy(unseen)])
         return rows.reshape(codes_np.shape[:2])
+
+    def _rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The row of each code id and whether that code is indexed (where it is not, the row is
+        only where the id would sort)."""
+        rows = np.searchsorted(self._code_ids, ids).clip(max=self.num_codes - 1)
+        return rows, self._code_ids[rows] == ids
 
     def nearest_codes(self, vectors: torch.Tensor) -> np.ndarray:
         """Row of the indexed code nearest to each vector (ties: the lower code id)."""
@@ -698,9 +702,7 @@ def _sorted_codes(
     codes_np = _check_codes(codes, codebook_size, "codes")
     if codes_np.ndim != 2 or len(codes_np) == 0:
         raise ValueError(f"codes must be a non-empty [C, M] matrix, got shape {codes_np.shape}")
-    if isinstance(code_vectors, torch.Tensor):
-        code_vectors = code_vectors.detach().cpu().numpy()
-    vectors = np.asarray(code_vectors, dtype=np.float32)
+    vectors = _as_numpy(code_vectors, np.float32)
     if vectors.ndim != 2 or len(vectors) != len(codes_np):
         raise ValueError(f"code_vectors must be [{len(codes_np)}, D], got shape {vectors.shape}")
     ids = encode_code_ids(codes_np, codebook_size)

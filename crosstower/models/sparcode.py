@@ -358,10 +358,11 @@ class SparCode(Recommender):
         flat = self.item_tokenizer(unique).flatten(1)
         item_tokens = F.embedding(inverse, flat).view(*candidates.shape, self.settings.item_tokens, -1)
         token_scores = self.token_scores(tokens, item_tokens)  # [B, K_u, 1 + K]
-        with torch.no_grad():
-            real_scores = _real_tokens(token_scores, real)
-            counts = torch.stack([(real_scores > 0).sum(), torch.tensor(real_scores.numel(), device=real_scores.device)])
-            self._score_counts = self._score_counts.to(counts.device) + counts  # read once an epoch
+        with torch.no_grad():  # device tensors, read once an epoch: no sync on the training step
+            positive = token_scores > 0 if real is None else (token_scores > 0) & real.unsqueeze(-1)
+            scored = token_scores[..., 0].numel() if real is None else real.sum()
+            counts = torch.stack([positive.sum(), torch.as_tensor(scored, device=positive.device) * token_scores.shape[-1]])
+            self._score_counts = self._score_counts.to(counts.device) + counts
         logits = _sum_real(token_scores, real) + self.item_bias(candidates)
         in_batch_logits = None
         if batch.in_batch_mask is not None:

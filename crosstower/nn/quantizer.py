@@ -393,19 +393,22 @@ class ResidualQuantizer(ProductQuantizer):
         residual = x.reshape(-1, self.dim)
         inputs, codes = [], []
         for m in range(self.num_codebooks):
-            code = self.nearest(residual.unsqueeze(0), self.codebooks[m : m + 1])[0]
             inputs.append(residual)
+            code, residual = self._snap(residual, m)
             codes.append(code)
-            residual = residual - self.codebooks[m, code].to(residual.dtype)
         return torch.stack(inputs), torch.stack(codes)
 
     def _level_input(self, x: Tensor, m: int) -> Tensor:
         """What codebook ``m`` quantises: ``x`` less the entries levels ``< m`` chose, ``[R, D]``."""
         residual = x.reshape(-1, self.dim)
         for level in range(m):
-            code = self.nearest(residual.unsqueeze(0), self.codebooks[level : level + 1])[0]
-            residual = residual - self.codebooks[level, code].to(residual.dtype)
+            _, residual = self._snap(residual, level)
         return residual
+
+    def _snap(self, residual: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        """Level ``m``'s codes ``[R]`` for ``residual [R, D]`` and what it leaves over."""
+        code = self.nearest(residual.unsqueeze(0), self.codebooks[m : m + 1])[0]
+        return code, residual - self.codebooks[m, code].to(residual.dtype)
 
 
 def _perplexity(counts: Tensor) -> Tensor:
