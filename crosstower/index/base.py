@@ -154,6 +154,14 @@ def check_exclude(exclude: Ragged | None, num_rows: int) -> Ragged:
     return exclude
 
 
+def as_numpy(values: torch.Tensor | np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """``values`` as a numpy array (a tensor leaves the autograd graph and the device first);
+    ``dtype`` None or equal keeps the array itself, so a memory map stays one (no copy)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asanyarray(values, dtype=dtype)
+
+
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor sharing ``array``'s memory, also for read-only memory maps.
 
@@ -232,3 +240,4 @@ def _read_array(path: Path, name: str, spec: Any, mmap: bool) -> np.ndarray:
             f"{expected[0]}{list(expected[1])}"
         )
     return array
+

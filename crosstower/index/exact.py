@@ -15,7 +15,7 @@ import torch
 
 from crosstower.data.ragged import Ragged
 from crosstower.evaluate.ranking import DEFAULT_ITEM_CHUNK, DEFAULT_USER_BATCH, topk_items
-from crosstower.index.base import Index, Timer, as_tensor, check_exclude
+from crosstower.index.base import Index, Timer, as_numpy, as_tensor, check_exclude
 
 
 class ExactInnerProductIndex(Index):
@@ -25,8 +25,7 @@ class ExactInnerProductIndex(Index):
 
     def __init__(self, item_vectors: torch.Tensor | np.ndarray) -> None:
         with Timer() as timer:
-            if isinstance(item_vectors, torch.Tensor):
-                item_vectors = item_vectors.detach().cpu().numpy()
+            item_vectors = as_numpy(item_vectors)
             if item_vectors.ndim != 2 or len(item_vectors) == 0:
                 raise ValueError(f"item_vectors must be a non-empty [N, D] matrix, got shape {item_vectors.shape}")
             # A memory-mapped float32 array is kept as is: converting would read it all.

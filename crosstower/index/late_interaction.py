@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from crosstower.data.ragged import Ragged
-from crosstower.index.base import Index, Timer, as_tensor, check_exclude
+from crosstower.index.base import Index, Timer, as_numpy, as_tensor, check_exclude
 from crosstower.index.token_store import STORES, Float16Store, ResidualStore
 from crosstower.nn.maxsim import maxsim_pairs
 from crosstower.nn.tokens import TokenSequence
@@ -89,13 +89,13 @@ class LateInteractionIndex(Index):
         """Index the catalogue's normalised token vectors ``items`` (``[N, L_i, m]`` + mask),
         stored as ``store`` ("float16", or "residual" with ``nbits`` bits a dimension)."""
         with Timer() as timer:
-            tokens = items.tokens.detach().cpu().numpy().astype(np.float32)
-            mask = items.mask.detach().cpu().numpy().astype(bool)
+            tokens = as_numpy(items.tokens, np.float32)
+            mask = as_numpy(items.mask, bool)
             if tokens.ndim != 3 or len(tokens) == 0 or not mask.any(axis=1).all():
                 raise ValueError(f"items must be [N, L_i, m] token vectors with a real token per item, got {tokens.shape}")
             if store not in STORES:
                 raise ValueError(f"store must be one of {sorted(STORES)}, got '{store}'")
-            bias_array = np.zeros(len(tokens), np.float32) if bias is None else bias.detach().cpu().numpy().astype(np.float32)
+            bias_array = np.zeros(len(tokens), np.float32) if bias is None else as_numpy(bias, np.float32)
             encoded = Float16Store.encode(tokens, mask) if store == "float16" else ResidualStore.encode(tokens, mask, nbits)
             # The candidate index sees what re-scoring will see: the stored (decoded) vectors.
             real = encoded.decode(np.arange(len(tokens)))[mask]  # row-major: item by item, token by token

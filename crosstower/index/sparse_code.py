@@ -42,7 +42,7 @@ import torch
 
 from crosstower.data.ragged import Ragged
 from crosstower.evaluate.ranking import topk_items
-from crosstower.index.base import Index, Timer, as_tensor, check_exclude
+from crosstower.index.base import Index, Timer, as_numpy, as_tensor, check_exclude
 
 ScoreCodes = Callable[[torch.Tensor], torch.Tensor]
 """``score_codes(codes [c, M] int64) -> scores [c, num_items]``: the encoder run on whole codes."""
@@ -125,9 +125,7 @@ def _check_codes(
     codes: np.ndarray | torch.Tensor, codebook_size: int, what: str, absent: bool = False
 ) -> np.ndarray:
     """Codes as int64 with every entry in ``[0, N)`` and ``N^M`` representable in int64."""
-    if isinstance(codes, torch.Tensor):
-        codes = codes.detach().cpu().numpy()
-    codes = np.asarray(codes)
+    codes = as_numpy(codes)
     if not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"{what} must be integers, got {codes.dtype}")
     codes = codes.astype(np.int64, copy=False)
@@ -400,7 +398,7 @@ class SparseCodeIndex(Index):
             raise ValueError(f"need code_chunk, workers, num_items >= 1, got {code_chunk}, {workers}, {num_items}")
         with Timer() as timer:
             codes_np, vectors, ids, order = _sorted_codes(codes, code_vectors, codebook_size)
-            usage = None if code_usage is None else _as_numpy(code_usage, np.int64)
+            usage = None if code_usage is None else as_numpy(code_usage, np.int64)
             if usage is not None:
                 if usage.shape != (len(codes_np),):
                     raise ValueError(f"code_usage must be [{len(codes_np)}], got shape {usage.shape}")
@@ -412,7 +410,7 @@ class SparseCodeIndex(Index):
                 total=math.ceil(len(codes_np) / code_chunk), progress=progress,
             )
             indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            prior = None if item_prior is None else _as_numpy(item_prior, np.float32)
+            prior = None if item_prior is None else as_numpy(item_prior, np.float32)
             index = cls(indptr, items, scores, ids, codes_np, vectors, num_items, codebook_size, keep, prior, usage)
         index.build_seconds = timer.seconds
         return index
@@ -448,7 +446,7 @@ class SparseCodeIndex(Index):
         index saved without usage, e.g. before it was recorded). Indexed codes absent from
         ``codes`` get 0; a code in ``codes`` that is not indexed is a ValueError."""
         codes_np = _check_codes(codes, self.codebook_size, "codes")
-        counts_np = _as_numpy(counts, np.int64)
+        counts_np = as_numpy(counts, np.int64)
         if codes_np.ndim != 2 or counts_np.shape != (len(codes_np),):
             raise ValueError(f"codes [n, M] and counts [n] must match, got {codes_np.shape} and {counts_np.shape}")
         rows, indexed = self._rows_of(encode_code_ids(codes_np, self.codebook_size))
@@ -702,7 +700,7 @@ def _sorted_codes(
     codes_np = _check_codes(codes, codebook_size, "codes")
     if codes_np.ndim != 2 or len(codes_np) == 0:
         raise ValueError(f"codes must be a non-empty [C, M] matrix, got shape {codes_np.shape}")
-    vectors = _as_numpy(code_vectors, np.float32)
+    vectors = as_numpy(code_vectors, np.float32)
     if vectors.ndim != 2 or len(vectors) != len(codes_np):
         raise ValueError(f"code_vectors must be [{len(codes_np)}, D], got shape {vectors.shape}")
     ids = encode_code_ids(codes_np, codebook_size)
@@ -712,12 +710,6 @@ def _sorted_codes(
     if len(dup):
         raise ValueError(f"codes holds {len(dup)} repeated code tuples, e.g. {codes_np[order[dup[0]]].tolist()}")
     return codes_np[order], vectors[order], ids, order
-
-
-def _as_numpy(values: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype)
 
 
 def _row_limits(rule: KeepRule, usage: np.ndarray | None, num_items: int, num_codes: int) -> np.ndarray | None:
