@@ -22,6 +22,20 @@ from crosstower.losses import sampled_softmax
 ItemRangeScorer = Callable[[UserInput, int, int], torch.Tensor]
 
 
+def item_prior(num_items: int, enabled: bool) -> nn.Embedding | None:
+    """A learned per-item prior ``p_i`` added to a model's score (zero at the start), or None.
+
+    Popularity is what shared or unit-length vectors express worst; one scalar per item carries
+    it so that the vectors, tokens or codes need only say what the user adds. Models keep it
+    as ``self.bias`` (checkpoints name it ``bias.weight``).
+    """
+    if not enabled:
+        return None
+    table = nn.Embedding(num_items, 1)
+    nn.init.zeros_(table.weight)
+    return table
+
+
 class Recommender(nn.Module):
     """Base class: a scorer of (user, item) pairs."""
 
@@ -74,7 +88,23 @@ class Recommender(nn.Module):
 
 
 class EmbeddingRecommender(Recommender):
-    """A model whose score is ``<encode_users(u), encode_items(i)>``: servable by MIPS."""
+    """A model whose score is ``<encode_users(u), encode_items(i)>``: servable by MIPS.
+
+    A subclass with an item prior (``self.bias``, from :func:`item_prior`) stays servable by
+    MIPS through one more dimension: ``[u; 1] . [i; p_i] = <u, i> + p_i``.
+    """
+
+    bias: nn.Embedding | None
+
+    def _user_with_prior(self, vector: torch.Tensor) -> torch.Tensor:
+        """``[u; 1]`` when the model has an item prior, else ``u``."""
+        if self.bias is None:
+            return vector
+        return torch.cat([vector, torch.ones_like(vector[:, :1])], dim=-1)
+
+    def _item_with_prior(self, vector: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``[i; p_i]`` when the model has an item prior, else ``i``."""
+        return vector if self.bias is None else torch.cat([vector, self.bias(items)], dim=-1)
 
     def encode_users(self, user: UserInput) -> torch.Tensor:
         raise NotImplementedError

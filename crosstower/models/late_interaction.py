@@ -26,7 +26,7 @@ from torch import nn
 from crosstower.data.batching import TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.losses import sampled_softmax
-from crosstower.models.base import ItemRangeScorer, Recommender
+from crosstower.models.base import ItemRangeScorer, Recommender, item_prior
 from crosstower.nn.maxsim import maxsim, maxsim_pairs
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
 from crosstower.nn.transformer import TransformerEncoder
@@ -62,9 +62,7 @@ class LateInteraction(Recommender):
         self.projection = nn.Linear(s.dim, s.projection_dim, bias=False)
         # MaxSim of unit vectors is bounded, so "popular with everyone" is hard to express
         # through the tokens alone; a per-item bias carries it, as in YouTubeDNN's item bias.
-        self.bias = nn.Embedding(self.num_items, 1) if s.item_bias else None
-        if self.bias is not None:
-            nn.init.zeros_(self.bias.weight)
+        self.bias = item_prior(self.num_items, s.item_bias)
 
     # ---- token vectors -----------------------------------------------------------------------
     def encode_user_tokens(self, user: UserInput) -> TokenSequence:

@@ -38,7 +38,7 @@ from torch import nn
 from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.losses import sampled_softmax
-from crosstower.models.base import Recommender
+from crosstower.models.base import Recommender, item_prior
 from crosstower.nn.fields import MLP, FieldEmbedder
 from crosstower.nn.tokenizers import DNNTokenizer, ItemTokenizer, SATokenizer
 
@@ -210,9 +210,7 @@ class SparCode(Recommender):
         # popular items whatever the code means; with it the code scores need only say what the
         # code adds, so they can be zero for most items. Served as one dense vector beside the
         # posting lists (SparseCodeIndex's ``item_prior``).
-        self.bias = nn.Embedding(self.num_items, 1) if s.item_bias else None
-        if self.bias is not None:
-            nn.init.zeros_(self.bias.weight)
+        self.bias = item_prior(self.num_items, s.item_bias)
 
     @torch.no_grad()
     def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:

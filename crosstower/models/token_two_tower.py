@@ -10,11 +10,9 @@ equal means of expressing popularity; it stays servable by MIPS (``[u; 1] . [i; 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
-from crosstower.models.base import EmbeddingRecommender
+from crosstower.models.base import EmbeddingRecommender, item_prior
 from crosstower.models.sparcode import SparCodeSettings, build_tokenizers
 
 
@@ -23,18 +21,10 @@ class TokenTwoTower(EmbeddingRecommender):
         super().__init__(dataset.num_items)
         self.settings = settings
         self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, settings, user_tokens=1, item_tokens=1)
-        self.bias = nn.Embedding(dataset.num_items, 1) if settings.item_bias else None
-        if self.bias is not None:
-            nn.init.zeros_(self.bias.weight)
+        self.bias = item_prior(dataset.num_items, settings.item_bias)
 
     def encode_users(self, user: UserInput) -> torch.Tensor:
-        vector = self.tokenizer(user)[:, 0]
-        if self.bias is not None:
-            vector = torch.cat([vector, torch.ones_like(vector[:, :1])], dim=-1)
-        return vector
+        return self._user_with_prior(self.tokenizer(user)[:, 0])
 
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
-        vector = self.item_tokenizer(items)[:, 0]
-        if self.bias is not None:
-            vector = torch.cat([vector, self.bias(items)], dim=-1)
-        return vector
+        return self._item_with_prior(self.item_tokenizer(items)[:, 0], items)

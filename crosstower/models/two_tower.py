@@ -22,7 +22,7 @@ from torch import nn
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
-from crosstower.models.base import EmbeddingRecommender
+from crosstower.models.base import EmbeddingRecommender, item_prior
 from crosstower.nn.fields import MLP, FieldEmbedder, masked_mean
 from crosstower.nn.tokenizers import embed_history
 
@@ -61,9 +61,7 @@ class TwoTower(EmbeddingRecommender):
         if s.item_mlp:
             self.item_tower = MLP([self.item_fields.num_fields * d, *s.item_hidden, s.output_dim], s.dropout)
         self.log_scale = nn.Parameter(torch.tensor(-math.log(s.temperature)), requires_grad=s.learn_temperature)
-        self.bias = nn.Embedding(dataset.num_items, 1) if s.item_bias else None
-        if self.bias is not None:
-            nn.init.zeros_(self.bias.weight)
+        self.bias = item_prior(dataset.num_items, s.item_bias)
 
     def _history_vector(self, user: UserInput) -> torch.Tensor:
         return masked_mean(embed_history(self.item_fields, user.history), user.history_mask)
@@ -78,17 +76,12 @@ class TwoTower(EmbeddingRecommender):
             age = user.example_age if user.example_age is not None else torch.zeros(len(user), device=user.users.device)
             parts.append(age.unsqueeze(-1))
         vector = self._similarity_space(self.user_tower(torch.cat(parts, dim=-1))) * self.log_scale.exp()
-        if self.bias is not None:
-            vector = torch.cat([vector, torch.ones_like(vector[:, :1])], dim=-1)
-        return vector
+        return self._user_with_prior(vector)
 
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
         tokens = self.item_fields(items)
         vector = self.item_tower(tokens.flatten(1)) if self.settings.item_mlp else tokens.sum(1)
-        vector = self._similarity_space(vector)
-        if self.bias is not None:
-            vector = torch.cat([vector, self.bias(items)], dim=-1)
-        return vector
+        return self._item_with_prior(self._similarity_space(vector), items)
 
     def _similarity_space(self, vector: torch.Tensor) -> torch.Tensor:
         return F.normalize(vector, dim=-1) if self.settings.similarity == "cosine" else vector
