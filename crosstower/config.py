@@ -257,6 +257,7 @@ class InttowerConfig(Strict):
     dropout: float = Field(0.3, ge=0, lt=1)
     cir_weight: float = Field(0.0, ge=0)
     cir_temperature: float = Field(0.07, gt=0)
+    item_bias: bool = False  # a learned per-item prior beside the FE score (the towers' item bias)
 
 
 class AttentionBlocksConfig(Strict):

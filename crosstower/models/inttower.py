@@ -69,7 +69,7 @@ from crosstower.data.batching import PointwiseBatch, TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
 from crosstower.losses import sampled_softmax
-from crosstower.models.base import ItemRangeScorer, Recommender
+from crosstower.models.base import ItemRangeScorer, Recommender, item_prior
 from crosstower.nn.fields import FieldEmbedder
 from crosstower.nn.tokenizers import user_field_tokens
 
@@ -96,6 +96,7 @@ class IntTowerSettings:
     dropout: float = 0.3
     cir_weight: float = 0.0
     cir_temperature: float = 0.07
+    item_bias: bool = False  # a learned per-item prior added to the score (not in the paper)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -195,6 +196,9 @@ class IntTower(Recommender):
             nn.init.normal_(head.weight, std=HEAD_INIT_STD)
             nn.init.zeros_(head.bias)
         self.bias = nn.Parameter(torch.zeros(()))
+        # The FE score has no term that is the same for every user, so an item's base rate must
+        # pass through the heads (and their BatchNorm); the two-tower baseline has this prior.
+        self.item_prior = item_prior(self.num_items, s.item_bias)
 
     @property
     def num_user_layers(self) -> int:
@@ -248,9 +252,16 @@ class IntTower(Recommender):
 
     # ---------------------------------------------------------------------------- scores
 
+    def _prior(self, items: torch.Tensor) -> torch.Tensor:
+        """The item prior of ``items`` (any shape; zeros without one), to add to their scores
+        (a ``[N]`` prior broadcasts over a ``[B, N]`` score matrix's rows)."""
+        if self.item_prior is None:
+            return torch.zeros(items.shape, device=items.device)
+        return self.item_prior(items).squeeze(-1)
+
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """``[B, N]``; call in eval mode (see the module docstring on BatchNorm)."""
-        return self._sliced_score(self.encode_user_heads(user), self.encode_item_heads(items))
+        return self._sliced_score(self.encode_user_heads(user), self.encode_item_heads(items)) + self._prior(items)
 
     def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         return self._pairs(user, items)[0]
@@ -258,7 +269,10 @@ class IntTower(Recommender):
     def item_scorer(self) -> ItemRangeScorer:
         """Encodes the catalogue's item heads once; each call scores a range of them."""
         catalogue = self.catalogue_heads()
-        return lambda user, start, stop: self._sliced_score(self.encode_user_heads(user), catalogue[start:stop])
+        prior = self._prior(torch.arange(self.num_items, device=self.device)).detach()
+        return lambda user, start, stop: (
+            self._sliced_score(self.encode_user_heads(user), catalogue[start:stop]) + prior[start:stop]
+        )
 
     def _sliced_score(self, user_heads: torch.Tensor, item_heads: torch.Tensor) -> torch.Tensor:
         n = item_heads.shape[0]
@@ -269,7 +283,7 @@ class IntTower(Recommender):
         """Logits ``[B]`` of user ``b`` with item ``items[b]``, and the CIR vectors ``z_u``, ``z_i``."""
         layer_heads = self.user_layer_heads(user)
         item_heads = self._candidate_heads(items)
-        logits = fe_score_pairs(layer_heads.flatten(1, 2), item_heads[:, None])[:, 0] + self.bias
+        logits = fe_score_pairs(layer_heads.flatten(1, 2), item_heads[:, None])[:, 0] + self.bias + self._prior(items)
         return logits, *self.cir_vectors(layer_heads, item_heads)
 
     # ---------------------------------------------------------------------------- losses
@@ -291,8 +305,10 @@ class IntTower(Recommender):
         user_heads = layer_heads.flatten(1, 2)
         candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)
         item_heads = self._candidate_heads(candidates)  # [B, 1 + K, H_i, d_h]
-        logits = fe_score_pairs(user_heads, item_heads) + self.bias
-        in_batch = fe_score(user_heads, item_heads[:, 0]) + self.bias if batch.in_batch_mask is not None else None
+        logits = fe_score_pairs(user_heads, item_heads) + self.bias + self._prior(candidates)
+        in_batch = None
+        if batch.in_batch_mask is not None:
+            in_batch = fe_score(user_heads, item_heads[:, 0]) + self.bias + self._prior(batch.positives)
         negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch)
         softmax = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
         parts = {"softmax": float(softmax.detach())}
