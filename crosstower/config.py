@@ -204,6 +204,10 @@ class SparCodeConfig(_TokenizerFields):
     # Weight of the L1 penalty on sampled negatives' per-token scores (0: none), applied once
     # quantisation is on; larger weights leave fewer non-zero (code, item) scores to index.
     sparsity_weight: float = Field(0.0, ge=0)
+    # Training steps over which that weight grows from 0, quadratically, once quantisation is on
+    # (0: full weight at once). At full weight from the first quantised step, L1 1.0 drove a
+    # second seed's scores below 0 for good (positive share 0.03, validation at popularity level).
+    sparsity_ramp_steps: int = Field(0, ge=0)
     # Which (code, item) scores the index keeps: "nonzero", the top-L per code (an int), the
     # scores above a threshold (a float >= 0), or {share, usage_exponent}: about that share of
     # the table, each code's top entries in proportion to its use (index.sparse_code.UsageBudget).

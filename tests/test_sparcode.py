@@ -142,6 +142,37 @@ def test_training_stats_report_the_share_of_positive_scores_and_warn_when_the_re
     assert model.training_stats() == {}  # nothing trained since the last report
 
 
+def test_l1_weight_ramps_up_quadratically_over_quantised_training_steps(tmp_path):
+    """weight(t) = w * min(1, (t / R)^2) after t quantised training steps; evaluation-mode calls
+    and unquantised steps do not count; the count is saved with the model (a resume goes on)."""
+    ds = random_dataset(num_users=30, num_items=25, rows=600)
+    split = make_split(ds, "p1")
+    config = parse_config({"model": {"name": "youtubednn"}, "train": {"batch_size": 8, "negatives": {"num": 4}}})
+    batch = Trainer(None, ds, split, config, tmp_path).make_batch(np.arange(8), torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
+                                          interaction_hidden=[16], codebook_size=4, vq_warmup_epochs=1,
+                                          sparsity_weight=2.0, sparsity_ramp_steps=4))
+    model.loss(batch)  # warming up, unquantised: not a step of the ramp
+    assert int(model.sparsity_steps) == 0
+    model.quantizing.fill_(True)
+    weights = []
+    for _ in range(6):
+        loss, parts = model.loss(batch)
+        weights.append(parts["sparsity_weight"])
+        expected = parts["softmax"] + parts["vq"] + parts["sparsity_weight"] * parts["sparsity"]
+        assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    assert weights == pytest.approx([0.0, 2 / 16, 2 * 4 / 16, 2 * 9 / 16, 2.0, 2.0])
+    model.eval()
+    assert model.loss(batch)[1]["sparsity_weight"] == 2.0 and int(model.sparsity_steps) == 6
+    resumed = SparCode(ds, model.settings)
+    resumed.load_state_dict(model.state_dict())
+    assert int(resumed.sparsity_steps) == 6
+    without_ramp = SparCode(ds, SparCodeSettings(**{**vars(model.settings), "sparsity_ramp_steps": 0}))
+    without_ramp.quantizing.fill_(True)
+    assert without_ramp.loss(batch)[1]["sparsity_weight"] == 2.0
+
+
 def test_alltoall_trains_end_to_end_from_a_config(tmp_path):
     from crosstower.run import run_experiment
     from tests.test_training import TINY

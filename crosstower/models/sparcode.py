@@ -76,6 +76,7 @@ class SparCodeSettings:
     kmeans_examples: int = 8192
     sparsity_bias: float = 0.0
     sparsity_weight: float = 0.0
+    sparsity_ramp_steps: int = 0
     item_bias: bool = False
     dropout: float = 0.0
 
@@ -203,6 +204,10 @@ class SparCode(Recommender):
         # epochs. A buffer, so that a checkpoint resumes in the right phase.
         self.register_buffer("quantizing", torch.tensor(self.quantizer is not None and self.warmup_epochs == 0))
         self.last_vq_loss = torch.zeros(())
+        # Training steps taken with the L1 penalty on (it ramps up over sparsity_ramp_steps); a
+        # buffer, so that a resumed run continues the ramp where it stopped.
+        self.register_buffer("sparsity_steps", torch.zeros((), dtype=torch.int64))
+        self.register_load_state_dict_pre_hook(_count_from_zero_if_absent)
         # (positive, all) per-token candidate scores in training since the last training_stats().
         self._score_counts = torch.zeros(2, dtype=torch.int64)
         # A per-item prior outside the code scores. Without it an item's popularity can only be
@@ -377,9 +382,26 @@ class SparCode(Recommender):
         sparsity = token_scores.new_zeros(())
         if bool(self.quantizing) and batch.negatives.shape[1]:
             sparsity = _real_tokens(token_scores[..., 1:], real).mean()
-        total = softmax + self.settings.vq_weight * self.last_vq_loss + self.settings.sparsity_weight * sparsity
+        weight = self._sparsity_weight()
+        total = softmax + self.settings.vq_weight * self.last_vq_loss + weight * sparsity
         return total, {"softmax": float(softmax.detach()), "vq": float(self.last_vq_loss.detach()),
-                       "sparsity": float(sparsity.detach())}
+                       "sparsity": float(sparsity.detach()), "sparsity_weight": float(weight)}
+
+    def _sparsity_weight(self) -> torch.Tensor:
+        """The L1 weight of this step, ``sparsity_weight * min(1, (t / ramp)^2)`` after ``t``
+        quantised training steps (SPLADE's quadratic warm-up of its regulariser); counts the step."""
+        s = self.settings
+        ramp = torch.ones((), device=self.sparsity_steps.device)
+        if s.sparsity_ramp_steps:
+            ramp = (self.sparsity_steps.float() / s.sparsity_ramp_steps).square().clamp(max=1.0)
+        if self.training and bool(self.quantizing):
+            self.sparsity_steps += 1
+        return s.sparsity_weight * ramp
+
+
+def _count_from_zero_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Loading a checkpoint saved before the L1 ramp existed: its step count starts at 0."""
+    state_dict.setdefault(prefix + "sparsity_steps", torch.zeros((), dtype=torch.int64))
 
 
 def _real_tokens(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
