@@ -18,7 +18,8 @@ as one dense vector beside the posting lists (not in the paper; see ``__init__``
 
 Training: sampled softmax over the candidates (plus in-batch negatives with logQ, optionally),
 the quantiser's commitment loss and, with ``sparsity_weight``, an L1 penalty on the sampled
-negatives' per-token scores (once quantised) that drives the score table towards exact zeros. With
+negatives' per-token scores (once quantised, its weight optionally grown over
+``sparsity_ramp_steps``) that drives the score table towards exact zeros. With
 ``vq_warmup_epochs`` the model first trains unquantised (the all-to-all model), then
 :meth:`begin_epoch` sets the codebooks by k-means on the tokens it has learned and quantisation
 starts; seeding the codebooks from the first batch of an untrained tokenizer instead collapsed to
