@@ -291,8 +291,9 @@ class SparCode(Recommender):
         stats = {"positive_share": positive / total} if total else {}
         if total and positive == 0:
             log.warning("every (user token, item) score of this epoch was 0: the ReLU has died and the model "
-                        "cannot recover (only the item prior ranks); try model.sparsity_bias 0.5 (it rescued the "
-                        "one such run measured) or another train.seed")
+                        "cannot recover (only the item prior ranks); try model.sparsity_bias 0.5 (if it died while "
+                        "warming up) and model.sparsity_ramp_steps about one epoch of steps (if it died when "
+                        "the L1 penalty came on), or another train.seed")
         if bool(self.quantizing):
             stats.update({f"vq_{k}": v for k, v in self.quantizer.window_stats().items()})
         return stats
