@@ -88,13 +88,20 @@ def test_batched_score_equals_per_pair_reference(tokenizer, products, source, it
     assert (batched >= prior).all()
 
 
-@pytest.mark.parametrize("item_bias", [False, True])
-def test_loss_uses_candidates_and_in_batch_negatives(tmp_path, item_bias):
+def small_batch(tmp_path, in_batch: bool = False):
+    """A random 30-user, 25-item data set and a training batch of 8 rows with 4 sampled negatives
+    (and in-batch negatives), for the loss tests of tiny SparCode models."""
     ds = random_dataset(num_users=30, num_items=25, rows=600)
     split = make_split(ds, "p1")
-    config = parse_config({"model": {"name": "youtubednn"}, "train": {"batch_size": 8, "negatives": {"num": 4, "in_batch": True}}})
-    trainer = Trainer(None, ds, split, config, tmp_path)
-    batch = trainer.make_batch(np.arange(8), torch.Generator().manual_seed(0))
+    config = parse_config({"model": {"name": "youtubednn"},
+                           "train": {"batch_size": 8, "negatives": {"num": 4, "in_batch": in_batch}}})
+    batch = Trainer(None, ds, split, config, tmp_path).make_batch(np.arange(8), torch.Generator().manual_seed(0))
+    return ds, batch
+
+
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_loss_uses_candidates_and_in_batch_negatives(tmp_path, item_bias):
+    ds, batch = small_batch(tmp_path, in_batch=True)
     torch.manual_seed(0)
     model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16],
                                           item_hidden=[16], interaction_hidden=[16], quantize=False, item_bias=item_bias))
@@ -122,10 +129,7 @@ def test_training_stats_report_the_share_of_positive_scores_and_warn_when_the_re
 ):
     """A bias of -1000 puts every (token, item) score below 0: the share is 0 and a warning says
     the ReLU died; the window restarts after each report."""
-    ds = random_dataset(num_users=30, num_items=25, rows=600)
-    split = make_split(ds, "p1")
-    config = parse_config({"model": {"name": "youtubednn"}, "train": {"batch_size": 8, "negatives": {"num": 4}}})
-    batch = Trainer(None, ds, split, config, tmp_path).make_batch(np.arange(8), torch.Generator().manual_seed(0))
+    ds, batch = small_batch(tmp_path)
     torch.manual_seed(0)
     model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
                                           interaction_hidden=[16], quantize=False, sparsity_bias=sparsity_bias))
@@ -145,10 +149,7 @@ def test_training_stats_report_the_share_of_positive_scores_and_warn_when_the_re
 def test_l1_weight_ramps_up_quadratically_over_quantised_training_steps(tmp_path):
     """weight(t) = w * min(1, (t / R)^2) after t quantised training steps; evaluation-mode calls
     and unquantised steps do not count; the count is saved with the model (a resume goes on)."""
-    ds = random_dataset(num_users=30, num_items=25, rows=600)
-    split = make_split(ds, "p1")
-    config = parse_config({"model": {"name": "youtubednn"}, "train": {"batch_size": 8, "negatives": {"num": 4}}})
-    batch = Trainer(None, ds, split, config, tmp_path).make_batch(np.arange(8), torch.Generator().manual_seed(0))
+    ds, batch = small_batch(tmp_path)
     torch.manual_seed(0)
     model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
                                           interaction_hidden=[16], codebook_size=4, vq_warmup_epochs=1,
