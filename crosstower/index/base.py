@@ -240,4 +240,3 @@ def _read_array(path: Path, name: str, spec: Any, mmap: bool) -> np.ndarray:
             f"{expected[0]}{list(expected[1])}"
         )
     return array
-

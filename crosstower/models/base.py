@@ -26,8 +26,9 @@ def item_prior(num_items: int, enabled: bool) -> nn.Embedding | None:
     """A learned per-item prior ``p_i`` added to a model's score (zero at the start), or None.
 
     Popularity is what shared or unit-length vectors express worst; one scalar per item carries
-    it so that the vectors, tokens or codes need only say what the user adds. Models keep it
-    as ``self.bias`` (checkpoints name it ``bias.weight``).
+    it so that the vectors, tokens or codes need only say what the user adds. The towers,
+    SparCode and late interaction keep it as ``self.bias`` (checkpoint key ``bias.weight``);
+    IntTower, whose ``bias`` is its global offset, as ``self.item_prior``.
     """
     if not enabled:
         return None

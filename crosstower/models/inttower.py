@@ -12,7 +12,7 @@ two-tower pre-ranker whose towers interact only at the top, through a MaxSim ove
   heads of ``d_h`` entries, ``P^u_l [H_u, d_h]`` (layer 1's head reads ``E'`` itself); one item
   head maps the item tower's *last* hidden output to ``P^i [H_i, d_h]``. The score is
 
-      s(u, i) = sum_l sum_a max_b <P^u_l[a], P^i[b]> + bias
+      s(u, i) = sum_l sum_a max_b <P^u_l[a], P^i[b]> + bias  (+ p_i with ``item_bias``)
 
   (dot products, max over item heads, sum over user heads and layers). Read as token sets, the
   ``L * H_u`` user heads against the ``H_i`` item heads, this is ColBERT's MaxSim without the
