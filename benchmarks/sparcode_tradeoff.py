@@ -84,8 +84,9 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        label = f"{r['dataset']} {r['protocol'].upper()}"
+    names = [f"{r['dataset']} {r['protocol'].upper()}" for r in results]
+    for r, name in zip(results, names):
+        label = f"{name} ({Path(r['run']).name})" if names.count(name) > 1 else name
         line = None
         for rule, style in (("top_l", "o-"), ("threshold", "s:"), ("usage", "^-.")):
             levels = [x for x in r["levels"] if x["rule"] == rule]
