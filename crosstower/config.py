@@ -70,6 +70,11 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
+    # Multiply the learning rate by lr_decay once more than lr_patience epochs in a row have not
+    # improved the validation metric (torch's ReduceLROnPlateau); 1.0 keeps the rate constant.
+    # A run on a plateau often gains a few points at a lower rate before patience stops it.
+    lr_decay: float = Field(1.0, gt=0, le=1)
+    lr_patience: int = Field(0, ge=0)
     seed: int = 0
     threads: int = Field(2, ge=1)
     history_length: int = Field(50, ge=0)
@@ -85,6 +90,16 @@ class TrainConfig(Strict):
     # Batches are built on the CPU either way; test scoring runs here too, the index is built
     # and the model saved on the CPU, so a run trained on a GPU serves and loads anywhere.
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+
+    @model_validator(mode="after")
+    def _decay_before_stop(self):
+        if self.lr_decay < 1 and self.patience <= self.lr_patience + 1:
+            raise ValueError(
+                f"patience {self.patience} stops the run before the learning rate can fall "
+                f"(after {self.lr_patience + 1} epochs without improvement); raise patience above "
+                f"lr_patience + 1 or set lr_decay 1"
+            )
+        return self
 
 
 class EvaluateConfig(Strict):

@@ -213,3 +213,74 @@ def test_cold_start_on_the_deezer_sample(tmp_path, shared_data):
     })
     results = run_experiment(config, tmp_path / "deezer", shared_data)
     assert results["protocol"] == "p3" and results["metrics"]["test"]["num_users"] == 5
+
+
+class ScriptedValidation:
+    """Replaces ``Trainer.validate`` with a fixed sequence of validation Recall@50, one per epoch,
+    so that which epochs improve (and hence when the learning rate falls) is known in advance."""
+
+    def __init__(self, values: list[float]):
+        self.values = list(values)
+
+    def __call__(self) -> dict[str, float]:  # set on the class, but a callable object is not bound
+        return {"recall@50": self.values.pop(0)}
+
+
+DECAY = {"lr": 0.01, "lr_decay": 0.5, "lr_patience": 0, "patience": 4}
+SCRIPT = [0.10, 0.20, 0.15, 0.15, 0.30, 0.25]
+
+
+def test_the_learning_rate_halves_after_each_epoch_without_improvement(tmp_path, tiny_data, monkeypatch):
+    dataset, split = tiny_data
+    monkeypatch.setattr(Trainer, "validate", ScriptedValidation(SCRIPT))
+    config = parse_config(tiny_config(epochs=6, **DECAY))
+    report = Trainer(build_model(config.model, dataset, "p2"), dataset, split, config, tmp_path).fit()
+    # Epochs 2 and 3 do not beat 0.20, so epochs 3 and 4 train at half the rate of the one before.
+    assert [h["lr"] for h in report.history] == pytest.approx([0.01, 0.01, 0.01, 0.005, 0.0025, 0.0025])
+    assert report.best_epoch == 4 and report.epochs_run == 6
+
+
+def test_a_constant_rate_by_default(tmp_path, tiny_data, monkeypatch):
+    dataset, split = tiny_data
+    monkeypatch.setattr(Trainer, "validate", ScriptedValidation(SCRIPT[:4]))
+    config = parse_config(tiny_config(epochs=4, lr=0.01))
+    report = Trainer(build_model(config.model, dataset, "p2"), dataset, split, config, tmp_path).fit()
+    assert [h["lr"] for h in report.history] == [0.01] * 4
+
+
+def test_resume_continues_the_schedule(tmp_path, tiny_data, monkeypatch):
+    dataset, split = tiny_data
+    full_cfg = parse_config(tiny_config(epochs=6, **DECAY))
+    (tmp_path / "full").mkdir()
+    monkeypatch.setattr(Trainer, "validate", ScriptedValidation(SCRIPT))
+    torch.manual_seed(0)
+    full = Trainer(build_model(full_cfg.model, dataset, "p2"), dataset, split, full_cfg, tmp_path / "full").fit()
+    (tmp_path / "resumed").mkdir()
+    monkeypatch.setattr(Trainer, "validate", ScriptedValidation(SCRIPT[:4]))
+    torch.manual_seed(0)
+    model = build_model(full_cfg.model, dataset, "p2")
+    Trainer(model, dataset, split, parse_config(tiny_config(epochs=4, **DECAY)), tmp_path / "resumed").fit()
+    monkeypatch.setattr(Trainer, "validate", ScriptedValidation(SCRIPT[4:]))
+    report = Trainer(model, dataset, split, full_cfg, tmp_path / "resumed").fit(resume=True)
+    assert report.resumed_from_epoch == 4
+    assert [h["lr"] for h in report.history] == [h["lr"] for h in full.history]
+    assert [h["loss"] for h in report.history] == pytest.approx([h["loss"] for h in full.history])
+
+
+def test_a_checkpoint_from_before_the_schedule_resumes_under_its_default(tmp_path, tiny_data):
+    dataset, split = tiny_data
+    model = build_model(parse_config(tiny_config()).model, dataset, "p2")
+    Trainer(model, dataset, split, parse_config(tiny_config(epochs=1)), tmp_path).fit()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    for key in ("lr_decay", "lr_patience"):  # what a checkpoint of an older crosstower holds
+        del state["config"]["train"][key]
+    del state["scheduler"]
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    report = Trainer(model, dataset, split, parse_config(tiny_config(epochs=2)), tmp_path).fit(resume=True)
+    assert report.resumed_from_epoch == 1 and report.epochs_run == 2
+
+
+def test_patience_that_stops_before_the_rate_can_fall_is_a_config_error():
+    with pytest.raises(ConfigError, match="train: .*patience 2 stops the run before the learning rate can fall"):
+        parse_config(tiny_config(lr_decay=0.5, lr_patience=1, patience=2))
+    parse_config(tiny_config(lr_decay=0.5, lr_patience=1, patience=3))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from crosstower.config import RunConfig
@@ -74,6 +75,12 @@ RESUMABLE_CHANGES = ("epochs", "max_minutes", "device", "threads")
 
 
 def _comparable_on_resume(config: dict) -> dict:
+    """``config`` with its defaults filled in (a checkpoint written before a setting existed
+    resumes under that setting's default) and without the settings a resumed run may change."""
+    try:
+        config = RunConfig.model_validate(config).model_dump(mode="json")
+    except ValidationError:
+        pass  # compared as written: it differs from any valid config, so resuming is refused
     train = {k: v for k, v in config.get("train", {}).items() if k not in RESUMABLE_CHANGES}
     return {**config, "train": train}
 
@@ -148,11 +155,12 @@ class Trainer:
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         metric = self.eval_cfg.early_stopping_metric
         higher = higher_is_better(metric)
+        scheduler = self._make_scheduler(optimizer, higher)
         report = TrainReport(best_value=-math.inf if higher else math.inf)
         best_state, bad_epochs = copy.deepcopy(self.model.state_dict()), 0
         checkpoint_path = self.workdir / "checkpoint.pt"
         if resume and checkpoint_path.exists():
-            report, best_state, bad_epochs = self._resume(checkpoint_path, optimizer)
+            report, best_state, bad_epochs = self._resume(checkpoint_path, optimizer, scheduler)
         started = time.perf_counter() - report.seconds
         for epoch in range(report.epochs_run, cfg.epochs):
             if report.stopped_early:
@@ -161,10 +169,12 @@ class Trainer:
             metrics = self.validate()
             value = metrics[metric]
             stats = self.model.training_stats()
-            report.history.append({"epoch": epoch, "loss": loss, **stats, **{f"val_{k}": v for k, v in metrics.items()}})
+            lr = optimizer.param_groups[0]["lr"]
+            report.history.append({"epoch": epoch, "loss": loss, "lr": lr, **stats,
+                                   **{f"val_{k}": v for k, v in metrics.items()}})
             report.epochs_run = epoch + 1
             extra = "".join(f" {k} {v:.3g}" for k, v in stats.items())
-            log.info("epoch %d loss %.4f val %s %.4f%s", epoch, loss, metric, value, extra)
+            log.info("epoch %d loss %.4f val %s %.4f lr %.3g%s", epoch, loss, metric, value, lr, extra)
             # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
             if epoch >= self.model.warmup_epochs:
                 if (value > report.best_value) if higher else (value < report.best_value):
@@ -172,6 +182,8 @@ class Trainer:
                     best_state = copy.deepcopy(self.model.state_dict())
                 else:
                     bad_epochs += 1
+                if scheduler is not None:
+                    scheduler.step(value)
             report.seconds = time.perf_counter() - started
             out_of_time = self._over_budget(report.seconds)
             if out_of_time and epoch < self.model.warmup_epochs:
@@ -185,10 +197,23 @@ class Trainer:
                 "model_name": self.config.model.name, "model": self.model.state_dict(),
                 "optimizer": optimizer.state_dict(), "report": dataclasses.asdict(report),
                 "best_state": best_state, "bad_epochs": bad_epochs,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "config": self._resumable_config(), "data": self.data_fingerprint,
             })
         self.model.load_state_dict(best_state)
         return report
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer, higher: bool):
+        """The plateau schedule of ``train.lr_decay`` (None for a constant rate).
+
+        ``threshold=0``: an epoch counts as an improvement exactly when early stopping says so.
+        """
+        cfg = self.train_cfg
+        if cfg.lr_decay >= 1:
+            return None
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max" if higher else "min", factor=cfg.lr_decay, patience=cfg.lr_patience, threshold=0.0
+        )
 
     def validate(self) -> dict[str, float]:
         """Validation metrics of the current model: pointwise under P4, full ranking otherwise."""
@@ -205,7 +230,7 @@ class Trainer:
         """The config a resumed run must share: everything but the budgets and where it runs."""
         return _comparable_on_resume(self.config.model_dump(mode="json"))
 
-    def _resume(self, path: Path, optimizer: torch.optim.Optimizer) -> tuple[TrainReport, dict, int]:
+    def _resume(self, path: Path, optimizer: torch.optim.Optimizer, scheduler) -> tuple[TrainReport, dict, int]:
         state = load_checkpoint(path, self.config.model.name)
         if _comparable_on_resume(state.get("config") or {}) != self._resumable_config():
             raise CheckpointError(f"{path}: written under a different config; rerun without --resume")
@@ -213,6 +238,8 @@ class Trainer:
             raise CheckpointError(f"{path}: written for different data; rerun without --resume")
         self.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         report = TrainReport(**state["report"])
         # A run stopped by its time budget goes on when resumed with a larger budget (or none),
         # so a long CPU training can be spread over several sessions; a patience stop stands.
