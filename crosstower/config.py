@@ -72,7 +72,7 @@ class TrainConfig(Strict):
     patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
     # Multiply the learning rate by lr_decay once more than lr_patience epochs in a row have not
     # improved the validation metric (torch's ReduceLROnPlateau); 1.0 keeps the rate constant.
-    # A run on a plateau often gains a few points at a lower rate before patience stops it.
+    # (On the synthetic default it did not lift late interaction's plateau: docs/results.md.)
     lr_decay: float = Field(1.0, gt=0, le=1)
     lr_patience: int = Field(0, ge=0)
     seed: int = 0

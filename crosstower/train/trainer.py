@@ -1,4 +1,5 @@
-"""The training loop: Adam, sampled softmax batches, early stopping on validation, resumable.
+"""The training loop: Adam (with an optional plateau learning-rate schedule), sampled softmax batches,
+early stopping on validation, resumable.
 
 Under protocol P4 (pre-ranking) the same loop trains pointwise instead: each epoch visits the
 labelled training rows in shuffled :class:`~crosstower.data.batching.PointwiseBatch` es and
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import ValidationError
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from crosstower.config import RunConfig
@@ -203,7 +205,7 @@ class Trainer:
         self.model.load_state_dict(best_state)
         return report
 
-    def _make_scheduler(self, optimizer: torch.optim.Optimizer, higher: bool):
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer, higher: bool) -> ReduceLROnPlateau | None:
         """The plateau schedule of ``train.lr_decay`` (None for a constant rate).
 
         ``threshold=0``: an epoch counts as an improvement exactly when early stopping says so.
@@ -211,7 +213,7 @@ class Trainer:
         cfg = self.train_cfg
         if cfg.lr_decay >= 1:
             return None
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        return ReduceLROnPlateau(
             optimizer, mode="max" if higher else "min", factor=cfg.lr_decay, patience=cfg.lr_patience, threshold=0.0
         )
 
@@ -230,7 +232,9 @@ class Trainer:
         """The config a resumed run must share: everything but the budgets and where it runs."""
         return _comparable_on_resume(self.config.model_dump(mode="json"))
 
-    def _resume(self, path: Path, optimizer: torch.optim.Optimizer, scheduler) -> tuple[TrainReport, dict, int]:
+    def _resume(
+        self, path: Path, optimizer: torch.optim.Optimizer, scheduler: ReduceLROnPlateau | None
+    ) -> tuple[TrainReport, dict, int]:
         state = load_checkpoint(path, self.config.model.name)
         if _comparable_on_resume(state.get("config") or {}) != self._resumable_config():
             raise CheckpointError(f"{path}: written under a different config; rerun without --resume")
