@@ -77,14 +77,17 @@ RESUMABLE_CHANGES = ("epochs", "max_minutes", "device", "threads")
 
 
 def _comparable_on_resume(config: dict) -> dict:
-    """``config`` with its defaults filled in (a checkpoint written before a setting existed
-    resumes under that setting's default) and without the settings a resumed run may change."""
-    try:
-        config = RunConfig.model_validate(config).model_dump(mode="json")
-    except ValidationError:
-        pass  # compared as written: it differs from any valid config, so resuming is refused
     train = {k: v for k, v in config.get("train", {}).items() if k not in RESUMABLE_CHANGES}
     return {**config, "train": train}
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with the defaults of settings added since it was written, so that it
+    resumes under them; one that no longer validates is returned as written (and refused)."""
+    try:
+        return RunConfig.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
 
 
 def set_seed(seed: int) -> None:
@@ -236,7 +239,7 @@ class Trainer:
         self, path: Path, optimizer: torch.optim.Optimizer, scheduler: ReduceLROnPlateau | None
     ) -> tuple[TrainReport, dict, int]:
         state = load_checkpoint(path, self.config.model.name)
-        if _comparable_on_resume(state.get("config") or {}) != self._resumable_config():
+        if _comparable_on_resume(_with_defaults(state.get("config") or {})) != self._resumable_config():
             raise CheckpointError(f"{path}: written under a different config; rerun without --resume")
         if state.get("data") != self.data_fingerprint:
             raise CheckpointError(f"{path}: written for different data; rerun without --resume")
