@@ -75,6 +75,10 @@ class TrainConfig(Strict):
     # (On the synthetic default it did not lift late interaction's plateau: docs/results.md.)
     lr_decay: float = Field(1.0, gt=0, le=1)
     lr_patience: int = Field(0, ge=0)
+    # Validate, select and save an exponential moving average of the weights, updated after every
+    # step with this decay (0 = off; 0.999 averages over about the last 1,000 steps). Training
+    # itself steps the live weights; see crosstower/train/averaging.py for why.
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     threads: int = Field(2, ge=1)
     history_length: int = Field(50, ge=0)

@@ -284,3 +284,57 @@ def test_patience_that_stops_before_the_rate_can_fall_is_a_config_error():
     with pytest.raises(ConfigError, match="train: .*patience 2 stops the run before the learning rate can fall"):
         parse_config(tiny_config(lr_decay=0.5, lr_patience=1, patience=2))
     parse_config(tiny_config(lr_decay=0.5, lr_patience=1, patience=3))
+
+
+def test_the_moving_average_is_what_is_validated_selected_and_saved(tmp_path, tiny_data):
+    dataset, split = tiny_data
+    config = parse_config(tiny_config(epochs=1, ema_decay=0.9, lr=0.01))
+    model = build_model(config.model, dataset, "p2")
+    report = Trainer(model, dataset, split, config, tmp_path).fit()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    averaged, live = state["average"], state["model"]
+    assert report.best_epoch == 0 and averaged is not None
+    assert any(not torch.equal(live[name], value) for name, value in averaged.items())
+    for name, value in model.state_dict().items():  # the trained model holds the average, buffers live
+        assert torch.equal(value, averaged.get(name, live[name])), name
+    # Validation scored the average: re-scoring the kept model gives the recorded value.
+    rescored = Trainer(model, dataset, split, config, tmp_path).validate()["recall@50"]
+    assert rescored == pytest.approx(report.history[0]["val_recall@50"])
+
+
+def test_the_average_starts_after_the_warm_up(tmp_path, tiny_data):
+    dataset, split = tiny_data
+    config = parse_config(tiny_config(epochs=1, ema_decay=0.9))
+    model = build_model(config.model, dataset, "p2")
+    model.warmup_epochs = 1  # as SparCode's unquantised epochs
+    Trainer(model, dataset, split, config, tmp_path).fit()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["average"] is None
+    Trainer(model, dataset, split, parse_config(tiny_config(epochs=2, ema_decay=0.9)), tmp_path).fit(resume=True)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["average"] is not None
+
+
+def test_resume_continues_the_moving_average_exactly(tmp_path, tiny_data):
+    dataset, split = tiny_data
+    full_cfg = parse_config(tiny_config(epochs=3, ema_decay=0.9))
+    torch.manual_seed(0)
+    full_model = build_model(full_cfg.model, dataset, "p2")
+    (tmp_path / "full").mkdir()
+    full = Trainer(full_model, dataset, split, full_cfg, tmp_path / "full").fit()
+    torch.manual_seed(0)
+    model = build_model(full_cfg.model, dataset, "p2")
+    (tmp_path / "resumed").mkdir()
+    Trainer(model, dataset, split, parse_config(tiny_config(epochs=1, ema_decay=0.9)), tmp_path / "resumed").fit()
+    report = Trainer(model, dataset, split, full_cfg, tmp_path / "resumed").fit(resume=True)
+    assert report.resumed_from_epoch == 1
+    assert [h["val_recall@50"] for h in report.history] == [h["val_recall@50"] for h in full.history]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, full_model.state_dict()[name]), name
+
+
+def test_the_average_is_off_by_default_and_its_decay_is_validated(tmp_path, tiny_data):
+    dataset, split = tiny_data
+    config = parse_config(tiny_config(epochs=1))
+    Trainer(build_model(config.model, dataset, "p2"), dataset, split, config, tmp_path).fit()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["average"] is None
+    with pytest.raises(ConfigError, match="ema_decay"):
+        parse_config(tiny_config(ema_decay=1.0))

@@ -1,5 +1,5 @@
-"""The training loop: Adam (with an optional plateau learning-rate schedule), sampled softmax batches,
-early stopping on validation, resumable.
+"""The training loop: Adam (with an optional plateau learning-rate schedule and an optional moving
+average of the weights), sampled softmax batches, early stopping on validation, resumable.
 
 Under protocol P4 (pre-ranking) the same loop trains pointwise instead: each epoch visits the
 labelled training rows in shuffled :class:`~crosstower.data.batching.PointwiseBatch` es and
@@ -17,6 +17,7 @@ refused rather than silently stitching two runs together.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -46,6 +47,7 @@ from crosstower.errors import CheckpointError, ConfigError, TrainingError
 from crosstower.evaluate.model_eval import evaluate_split
 from crosstower.evaluate.pre_ranking import evaluate_rows, higher_is_better, part_rows
 from crosstower.models.base import Recommender
+from crosstower.train.averaging import WeightAverage
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("crosstower.train")
@@ -163,16 +165,25 @@ class Trainer:
         scheduler = self._make_scheduler(optimizer, higher)
         report = TrainReport(best_value=-math.inf if higher else math.inf)
         best_state, bad_epochs = copy.deepcopy(self.model.state_dict()), 0
+        average: WeightAverage | None = None
         checkpoint_path = self.workdir / "checkpoint.pt"
         if resume and checkpoint_path.exists():
-            report, best_state, bad_epochs = self._resume(checkpoint_path, optimizer, scheduler)
+            report, best_state, bad_epochs, average = self._resume(checkpoint_path, optimizer, scheduler)
         started = time.perf_counter() - report.seconds
         for epoch in range(report.epochs_run, cfg.epochs):
             if report.stopped_early:
                 break
-            loss = self._train_epoch(epoch, optimizer)
-            metrics = self.validate()
-            value = metrics[metric]
+            if average is None:
+                average = self._start_average(epoch)
+            loss = self._train_epoch(epoch, optimizer, average)
+            # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
+            selectable = epoch >= self.model.warmup_epochs
+            with average.swapped_in() if average is not None else contextlib.nullcontext():
+                metrics = self.validate()
+                value = metrics[metric]
+                improved = selectable and ((value > report.best_value) if higher else (value < report.best_value))
+                if improved:
+                    best_state = copy.deepcopy(self.model.state_dict())
             stats = self.model.training_stats()
             lr = optimizer.param_groups[0]["lr"]
             report.history.append({"epoch": epoch, "loss": loss, "lr": lr, **stats,
@@ -180,15 +191,12 @@ class Trainer:
             report.epochs_run = epoch + 1
             extra = "".join(f" {k} {v:.3g}" for k, v in stats.items())
             log.info("epoch %d loss %.4f val %s %.4f lr %.3g%s", epoch, loss, metric, value, lr, extra)
-            # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
-            if epoch >= self.model.warmup_epochs:
-                if (value > report.best_value) if higher else (value < report.best_value):
-                    report.best_value, report.best_epoch, bad_epochs = value, epoch, 0
-                    best_state = copy.deepcopy(self.model.state_dict())
-                else:
-                    bad_epochs += 1
-                if scheduler is not None:
-                    scheduler.step(value)
+            if improved:
+                report.best_value, report.best_epoch, bad_epochs = value, epoch, 0
+            elif selectable:
+                bad_epochs += 1
+            if selectable and scheduler is not None:
+                scheduler.step(value)
             report.seconds = time.perf_counter() - started
             out_of_time = self._over_budget(report.seconds)
             if out_of_time and epoch < self.model.warmup_epochs:
@@ -203,6 +211,7 @@ class Trainer:
                 "optimizer": optimizer.state_dict(), "report": dataclasses.asdict(report),
                 "best_state": best_state, "bad_epochs": bad_epochs,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "average": average.state_dict() if average is not None else None,
                 "config": self._resumable_config(), "data": self.data_fingerprint,
             })
         self.model.load_state_dict(best_state)
@@ -219,6 +228,13 @@ class Trainer:
         return ReduceLROnPlateau(
             optimizer, mode="max" if higher else "min", factor=cfg.lr_decay, patience=cfg.lr_patience, threshold=0.0
         )
+
+    def _start_average(self, epoch: int) -> WeightAverage | None:
+        """The moving average of ``train.ema_decay``, started at the first selectable epoch (a
+        warm-up epoch trains another model, which the average must not remember)."""
+        if self.train_cfg.ema_decay == 0 or epoch < self.model.warmup_epochs:
+            return None
+        return WeightAverage(self.model, self.train_cfg.ema_decay)
 
     def validate(self) -> dict[str, float]:
         """Validation metrics of the current model: pointwise under P4, full ranking otherwise."""
@@ -237,7 +253,7 @@ class Trainer:
 
     def _resume(
         self, path: Path, optimizer: torch.optim.Optimizer, scheduler: ReduceLROnPlateau | None
-    ) -> tuple[TrainReport, dict, int]:
+    ) -> tuple[TrainReport, dict, int, WeightAverage | None]:
         state = load_checkpoint(path, self.config.model.name)
         if _comparable_on_resume(_with_defaults(state.get("config") or {})) != self._resumable_config():
             raise CheckpointError(f"{path}: written under a different config; rerun without --resume")
@@ -247,6 +263,10 @@ class Trainer:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
+        average = None
+        if state.get("average") is not None:
+            average = WeightAverage(self.model, self.train_cfg.ema_decay)
+            average.load_state_dict(state["average"])
         report = TrainReport(**state["report"])
         # A run stopped by its time budget goes on when resumed with a larger budget (or none),
         # so a long CPU training can be spread over several sessions; a patience stop stands.
@@ -254,9 +274,9 @@ class Trainer:
             report.stopped_early = report.out_of_time = self._over_budget(report.seconds)
         report.resumed_from_epoch = report.epochs_run
         log.info("resumed from %s after epoch %d", path, report.epochs_run)
-        return report, state["best_state"], state["bad_epochs"]
+        return report, state["best_state"], state["bad_epochs"], average
 
-    def _train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> float:
+    def _train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, average: WeightAverage | None) -> float:
         cfg = self.train_cfg
         size = len(self.train_rows) if self.pointwise else len(self.examples)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(size)
@@ -279,5 +299,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update()
             total += float(loss.detach()) * len(index)
         return total / max(1, len(order))
