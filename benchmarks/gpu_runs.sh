@@ -16,7 +16,7 @@ CT=${CT:-.venv/bin/crosstower}
 OUT=runs/gpu
 S="--set train.epochs=100 --set train.patience=5 --set train.max_minutes=5"
 IB="--set train.negatives.in_batch=true --set train.negatives.logq=true"
-T1="--set model.temperature=1.0"
+T1="--set model.temperature=1.0 --set train.ema_decay=0"
 
 run() {  # NAME CONFIG [OVERRIDES...]
   local name=$1 config=$2
@@ -42,7 +42,8 @@ done
 run m-sc ml100k-sparcode-sa-p2 $S
 wait
 
-# Issue 4, synthetic default: late-interaction variants (at temperature 1.0, the config's value then).
+# Issue 4, synthetic default: late-interaction variants (at temperature 1.0 and without the weight
+# average, the config's values then).
 run s-colbert-p64 synthetic-colbert-p2 $S $T1 --set model.projection_dim=64
 run s-colbert-d128 synthetic-colbert-p2 $S $T1 --set model.dim=128 --set model.projection_dim=64
 run s-colbert-n100 synthetic-colbert-p2 $S $T1 --set train.negatives.num=100
