@@ -2,7 +2,8 @@
 # Produce the issue-4 numbers in docs/results.md (interaction-rich scorers and pre-ranking): one
 # `crosstower run` per config, one at a time on one thread each, then the tables, the
 # late-interaction index sweep and the scoring costs. The cross encoders dominate: about 5.5 hours
-# for the 17 synthetic epochs on one CPU thread, minutes on a GPU (DEVICE=cuda trains every run
+# for the 17 synthetic epochs on one CPU thread (ml100k-cross-p1's 20-minute budget buys only one
+# or two epochs there: its recorded run trained on a GPU), minutes on a GPU (DEVICE=cuda trains every run
 # there, given a CUDA build of torch in .venv; indexes, serving and saved models stay on the CPU).
 #   [DEVICE=cuda] bash benchmarks/issue4_runs.sh [DATA_DIR]
 set -euo pipefail
@@ -13,7 +14,7 @@ RUNS=(
   synthetic-colbert-p2 synthetic-mvke-p2 synthetic-inttower-p2
   ml100k-twotower-p4 ml100k-inttower-p4 ml100k-mvke-p4 ml100k-colbert-p4 ml100k-cross-p4
   ml100k-mvke-p2 ml100k-mvke-p1 ml100k-inttower-p2 ml100k-inttower-p1 ml100k-colbert-p2
-  ml100k-cross-p2 synthetic-cross-p2
+  ml100k-colbert-p1 ml100k-cross-p2 ml100k-cross-p1 synthetic-cross-p2
 )
 for name in "${RUNS[@]}"; do
   .venv/bin/crosstower run "configs/$name.yaml" --data-dir "$DATA_DIR" --set train.threads=1 \
