@@ -11,6 +11,8 @@
 #
 # The recorded runs ran 17 side by side on one H200 (one CPU thread each), each with a 5-minute
 # training budget, then the trade-off of each SparCode run (benchmarks/sparcode_tradeoff.py).
+# There crosstower ran from the source tree over the machine's CUDA torch:
+#   CT="python3 -m crosstower.cli" PY=python3 bash benchmarks/gpu_recipe_runs.sh DATA_DIR runs/gr
 # A quick check of the commands on a machine without a GPU: DEVICE=cpu MINUTES=0.01 EPOCHS=1
 # DATASETS=synthetic EXTRA="--set dataset.options.num_users=300 --set dataset.options.num_items=200".
 set -euo pipefail
