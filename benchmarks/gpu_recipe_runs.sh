@@ -66,7 +66,7 @@ done
 # Issue 4: the cross encoder under P1 (its config as it is, on the GPU budget).
 launch m-cross-p1 ml100k-cross-p1 --set train.max_minutes="${MINUTES:-5}"
 fi
-wait || true
+wait  # no arguments: waits for every run and returns 0, so one failed run stops nothing
 
 # What each SparCode run serves from a pruned index (usage, top-L and threshold rules).
 for dir in "$OUT"/*-sc-*/; do
@@ -75,4 +75,4 @@ for dir in "$OUT"/*-sc-*/; do
   $PY benchmarks/sparcode_tradeoff.py "$dir" --data-dir "$DATA_DIR" --fractions 0.1 0.01 \
     --out "$OUT/$name-tradeoff.json" > "$OUT/$name-tradeoff.log" 2>&1 &
 done
-wait || true
+wait
