@@ -33,19 +33,24 @@ class SplitConfig(Strict):
     # between is dropped. Filled with 4 and 2 under p4 (IntTower's MovieLens labels); null otherwise.
     positive_min: float | None = None
     negative_max: float | None = None
+    # P4 only: what a training row reads as its user's and item's rating statistics.
+    # "ordered" (filled under p4): those of the entity's training rows before the row's time;
+    # "entity": those of all the entity's training rows, the row's own rating included (a target
+    # leak, kept to reproduce the earlier tables). See crosstower/data/features.py.
+    train_statistics: Literal["ordered", "entity"] | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _p4_thresholds(cls, data: Any) -> Any:
+    def _p4_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("protocol") == "p4":
-            defaults = {"positive_min": 4.0, "negative_max": 2.0}
+            defaults = {"positive_min": 4.0, "negative_max": 2.0, "train_statistics": "ordered"}
             data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
         return data
 
     @model_validator(mode="after")
     def _thresholds_only_for_p4(self):
         if self.protocol != "p4":
-            for key in ("positive_min", "negative_max"):
+            for key in ("positive_min", "negative_max", "train_statistics"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} is used by protocol p4 only (protocol is {self.protocol}); remove it")
         elif self.negative_max >= self.positive_min:

@@ -3,6 +3,7 @@ histories and statistics, pointwise training and AUC / GAUC / log loss end to en
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,13 +15,16 @@ from crosstower.cli import format_table
 from crosstower.config import parse_config
 from crosstower.data.batching import PointwiseRows, eval_user_input
 from crosstower.data.dataset import build_dataset
-from crosstower.data.features import add_train_statistics, train_statistics
+from crosstower.data.features import (
+    add_train_statistics, ordered_row_statistics, ordered_statistics, standardise, train_statistics,
+)
 from crosstower.data.loaders import load_dataset
 from crosstower.data.splits import LABEL, Split, make_split
 from crosstower.errors import ConfigError, DataError
 from crosstower.evaluate.pre_ranking import evaluate_rows, part_rows
 from crosstower.models import build_model
 from crosstower.models.base import Recommender
+from crosstower.nn.fields import FieldEmbedder, row_values
 from crosstower.run import reevaluate, run_experiment, with_split_features
 from crosstower.train.trainer import Trainer
 from tests.helpers import rated_dataset, rated_frames
@@ -226,6 +230,114 @@ def test_statistics_do_not_change_when_validation_or_test_ratings_change():
     assert not np.array_equal(enriched.users.values["user_mean_rating"], changed_enriched.users.values["user_mean_rating"])
 
 
+def test_ordered_statistics_match_a_slow_reference():
+    """Each row reads the mean rating and log count of its entity's rows strictly before its
+    time stamp (rows at the same time stamp do not see each other); none: the global mean."""
+    rng = np.random.default_rng(3)
+    n = 400
+    train = pd.DataFrame({"user": rng.integers(0, 12, n), "item": rng.integers(0, 25, n),
+                          "timestamp": rng.integers(0, 40, n), "rating": rng.integers(1, 6, n).astype(float)})
+    stats = ordered_statistics(train, num_users=12, num_items=25)
+    for side in ("user", "item"):
+        for row in range(n):
+            earlier = train[(train[side] == train[side][row]) & (train["timestamp"] < train["timestamp"][row])]
+            mean = earlier["rating"].mean() if len(earlier) else train["rating"].mean()
+            assert stats[f"{side}_mean_rating"][row] == pytest.approx(mean), (side, row)
+            assert stats[f"{side}_train_count"][row] == pytest.approx(np.log1p(len(earlier))), (side, row)
+
+
+def test_a_training_row_never_reads_its_own_rating(rated):
+    """Changing one training row's rating leaves that row's ordered statistics alone, moves a
+    later row's of the same user, and moves the entity statistics (the leak ordered ones avoid)."""
+    dataset, split = rated
+    train = split.labelled["train"]
+    user = int(train["user"].iloc[0])
+    rows = np.flatnonzero(train["user"].to_numpy() == user)
+    row = rows[np.argmin(train["timestamp"].to_numpy()[rows])]
+    later = rows[train["timestamp"].to_numpy()[rows] > train["timestamp"].iloc[row]][0]
+    changed = train.copy()
+    changed.loc[row, "rating"] = 6 - changed.loc[row, "rating"]
+    before = ordered_statistics(train, dataset.num_users, dataset.num_items)["user_mean_rating"]
+    after = ordered_statistics(changed, dataset.num_users, dataset.num_items)["user_mean_rating"]
+    assert before[row] == pytest.approx(after[row], abs=0.02)  # only the global mean's share moves
+    assert before[later] != pytest.approx(after[later], abs=0.1)
+    entity = train_statistics(train, dataset.num_users, dataset.num_items)["user_mean_rating"][user]
+    assert entity != pytest.approx(train_statistics(changed, dataset.num_users, dataset.num_items)["user_mean_rating"][user])
+
+
+def test_ordered_row_statistics_use_the_tables_standardisation(rated):
+    dataset, split = rated
+    train = split.labelled["train"]
+    rows = ordered_row_statistics(dataset, split)
+    raw = ordered_statistics(train, dataset.num_users, dataset.num_items)
+    entity = train_statistics(train, dataset.num_users, dataset.num_items)
+    assert set(rows) == {"user", "item"} and set(rows["item"]) == {"item_mean_rating", "item_train_count"}
+    for side in ("user", "item"):
+        for name, values in rows[side].items():
+            assert len(values) == len(train) and values.dtype == np.float32
+            expected = (raw[name] - entity[name].mean()) / entity[name].std()
+            assert np.allclose(values, expected, atol=1e-5), name
+    assert np.allclose(standardise(entity["item_mean_rating"]), add_train_statistics(dataset, split).items.values["item_mean_rating"])
+
+
+def test_row_values_replace_the_table_only_for_the_given_index_tensor(rated):
+    dataset, split = rated
+    embedder = FieldEmbedder(add_train_statistics(dataset, split).users, 4)
+    users = torch.tensor([3, 1, 3])
+    own = torch.tensor([0.5, -1.0, 2.0])
+    with torch.no_grad(), row_values(embedder, {"user_mean_rating": (users, own)}):
+        tokens = embedder(users)
+        other = embedder(users.clone())  # the same ids in another tensor: the table's values
+    column = embedder.names.index("user_mean_rating")
+    with torch.no_grad():
+        assert torch.allclose(tokens[:, column], embedder.embeddings["user_mean_rating"](own[:, None]))
+        assert torch.allclose(other, embedder(users))
+        assert not torch.allclose(tokens[0, column], tokens[2, column])  # one user, two rows, two values
+        unchanged = [i for i in range(len(embedder.names)) if i != column]
+        assert torch.allclose(tokens[:, unchanged], other[:, unchanged])
+    with pytest.raises(RuntimeError, match="user_mean_rating.*never read"):
+        with row_values(embedder, {"user_mean_rating": (users, own)}):
+            embedder(users.clone())
+    assert embedder.row_values == {}  # the block always restores the table
+
+
+P4_MODELS = {
+    "youtubednn": {"name": "youtubednn", "similarity": "dot", "item_bias": True, "embedding_dim": 8,
+                   "output_dim": 8, "user_hidden": [16]},
+    "inttower": {"name": "inttower", "embedding_dim": 8, "user_hidden": [16, 8], "item_hidden": [16, 8]},
+    "mvke": {"name": "mvke", "kernels": 2, "dim": 8, "expert_hidden": [16], "item_hidden": [16]},
+    "colbert": {"name": "colbert", "dim": 16, "heads": 2, "user_layers": 1, "item_layers": 1, "projection_dim": 8},
+    "cross": {"name": "cross", "dim": 16, "heads": 2, "layers": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(P4_MODELS))
+def test_every_p4_model_reads_a_rows_own_statistics(rated, name):
+    """A P4 model's pointwise loss reads the rows' values on each side: the tables' own values
+    give the loss without any, the ordered ones of either side another (no model ignores them)."""
+    dataset, split = rated
+    enriched = with_split_features(dataset, split)
+    model = build_model(parse_config({**p4_config("dssm"), "model": P4_MODELS[name]}).model, enriched, "p4").eval()
+    rows = part_rows(split, "train", dataset.num_users, 10, ordered_row_statistics(dataset, split))
+    batch = rows.batch(np.arange(64))
+    plain = dataclasses.replace(batch, user_values={}, item_values={})
+    from_tables = dataclasses.replace(
+        batch,
+        user_values={n: torch.from_numpy(enriched.users.values[n])[batch.user.users] for n in batch.user_values},
+        item_values={n: torch.from_numpy(enriched.items.values[n])[batch.items] for n in batch.item_values},
+    )
+
+    def loss(b) -> float:
+        with torch.no_grad(), row_values(model, b.row_values()):
+            return float(model.pointwise_loss(b)[0])
+
+    reference = loss(plain)
+    assert loss(from_tables) == pytest.approx(reference, rel=1e-5)
+    for side in ("user", "item"):
+        one_side = dataclasses.replace(batch, **{f"{other}_values": {} for other in ("user", "item") if other != side})
+        assert loss(one_side) != pytest.approx(reference, abs=1e-6), side
+
+
 # ------------------------------------------------------------------------------------- models
 
 
@@ -254,6 +366,8 @@ def test_score_pairs_is_the_diagonal_of_score(rated):
     ({"split": {"protocol": "p1"}, "evaluate": {"early_stopping_metric": "auc"}}, "are protocol p4's"),
     ({"split": {"protocol": "p1", "positive_min": 4}}, "positive_min is used by protocol p4 only"),
     ({"split": {"protocol": "p4", "positive_min": 3, "negative_max": 3}}, "must be below positive_min"),
+    ({"split": {"protocol": "p2", "train_statistics": "ordered"}}, "train_statistics is used by protocol p4 only"),
+    ({"split": {"protocol": "p4", "train_statistics": "leave_one_out"}}, "split.train_statistics"),
     ({"split": {"protocol": "p5"}}, "split.protocol"),
 ])
 def test_invalid_p4_configs(changes, fragment):
@@ -270,8 +384,10 @@ def test_p4_config_defaults():
     config = parse_config(raw)  # no sampled negatives needed, auc by default
     assert config.evaluate.early_stopping_metric == "auc"
     assert (config.split.positive_min, config.split.negative_max) == (4.0, 2.0)
+    assert config.split.train_statistics == "ordered"
     p1 = parse_config({"split": {"protocol": "p1"}, "model": {"name": "dssm"}})
     assert p1.split.positive_min is None and p1.evaluate.early_stopping_metric == "recall@50"
+    assert p1.split.train_statistics is None
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -349,6 +465,32 @@ def test_pointwise_loss_is_what_the_trainer_minimises(tmp_path, rated_folder, mo
     monkeypatch.setattr(model, "loss", lambda batch: pytest.fail("P4 must not call model.loss"))
     Trainer(model, dataset, split, config, tmp_path).fit()
     assert sum(calls) == len(split.labelled["train"])
+
+
+@pytest.mark.parametrize("mode", ["ordered", "entity"])
+def test_the_trainer_feeds_the_configured_statistics(tmp_path, rated_folder, monkeypatch, mode):
+    """Ordered statistics (the default) reach the training batches as per-row values, read by
+    the model; entity statistics leave the tables' values in place."""
+    raw = p4_config(path=str(rated_folder), epochs=1)
+    raw["split"]["train_statistics"] = mode
+    config = parse_config(raw)
+    dataset = load_dataset("generic", rated_folder, GENERIC_OPTIONS)
+    split = make_split(dataset, "p4")
+    dataset = with_split_features(dataset, split)
+    model = build_model(config.model, dataset, "p4")
+    seen = []
+    original = model.item_fields.forward
+
+    def spy(index):
+        seen.append(set(model.item_fields.row_values))
+        return original(index)
+
+    monkeypatch.setattr(model.item_fields, "forward", spy)
+    trainer = Trainer(model, dataset, split, config, tmp_path)
+    expected = {"item_mean_rating", "item_train_count"} if mode == "ordered" else set()
+    assert set(trainer.train_rows.item_values) == expected
+    trainer.fit()
+    assert seen and seen[0] == expected
 
 
 def test_logloss_early_stopping_keeps_the_lowest(tmp_path, rated_folder):

@@ -89,12 +89,27 @@ class PointwiseBatch:
     user: UserInput  # [B] users with their histories before each row
     items: torch.Tensor  # int64 [B] the row's item
     labels: torch.Tensor  # float [B] 1.0 positive, 0.0 negative
+    # Per-row values of user and item fields that replace the tables' (P4's ordered statistics
+    # of training rows), each [B]; read through crosstower.nn.fields.row_values.
+    user_values: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    item_values: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def to(self, device: torch.device | str) -> "PointwiseBatch":
-        return PointwiseBatch(self.user.to(device), self.items.to(device), self.labels.to(device))
+        return PointwiseBatch(
+            self.user.to(device), self.items.to(device), self.labels.to(device),
+            {n: v.to(device) for n, v in self.user_values.items()}, {n: v.to(device) for n, v in self.item_values.items()},
+        )
+
+    def row_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Field name -> (the index tensor the model embeds, the rows' values), as
+        :func:`crosstower.nn.fields.row_values` takes them."""
+        return {
+            **{name: (self.user.users, values) for name, values in self.user_values.items()},
+            **{name: (self.items, values) for name, values in self.item_values.items()},
+        }
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
@@ -147,12 +162,19 @@ class PointwiseRows:
     a training row never sees its own or a simultaneous interaction, and a validation or test
     row sees training data only. ``training`` gives the rows YouTubeDNN's example age (relative
     to the newest row, as :class:`TrainExamples`); evaluation rows get age 0, as at serving.
+    ``user_values`` / ``item_values`` (field name -> one value per row) replace the side tables'
+    values of those fields for these rows (P4's ordered statistics of training rows).
     """
 
     def __init__(
         self, rows: pd.DataFrame, train_positives: pd.DataFrame, history_length: int, num_users: int,
-        training: bool = False,
+        training: bool = False, user_values: dict[str, np.ndarray] | None = None,
+        item_values: dict[str, np.ndarray] | None = None,
     ):
+        self.user_values, self.item_values = dict(user_values or {}), dict(item_values or {})
+        for name, values in {**self.user_values, **self.item_values}.items():
+            if len(values) != len(rows):
+                raise ValueError(f"per-row values of field '{name}': {len(values)} values for {len(rows)} rows")
         self.users = rows[USER].to_numpy(np.int64)
         self.items = rows[ITEM].to_numpy(np.int64)
         self.labels = rows[LABEL].to_numpy(np.float32)
@@ -191,5 +213,7 @@ class PointwiseRows:
     def batch(self, index: np.ndarray) -> PointwiseBatch:
         """Rows ``index`` as a :class:`PointwiseBatch`."""
         return PointwiseBatch(
-            self.user_input(index), torch.from_numpy(self.items[index]), torch.from_numpy(self.labels[index])
+            self.user_input(index), torch.from_numpy(self.items[index]), torch.from_numpy(self.labels[index]),
+            {n: torch.from_numpy(v[index]) for n, v in self.user_values.items()},
+            {n: torch.from_numpy(v[index]) for n, v in self.item_values.items()},
         )

@@ -11,6 +11,15 @@ every statistic is computed from the **training rows of the split only**:
 They become ``numeric`` fields, standardised like every numeric field (zero mean, unit variance
 over the side's entities; a fixed affine map of train-only numbers), so every model reads them
 through its field embedder with no special case. Validation and test ratings never enter.
+
+A training row must not read its own rating either: the entity statistics above contain it (a
+user's mean over 10 rows is a tenth the row's label), so a model trained on them learns to trust
+the mean more than it deserves on validation and test rows. Under ``split.train_statistics:
+ordered`` (the default) each training row therefore reads **ordered statistics**
+(:func:`ordered_row_statistics`): those of the entity's training rows strictly before the row's
+time stamp, the rule its history follows and CatBoost's "ordered target statistics". Leaving out
+only the row itself would not do: given the entity, a leave-one-out mean falls as the row's rating
+rises, so a model that knows the entity could read the label back.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from crosstower.data.dataset import ITEM, RATING, USER, Dataset
+from crosstower.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from crosstower.data.schema import FeatureTable, Field, FieldKind
 from crosstower.data.splits import Split
 from crosstower.errors import DataError
@@ -52,12 +61,61 @@ def train_statistics(train: pd.DataFrame, num_users: int, num_items: int) -> dic
     return out
 
 
+def ordered_statistics(train: pd.DataFrame, num_users: int, num_items: int) -> dict[str, np.ndarray]:
+    """Raw statistics of each row of ``train`` (columns user, item, timestamp, rating), computed
+    from the same entity's rows with an earlier time stamp only; one float64 array per field
+    name, aligned with ``train``'s rows. A row with no earlier row reads count 0 and the global
+    training mean, as an entity with no training row does in :func:`train_statistics`."""
+    if len(train) == 0:
+        raise DataError("P4 statistics: no training rows")
+    ratings = train[RATING].to_numpy(np.float64)
+    times = train[TIME].to_numpy(np.int64)
+    global_mean = ratings.mean()
+    out = {}
+    for side, column in SIDES.items():
+        entity = train[column].to_numpy(np.int64)
+        order = np.lexsort((times, entity))
+        sorted_entity, sorted_time = entity[order], times[order]
+        # Sums over all earlier rows of the sorted order, then rewound to the first row of each
+        # (entity, time) run so that rows at the same time stamp do not see each other...
+        cumulative = np.concatenate([[0.0], np.cumsum(ratings[order])])
+        new_run = np.ones(len(order), dtype=bool)
+        new_run[1:] = (sorted_entity[1:] != sorted_entity[:-1]) | (sorted_time[1:] != sorted_time[:-1])
+        run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(order)), 0))
+        # ...and less the sums before the entity's first row.
+        new_entity = np.ones(len(order), dtype=bool)
+        new_entity[1:] = sorted_entity[1:] != sorted_entity[:-1]
+        entity_start = np.maximum.accumulate(np.where(new_entity, np.arange(len(order)), 0))
+        count = (run_start - entity_start).astype(np.float64)
+        total = cumulative[run_start] - cumulative[entity_start]
+        mean = np.divide(total, count, out=np.full(len(order), global_mean), where=count > 0)
+        for name, values in ((f"{side}_mean_rating", mean), (f"{side}_train_count", np.log1p(count))):
+            out[name] = np.empty(len(order))
+            out[name][order] = values
+    return out
+
+
+def ordered_row_statistics(dataset: Dataset, split: Split) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`ordered_statistics` of ``split``'s labelled training rows, standardised by the same
+    affine map as the entity statistics in the tables (so a row whose earlier rows are all of the
+    entity's rows reads exactly the table's value): side ("user", "item") -> field name -> float32
+    values aligned with the rows."""
+    train = _labelled_train(split)
+    entity = train_statistics(train, dataset.num_users, dataset.num_items)
+    rows = ordered_statistics(train, dataset.num_users, dataset.num_items)
+    return {side: {n: standardise(rows[n], reference=entity[n]) for n in field_names(side)} for side in SIDES}
+
+
+def _labelled_train(split: Split) -> pd.DataFrame:
+    if split.labelled is None:
+        raise DataError(f"split {split.protocol}: has no labelled rows to compute P4 statistics from")
+    return split.labelled["train"]
+
+
 def add_train_statistics(dataset: Dataset, split: Split) -> Dataset:
     """A copy of ``dataset`` whose user and item tables also hold the P4 statistics of
     ``split``'s labelled training rows; the original dataset is left unchanged."""
-    if split.labelled is None:
-        raise DataError(f"split {split.protocol}: has no labelled rows to compute P4 statistics from")
-    stats = train_statistics(split.labelled["train"], dataset.num_users, dataset.num_items)
+    stats = train_statistics(_labelled_train(split), dataset.num_users, dataset.num_items)
     tables = {}
     for side, table in (("user", dataset.users), ("item", dataset.items)):
         clash = [n for n in field_names(side) if n in table]
@@ -70,7 +128,9 @@ def add_train_statistics(dataset: Dataset, split: Split) -> Dataset:
     return dataclasses.replace(dataset, users=tables["user"], items=tables["item"])
 
 
-def standardise(values: np.ndarray) -> np.ndarray:
-    """z-score over the side's entities (a constant column becomes zeros), float32."""
-    std = values.std()
-    return ((values - values.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+def standardise(values: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """z-score by the mean and standard deviation of ``reference`` (default ``values`` itself:
+    the side's entities; a constant reference leaves a shift only), float32."""
+    reference = values if reference is None else reference
+    std = reference.std()
+    return ((values - reference.mean()) / (std if std > 0 else 1.0)).astype(np.float32)

@@ -62,11 +62,20 @@ def evaluate_rows(model: Recommender, rows: PointwiseRows) -> tuple[dict[str, fl
     return metrics, time.perf_counter() - start
 
 
-def part_rows(split: Split, part: str, num_users: int, history_length: int) -> PointwiseRows:
-    """The labelled rows of ``part`` ("train", "val" or "test") with their model input."""
+def part_rows(
+    split: Split, part: str, num_users: int, history_length: int,
+    row_statistics: dict[str, dict[str, np.ndarray]] | None = None,
+) -> PointwiseRows:
+    """The labelled rows of ``part`` ("train", "val" or "test") with their model input;
+    ``row_statistics`` (side -> field -> one value per row, from
+    :func:`~crosstower.data.features.ordered_row_statistics`) replace the tables' statistics."""
     if split.labelled is None:
         raise ValueError(f"split {split.protocol} has no labelled rows (protocol p4 only)")
-    return PointwiseRows(split.labelled[part], split.train, history_length, num_users, training=part == "train")
+    stats = row_statistics or {}
+    return PointwiseRows(
+        split.labelled[part], split.train, history_length, num_users, training=part == "train",
+        user_values=stats.get("user"), item_values=stats.get("item"),
+    )
 
 
 def evaluate_labelled(

@@ -119,7 +119,9 @@ class CrossEncoder(Recommender):
 
     # ---- the model contract ------------------------------------------------------------------
     def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
-        return self.forward_candidates(user, items[:, None]).scores
+        """Each row's item is tokenised from ``items`` itself, not deduplicated: a P4 training
+        row may read its own item statistics (:func:`crosstower.nn.fields.row_values`)."""
+        return self.forward_pairs(self.substrate.users(user), self.substrate.items(items)).scores
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, N]``, ``pair_chunk`` pairs per transformer call (memory grows with pairs)."""
         b, n = len(user), len(items)

@@ -280,9 +280,12 @@ class IntTower(Recommender):
         return (torch.cat(columns, dim=1) if columns else user_heads.new_zeros(user_heads.shape[0], 0)) + self.bias
 
     def _pairs(self, user: UserInput, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits ``[B]`` of user ``b`` with item ``items[b]``, and the CIR vectors ``z_u``, ``z_i``."""
+        """Logits ``[B]`` of user ``b`` with item ``items[b]``, and the CIR vectors ``z_u``, ``z_i``.
+
+        Each row's item is encoded from ``items`` itself, not deduplicated: a P4 training row
+        may read its own item statistics (:func:`crosstower.nn.fields.row_values`)."""
         layer_heads = self.user_layer_heads(user)
-        item_heads = self._candidate_heads(items)
+        item_heads = self.encode_item_heads(items)
         logits = fe_score_pairs(layer_heads.flatten(1, 2), item_heads[:, None])[:, 0] + self.bias + self._prior(items)
         return logits, *self.cir_vectors(layer_heads, item_heads)
 

@@ -7,6 +7,9 @@ builds on these ``[n, F, d]`` tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -34,6 +37,9 @@ class FieldEmbedder(nn.Module):
                 nn.init.normal_(emb.weight, std=0.05)
                 with torch.no_grad():
                     emb.weight[0].zero_()
+        # Set only inside `row_values`: field name -> (the rows' index tensor, their values).
+        self.row_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.applied: set[str] = set()
 
     @property
     def num_fields(self) -> int:
@@ -42,11 +48,20 @@ class FieldEmbedder(nn.Module):
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         """Tokens of entities ``index`` (any shape S) -> ``[*S, F, dim]``."""
         flat = index.reshape(-1)
-        tokens = [self._embed(name, flat) for name in self.names]
+        tokens = [self._embed(name, flat, self._row_values(name, index)) for name in self.names]
         return torch.stack(tokens, dim=1).reshape(*index.shape, len(self.names), -1)
 
-    def _embed(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        values = getattr(self, f"values_{name}")[index]
+    def _row_values(self, name: str, index: torch.Tensor) -> torch.Tensor | None:
+        """The per-row values of field ``name`` when ``index`` is the very tensor they were given
+        for (see :func:`row_values`), else None."""
+        rows = self.row_values.get(name)
+        if rows is None or rows[0] is not index:
+            return None
+        self.applied.add(name)
+        return rows[1]
+
+    def _embed(self, name: str, index: torch.Tensor, row_values: torch.Tensor | None = None) -> torch.Tensor:
+        values = getattr(self, f"values_{name}")[index] if row_values is None else row_values
         kind, emb = self.kinds[name], self.embeddings[name]
         if kind == FieldKind.CATEGORICAL:
             return emb(values)
@@ -56,6 +71,36 @@ class FieldEmbedder(nn.Module):
         if kind == FieldKind.NUMERIC:
             return emb(values.unsqueeze(-1))
         return emb(values)
+
+
+@contextmanager
+def row_values(model: nn.Module, rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Within the block, every :class:`FieldEmbedder` of ``model`` that holds field ``name`` and
+    is called on the very index tensor ``rows[name][0]`` reads ``rows[name][1]`` (one value per
+    index entry) for that field instead of its table's entries.
+
+    This is how a P4 training row reads statistics of its own time (``split.train_statistics:
+    ordered``) while the tables keep the values validation, test and serving read. Matching the
+    tensor object, not its shape, means no other call (a history, a deduplicated item set) can
+    pick the values up by accident; a model that embeds the rows some other way, so that a field
+    it holds is never overridden, raises here instead of training on the table's values.
+    """
+    embedders = [m for m in model.modules() if isinstance(m, FieldEmbedder)]
+    for embedder in embedders:
+        embedder.row_values = {name: pair for name, pair in rows.items() if name in embedder.names}
+        embedder.applied = set()
+    try:
+        yield
+        held = {name for e in embedders for name in e.row_values}
+        applied = set().union(*(e.applied for e in embedders))
+        if held - applied:
+            raise RuntimeError(
+                f"{type(model).__name__}: per-row values of field(s) {sorted(held - applied)} were never read; "
+                "the model must embed the rows from the index tensor it was given"
+            )
+    finally:
+        for embedder in embedders:
+            embedder.row_values, embedder.applied = {}, set()
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from crosstower.config import RunConfig
 from crosstower.data.batching import PointwiseRows, TrainBatch, TrainExamples
 from crosstower.data.dataset import Dataset
+from crosstower.data.features import ordered_row_statistics
 from crosstower.data.sampling import (
     CandidatePool,
     NegativeSampler,
@@ -47,6 +48,7 @@ from crosstower.errors import CheckpointError, ConfigError, TrainingError
 from crosstower.evaluate.model_eval import evaluate_split
 from crosstower.evaluate.pre_ranking import evaluate_rows, higher_is_better, part_rows
 from crosstower.models.base import Recommender
+from crosstower.nn.fields import row_values
 from crosstower.train.averaging import WeightAverage
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -114,7 +116,9 @@ class Trainer:
         self.val_rows: PointwiseRows | None = None
         if self.pointwise:
             length = self.train_cfg.history_length
-            self.train_rows = part_rows(split, "train", dataset.num_users, length)
+            ordered = config.split.train_statistics == "ordered"
+            stats = ordered_row_statistics(dataset, split) if ordered else None
+            self.train_rows = part_rows(split, "train", dataset.num_users, length, stats)
             self.val_rows = part_rows(split, "val", dataset.num_users, length)
         self.sampler = None if self.pointwise else self._make_sampler(counts)
         unigram = torch.as_tensor(counts + 1e-12, dtype=torch.float64)
@@ -292,7 +296,8 @@ class Trainer:
         for index in progress:
             batch = self.train_rows.batch(index) if self.pointwise else self.make_batch(index, generator)
             batch = batch.to(device)
-            with autocast:
+            rows = row_values(self.model, batch.row_values()) if self.pointwise else contextlib.nullcontext()
+            with autocast, rows:
                 loss, _ = self.model.pointwise_loss(batch) if self.pointwise else self.model.loss(batch)
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr (now {cfg.lr})")
