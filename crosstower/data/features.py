@@ -97,9 +97,9 @@ def ordered_statistics(train: pd.DataFrame, num_users: int, num_items: int) -> d
 
 def ordered_row_statistics(dataset: Dataset, split: Split) -> dict[str, dict[str, np.ndarray]]:
     """:func:`ordered_statistics` of ``split``'s labelled training rows, standardised by the same
-    affine map as the entity statistics in the tables (so a row whose earlier rows are all of the
-    entity's rows reads exactly the table's value): side ("user", "item") -> field name -> float32
-    values aligned with the rows."""
+    affine map as the entity statistics in the tables (so that a mean rating of 4 is one number
+    to the model whether a training row or a test row reads it): side ("user", "item") -> field
+    name -> float32 values aligned with the rows."""
     train = _labelled_train(split)
     entity = train_statistics(train, dataset.num_users, dataset.num_items)
     rows = ordered_statistics(train, dataset.num_users, dataset.num_items)

@@ -122,6 +122,7 @@ class CrossEncoder(Recommender):
         """Each row's item is tokenised from ``items`` itself, not deduplicated: a P4 training
         row may read its own item statistics (:func:`crosstower.nn.fields.row_values`)."""
         return self.forward_pairs(self.substrate.users(user), self.substrate.items(items)).scores
+
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, N]``, ``pair_chunk`` pairs per transformer call (memory grows with pairs)."""
         b, n = len(user), len(items)

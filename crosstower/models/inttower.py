@@ -48,7 +48,8 @@ the model; ``train.weight_decay`` is the nearest knob.
 BatchNorm: in training mode a row's score depends on the rest of its batch (batch statistics),
 so scores are only comparable across calls in eval mode; the evaluator switches to eval mode
 (``model.eval()``), and so must any other caller that scores. Candidates ``[B, C]`` are scored
-by flattening them (each distinct item encoded once), so BatchNorm always sees 2-D inputs. A
+by flattening them (each distinct item encoded once), so BatchNorm always sees 2-D inputs; the
+pairs of P4 encode each row's item (a training row may read its own item statistics). A
 one-row batch in training mode (the last batch of an epoch can be one row) is normalised with
 the running statistics instead of failing.
 
