@@ -3,7 +3,7 @@
 # MovieLens-100K P4, training seeds 0..4, one thread each and two runs side by side (about six
 # minutes on two cores), then test AUC per seed and mean ± standard deviation per model.
 #   bash benchmarks/p4_seeds.sh [DATA_DIR] [EXTRA --set ARGS...]
-# e.g. `bash benchmarks/p4_seeds.sh ../shared/data --set split.train_statistics=entity`.
+# e.g. `bash benchmarks/p4_seeds.sh ../shared/data --set split.statistics=entity`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR=${1:-../shared/data}
