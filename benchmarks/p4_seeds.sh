@@ -4,7 +4,7 @@
 # deviation per model. MODELS picks the configs (default the fast three: two-tower, IntTower,
 # MVKE, about 2.5 minutes on two cores; MODELS="colbert cross" takes about half an hour).
 #   [MODELS="..."] bash benchmarks/p4_seeds.sh [DATA_DIR] [EXTRA --set ARGS...]
-# e.g. `bash benchmarks/p4_seeds.sh ../shared/data --set split.train_statistics=entity`.
+# e.g. `bash benchmarks/p4_seeds.sh ../shared/data --set split.statistics=entity`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR=${1:-../shared/data}

@@ -69,13 +69,19 @@ def load_data(config: RunConfig, data_dir: Path | None) -> tuple[Dataset, Split]
     thresholds = {"positive_min": config.split.positive_min, "negative_max": config.split.negative_max}
     split = make_split(dataset, config.split.protocol, config.split.seed,
                        **{k: v for k, v in thresholds.items() if v is not None})
-    return with_split_features(dataset, split), split
+    if config.split.statistics in ("all_labels", "in_split"):
+        log.warning("split.statistics=%s: validation and test rows read statistics of their own labels; "
+                    "these figures measure that leak, they are not results", config.split.statistics)
+    return with_split_features(dataset, split, config.split.statistics), split
 
 
-def with_split_features(dataset: Dataset, split: Split) -> Dataset:
-    """The data set a model of ``split`` reads: under P4, with the training-row statistics
-    (mean rating, log count per user and item) as extra numeric fields; otherwise unchanged."""
-    return add_train_statistics(dataset, split) if split.protocol == "p4" else dataset
+def with_split_features(dataset: Dataset, split: Split, statistics: str | None = "ordered") -> Dataset:
+    """The data set a model of ``split`` reads: under P4, with the rating statistics (mean
+    rating, log count per user and item; from the training rows, or from every labelled row
+    under ``statistics="all_labels"``) as extra numeric fields; otherwise unchanged."""
+    if split.protocol != "p4":
+        return dataset
+    return add_train_statistics(dataset, split, leak_held_out_labels=statistics == "all_labels")
 
 
 def evaluate_part(model: Recommender, dataset: Dataset, split: Split, part: str, config: RunConfig,
@@ -83,7 +89,7 @@ def evaluate_part(model: Recommender, dataset: Dataset, split: Split, part: str,
     """The metrics of ``part`` ("val" or "test") and their seconds: AUC, GAUC and log loss of the
     labelled rows under P4, full-ranking metrics otherwise."""
     if split.protocol == "p4":
-        return evaluate_labelled(model, split, part, dataset.num_users, config)
+        return evaluate_labelled(model, dataset, split, part, config)
     return evaluate_split(model, getattr(split, part), dataset.num_items, config, progress=progress)
 
 
@@ -253,7 +259,7 @@ def load_trained(run_dir: Path, data_dir: Path | None = None) -> tuple[RunConfig
     if data_fingerprint(dataset) != saved.get("data"):
         raise DataError(f"{run_dir}: the data set differs from the one this run was trained on ({path})")
     split = Split.load(run_dir / "split.npz")
-    dataset = with_split_features(dataset, split)
+    dataset = with_split_features(dataset, split, config.split.statistics)
     model = build_model(config.model, dataset, split.protocol, config.train.history_length)
     model.load_state_dict(load_checkpoint(run_dir / "model.pt", config.model.name)["model"])
     return config, saved, dataset, split, model

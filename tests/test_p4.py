@@ -16,12 +16,13 @@ from crosstower.config import parse_config
 from crosstower.data.batching import PointwiseRows, eval_user_input
 from crosstower.data.dataset import build_dataset
 from crosstower.data.features import (
-    add_train_statistics, ordered_row_statistics, ordered_statistics, standardise, train_statistics,
+    add_train_statistics, in_split_row_statistics, ordered_row_statistics, ordered_statistics, standardise,
+    train_statistics,
 )
 from crosstower.data.loaders import load_dataset
 from crosstower.data.splits import LABEL, Split, make_split
 from crosstower.errors import ConfigError, DataError
-from crosstower.evaluate.pre_ranking import evaluate_rows, part_rows
+from crosstower.evaluate.pre_ranking import evaluate_rows, part_rows, row_logits
 from crosstower.models import build_model
 from crosstower.models.base import Recommender
 from crosstower.nn.fields import FieldEmbedder, row_values
@@ -220,6 +221,10 @@ def test_statistics_do_not_change_when_validation_or_test_ratings_change():
     for table, other in ((enriched.users, flipped_enriched.users), (enriched.items, flipped_enriched.items)):
         for name in table.fields:
             assert np.array_equal(table.values[name], other.values[name]), name
+    # The deliberate leak of `split.statistics: all_labels` (IntTower's released setting) does move them.
+    leaky, flipped_leaky = (add_train_statistics(d, sp, leak_held_out_labels=True)
+                            for d, sp in ((dataset, split), (flipped_dataset, flipped_split)))
+    assert not np.array_equal(leaky.items.values["item_mean_rating"], flipped_leaky.items.values["item_mean_rating"])
     # ... whereas a training rating does move them (so this test can fail).
     user, item = (int(split.labelled["train"][c].iloc[0]) for c in ("user", "item"))
     changed = frame.copy()
@@ -278,6 +283,23 @@ def test_ordered_row_statistics_use_the_tables_standardisation(rated):
             expected = (raw[name] - entity[name].mean()) / entity[name].std()
             assert np.allclose(values, expected, atol=1e-5), name
     assert np.allclose(standardise(entity["item_mean_rating"]), add_train_statistics(dataset, split).items.values["item_mean_rating"])
+
+
+def test_in_split_statistics_read_the_parts_own_labels_and_reach_evaluation(rated):
+    """The leak `in_split` reproduces: a test row reads the mean rating of its user's test rows,
+    its own included; row_logits scores the rows with those values, not the tables'."""
+    dataset, split = rated
+    test = split.labelled["test"]
+    stats = in_split_row_statistics(dataset, split, "test")
+    entity = train_statistics(split.labelled["train"], dataset.num_users, dataset.num_items)["user_mean_rating"]
+    row = 5
+    own = test[test["user"] == test["user"][row]]["rating"].mean()
+    assert stats["user"]["user_mean_rating"][row] == pytest.approx((own - entity.mean()) / entity.std(), rel=1e-5)
+    enriched = with_split_features(dataset, split)
+    model = build_model(parse_config({**p4_config("dssm"), "model": P4_MODELS["youtubednn"]}).model, enriched, "p4")
+    plain = part_rows(split, "test", dataset.num_users, 10)
+    leaky = part_rows(split, "test", dataset.num_users, 10, stats)
+    assert not np.allclose(row_logits(model, plain), row_logits(model, leaky))
 
 
 def test_row_values_replace_the_table_only_for_the_given_index_tensor(rated):
@@ -366,8 +388,8 @@ def test_score_pairs_is_the_diagonal_of_score(rated):
     ({"split": {"protocol": "p1"}, "evaluate": {"early_stopping_metric": "auc"}}, "are protocol p4's"),
     ({"split": {"protocol": "p1", "positive_min": 4}}, "positive_min is used by protocol p4 only"),
     ({"split": {"protocol": "p4", "positive_min": 3, "negative_max": 3}}, "must be below positive_min"),
-    ({"split": {"protocol": "p2", "train_statistics": "ordered"}}, "train_statistics is used by protocol p4 only"),
-    ({"split": {"protocol": "p4", "train_statistics": "leave_one_out"}}, "split.train_statistics"),
+    ({"split": {"protocol": "p2", "statistics": "ordered"}}, "statistics is used by protocol p4 only"),
+    ({"split": {"protocol": "p4", "statistics": "leave_one_out"}}, "split.statistics"),
     ({"split": {"protocol": "p5"}}, "split.protocol"),
 ])
 def test_invalid_p4_configs(changes, fragment):
@@ -384,10 +406,10 @@ def test_p4_config_defaults():
     config = parse_config(raw)  # no sampled negatives needed, auc by default
     assert config.evaluate.early_stopping_metric == "auc"
     assert (config.split.positive_min, config.split.negative_max) == (4.0, 2.0)
-    assert config.split.train_statistics == "ordered"
+    assert config.split.statistics == "ordered"
     p1 = parse_config({"split": {"protocol": "p1"}, "model": {"name": "dssm"}})
     assert p1.split.positive_min is None and p1.evaluate.early_stopping_metric == "recall@50"
-    assert p1.split.train_statistics is None
+    assert p1.split.statistics is None
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -467,16 +489,16 @@ def test_pointwise_loss_is_what_the_trainer_minimises(tmp_path, rated_folder, mo
     assert sum(calls) == len(split.labelled["train"])
 
 
-@pytest.mark.parametrize("mode", ["ordered", "entity"])
+@pytest.mark.parametrize("mode", ["ordered", "entity", "all_labels", "in_split"])
 def test_the_trainer_feeds_the_configured_statistics(tmp_path, rated_folder, monkeypatch, mode):
     """Ordered statistics (the default) reach the training batches as per-row values, read by
     the model; entity statistics leave the tables' values in place."""
     raw = p4_config(path=str(rated_folder), epochs=1)
-    raw["split"]["train_statistics"] = mode
+    raw["split"]["statistics"] = mode
     config = parse_config(raw)
     dataset = load_dataset("generic", rated_folder, GENERIC_OPTIONS)
     split = make_split(dataset, "p4")
-    dataset = with_split_features(dataset, split)
+    dataset = with_split_features(dataset, split, mode)
     model = build_model(config.model, dataset, "p4")
     seen = []
     original = model.item_fields.forward
@@ -487,7 +509,7 @@ def test_the_trainer_feeds_the_configured_statistics(tmp_path, rated_folder, mon
 
     monkeypatch.setattr(model.item_fields, "forward", spy)
     trainer = Trainer(model, dataset, split, config, tmp_path)
-    expected = {"item_mean_rating", "item_train_count"} if mode == "ordered" else set()
+    expected = {"item_mean_rating", "item_train_count"} if mode in ("ordered", "in_split") else set()
     assert set(trainer.train_rows.item_values) == expected
     trainer.fit()
     assert seen and seen[0] == expected

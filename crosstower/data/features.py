@@ -14,12 +14,20 @@ through its field embedder with no special case. Validation and test ratings nev
 
 A training row must not read its own rating either: the entity statistics above contain it (a
 user's mean over 10 rows is a tenth the row's label), so a model trained on them learns to trust
-the mean more than it deserves on validation and test rows. Under ``split.train_statistics:
-ordered`` (the default) each training row therefore reads **ordered statistics**
+the mean more than it deserves on validation and test rows. Under ``split.statistics: ordered``
+(the default) each training row therefore reads **ordered statistics**
 (:func:`ordered_row_statistics`): those of the entity's training rows strictly before the row's
 time stamp, the rule its history follows and CatBoost's "ordered target statistics". Leaving out
 only the row itself would not do: given the entity, a leave-one-out mean falls as the row's rating
 rises, so a model that knows the entity could read the label back.
+
+Two settings reproduce the leaks of IntTower's released scripts (``reference/
+sparcode_inttower_mvke.md`` 2.5) only to measure what they are worth to each model; their
+figures are never results. ``split.statistics: all_labels`` computes the tables from every
+labelled row, validation and test included (``leak_held_out_labels``; its Amazon script);
+``in_split`` has each part's rows read the statistics of that part's own labelled rows
+(:func:`in_split_row_statistics`; its MovieLens script), so a test row's mean holds its label
+with the weight of one over the user's test rows.
 """
 
 from __future__ import annotations
@@ -106,16 +114,47 @@ def ordered_row_statistics(dataset: Dataset, split: Split) -> dict[str, dict[str
     return {side: {n: standardise(rows[n], reference=entity[n]) for n in field_names(side)} for side in SIDES}
 
 
+def in_split_row_statistics(dataset: Dataset, split: Split, part: str) -> dict[str, dict[str, np.ndarray]]:
+    """Statistics of ``part``'s labelled rows ("train", "val" or "test"), each row reading those
+    of its own entities within the part, its own label included (the leak of ``in_split``), on
+    the tables' scale; shaped like :func:`ordered_row_statistics`."""
+    rows = split.labelled[part]
+    entity = train_statistics(_labelled_train(split), dataset.num_users, dataset.num_items)
+    within = train_statistics(rows, dataset.num_users, dataset.num_items)
+    index = {side: rows[column].to_numpy(np.int64) for side, column in SIDES.items()}
+    return {
+        side: {n: standardise(within[n][index[side]], reference=entity[n]) for n in field_names(side)}
+        for side in SIDES
+    }
+
+
+def part_row_statistics(
+    dataset: Dataset, split: Split, part: str, mode: str | None
+) -> dict[str, dict[str, np.ndarray]] | None:
+    """The per-row statistics the rows of ``part`` read under ``split.statistics`` = ``mode``
+    instead of the tables' values, or None where they read the tables."""
+    if mode == "ordered" and part == "train":
+        return ordered_row_statistics(dataset, split)
+    if mode == "in_split":
+        return in_split_row_statistics(dataset, split, part)
+    return None
+
+
 def _labelled_train(split: Split) -> pd.DataFrame:
     if split.labelled is None:
         raise DataError(f"split {split.protocol}: has no labelled rows to compute P4 statistics from")
     return split.labelled["train"]
 
 
-def add_train_statistics(dataset: Dataset, split: Split) -> Dataset:
+def add_train_statistics(dataset: Dataset, split: Split, leak_held_out_labels: bool = False) -> Dataset:
     """A copy of ``dataset`` whose user and item tables also hold the P4 statistics of
-    ``split``'s labelled training rows; the original dataset is left unchanged."""
-    stats = train_statistics(_labelled_train(split), dataset.num_users, dataset.num_items)
+    ``split``'s labelled training rows (of all its labelled rows, validation and test included,
+    with ``leak_held_out_labels``: a deliberate leak, see the module docstring); the original
+    dataset is left unchanged."""
+    rows = _labelled_train(split)
+    if leak_held_out_labels:
+        rows = pd.concat([split.labelled[part] for part in ("train", "val", "test")], ignore_index=True)
+    stats = train_statistics(rows, dataset.num_users, dataset.num_items)
     tables = {}
     for side, table in (("user", dataset.users), ("item", dataset.items)):
         clash = [n for n in field_names(side) if n in table]

@@ -16,10 +16,13 @@ from scipy.special import expit
 
 from crosstower.config import POINTWISE_METRICS, RunConfig
 from crosstower.data.batching import PointwiseRows
+from crosstower.data.dataset import Dataset
+from crosstower.data.features import part_row_statistics
 from crosstower.data.splits import Split
 from crosstower.errors import TrainingError
 from crosstower.evaluate.pointwise import auc, gauc, log_loss
 from crosstower.models.base import Recommender
+from crosstower.nn.fields import row_values
 
 __all__ = ["POINTWISE_METRICS", "ROW_BLOCK", "evaluate_labelled", "evaluate_rows", "higher_is_better", "part_rows"]
 
@@ -37,11 +40,11 @@ def row_logits(model: Recommender, rows: PointwiseRows) -> np.ndarray:
     was_training = model.training
     model.eval()
     device = model.device
-    parts = [
-        model.score_pairs(rows.user_input(index).to(device), torch.from_numpy(rows.items[index]).to(device))
-        .double().cpu().numpy()
-        for index in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // ROW_BLOCK)))
-    ]
+    parts = []
+    for index in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // ROW_BLOCK))):
+        batch = rows.batch(index).to(device)
+        with row_values(model, batch.row_values()):  # the rows' own statistics, if they have any
+            parts.append(model.score_pairs(batch.user, batch.items).double().cpu().numpy())
     model.train(was_training)
     return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -79,7 +82,9 @@ def part_rows(
 
 
 def evaluate_labelled(
-    model: Recommender, split: Split, part: str, num_users: int, config: RunConfig
+    model: Recommender, dataset: Dataset, split: Split, part: str, config: RunConfig
 ) -> tuple[dict[str, float], float]:
-    """:func:`evaluate_rows` on ``split``'s labelled ``part`` under the run config's history length."""
-    return evaluate_rows(model, part_rows(split, part, num_users, config.train.history_length))
+    """:func:`evaluate_rows` on ``split``'s labelled ``part`` under the run config's history length
+    and statistics."""
+    stats = part_row_statistics(dataset, split, part, config.split.statistics)
+    return evaluate_rows(model, part_rows(split, part, dataset.num_users, config.train.history_length, stats))

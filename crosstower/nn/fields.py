@@ -79,7 +79,7 @@ def row_values(model: nn.Module, rows: Mapping[str, tuple[torch.Tensor, torch.Te
     is called on the very index tensor ``rows[name][0]`` reads ``rows[name][1]`` (one value per
     index entry) for that field instead of its table's entries.
 
-    This is how a P4 training row reads statistics of its own time (``split.train_statistics:
+    This is how a P4 training row reads statistics of its own time (``split.statistics:
     ordered``) while the tables keep the values validation, test and serving read. Matching the
     tensor object, not its shape, means no other call (a history, a deduplicated item set) can
     pick the values up by accident; a model that embeds the rows some other way, so that a field

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from crosstower.config import RunConfig
 from crosstower.data.batching import PointwiseRows, TrainBatch, TrainExamples
 from crosstower.data.dataset import Dataset
-from crosstower.data.features import ordered_row_statistics
+from crosstower.data.features import part_row_statistics
 from crosstower.data.sampling import (
     CandidatePool,
     NegativeSampler,
@@ -116,10 +116,11 @@ class Trainer:
         self.val_rows: PointwiseRows | None = None
         if self.pointwise:
             length = self.train_cfg.history_length
-            ordered = config.split.train_statistics == "ordered"
-            stats = ordered_row_statistics(dataset, split) if ordered else None
-            self.train_rows = part_rows(split, "train", dataset.num_users, length, stats)
-            self.val_rows = part_rows(split, "val", dataset.num_users, length)
+            self.train_rows, self.val_rows = (
+                part_rows(split, part, dataset.num_users, length,
+                          part_row_statistics(dataset, split, part, config.split.statistics))
+                for part in ("train", "val")
+            )
         self.sampler = None if self.pointwise else self._make_sampler(counts)
         unigram = torch.as_tensor(counts + 1e-12, dtype=torch.float64)
         self.unigram_log_prob = torch.log(unigram / unigram.sum())
