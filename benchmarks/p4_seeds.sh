@@ -3,13 +3,13 @@
 # 0..4, one thread each and two runs side by side, then test AUC per seed and mean ± standard
 # deviation per model. MODELS picks the configs (default the fast three: two-tower, IntTower,
 # MVKE, about 2.5 minutes on two cores; MODELS="colbert cross" takes about half an hour).
-#   [MODELS="..."] bash benchmarks/p4_seeds.sh [DATA_DIR] [EXTRA --set ARGS...]
+#   [MODELS="..."] [OUT=runs/...] bash benchmarks/p4_seeds.sh [DATA_DIR] [EXTRA --set ARGS...]
 # e.g. `bash benchmarks/p4_seeds.sh ../shared/data --set split.statistics=entity`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR=${1:-../shared/data}
 shift || true
-OUT=runs/p4_seeds
+OUT=${OUT:-runs/p4_seeds}
 read -r -a MODELS <<< "${MODELS:-twotower inttower mvke}"
 mkdir -p "$OUT"
 for seed in 0 1 2 3 4; do
