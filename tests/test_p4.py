@@ -242,7 +242,7 @@ def test_ordered_statistics_match_a_slow_reference():
     n = 400
     train = pd.DataFrame({"user": rng.integers(0, 12, n), "item": rng.integers(0, 25, n),
                           "timestamp": rng.integers(0, 40, n), "rating": rng.integers(1, 6, n).astype(float)})
-    stats = ordered_statistics(train, num_users=12, num_items=25)
+    stats = ordered_statistics(train)
     for side in ("user", "item"):
         for row in range(n):
             earlier = train[(train[side] == train[side][row]) & (train["timestamp"] < train["timestamp"][row])]
@@ -262,8 +262,8 @@ def test_a_training_row_never_reads_its_own_rating(rated):
     later = rows[train["timestamp"].to_numpy()[rows] > train["timestamp"].iloc[row]][0]
     changed = train.copy()
     changed.loc[row, "rating"] = 6 - changed.loc[row, "rating"]
-    before = ordered_statistics(train, dataset.num_users, dataset.num_items)["user_mean_rating"]
-    after = ordered_statistics(changed, dataset.num_users, dataset.num_items)["user_mean_rating"]
+    before = ordered_statistics(train)["user_mean_rating"]
+    after = ordered_statistics(changed)["user_mean_rating"]
     assert before[row] == pytest.approx(after[row], abs=0.02)  # only the global mean's share moves
     assert before[later] != pytest.approx(after[later], abs=0.1)
     entity = train_statistics(train, dataset.num_users, dataset.num_items)["user_mean_rating"][user]
@@ -274,7 +274,7 @@ def test_ordered_row_statistics_use_the_tables_standardisation(rated):
     dataset, split = rated
     train = split.labelled["train"]
     rows = ordered_row_statistics(dataset, split)
-    raw = ordered_statistics(train, dataset.num_users, dataset.num_items)
+    raw = ordered_statistics(train)
     entity = train_statistics(train, dataset.num_users, dataset.num_items)
     assert set(rows) == {"user", "item"} and set(rows["item"]) == {"item_mean_rating", "item_train_count"}
     for side in ("user", "item"):

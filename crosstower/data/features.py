@@ -69,7 +69,7 @@ def train_statistics(train: pd.DataFrame, num_users: int, num_items: int) -> dic
     return out
 
 
-def ordered_statistics(train: pd.DataFrame, num_users: int, num_items: int) -> dict[str, np.ndarray]:
+def ordered_statistics(train: pd.DataFrame) -> dict[str, np.ndarray]:
     """Raw statistics of each row of ``train`` (columns user, item, timestamp, rating), computed
     from the same entity's rows with an earlier time stamp only; one float64 array per field
     name, aligned with ``train``'s rows. A row with no earlier row reads count 0 and the global
@@ -84,16 +84,11 @@ def ordered_statistics(train: pd.DataFrame, num_users: int, num_items: int) -> d
         entity = train[column].to_numpy(np.int64)
         order = np.lexsort((times, entity))
         sorted_entity, sorted_time = entity[order], times[order]
-        # Sums over all earlier rows of the sorted order, then rewound to the first row of each
-        # (entity, time) run so that rows at the same time stamp do not see each other...
+        # Sums over the earlier rows of the sorted order: from the entity's first row up to the
+        # first row of the row's own (entity, time) run, so rows at one time stamp never see each other.
         cumulative = np.concatenate([[0.0], np.cumsum(ratings[order])])
-        new_run = np.ones(len(order), dtype=bool)
-        new_run[1:] = (sorted_entity[1:] != sorted_entity[:-1]) | (sorted_time[1:] != sorted_time[:-1])
-        run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(order)), 0))
-        # ...and less the sums before the entity's first row.
-        new_entity = np.ones(len(order), dtype=bool)
-        new_entity[1:] = sorted_entity[1:] != sorted_entity[:-1]
-        entity_start = np.maximum.accumulate(np.where(new_entity, np.arange(len(order)), 0))
+        run_start = _group_starts(sorted_entity, sorted_time)
+        entity_start = _group_starts(sorted_entity)
         count = (run_start - entity_start).astype(np.float64)
         total = cumulative[run_start] - cumulative[entity_start]
         mean = np.divide(total, count, out=np.full(len(order), global_mean), where=count > 0)
@@ -103,14 +98,24 @@ def ordered_statistics(train: pd.DataFrame, num_users: int, num_items: int) -> d
     return out
 
 
+def _group_starts(*sorted_keys: np.ndarray) -> np.ndarray:
+    """For each position of rows sorted by ``sorted_keys``, the position of the first row with
+    the same keys."""
+    size = len(sorted_keys[0])
+    new_group = np.zeros(size, dtype=bool)
+    new_group[:1] = True
+    for key in sorted_keys:
+        new_group[1:] |= key[1:] != key[:-1]
+    return np.maximum.accumulate(np.where(new_group, np.arange(size), 0))
+
+
 def ordered_row_statistics(dataset: Dataset, split: Split) -> dict[str, dict[str, np.ndarray]]:
     """:func:`ordered_statistics` of ``split``'s labelled training rows, standardised by the same
     affine map as the entity statistics in the tables (so that a mean rating of 4 is one number
     to the model whether a training row or a test row reads it): side ("user", "item") -> field
     name -> float32 values aligned with the rows."""
-    train = _labelled_train(split)
-    entity = train_statistics(train, dataset.num_users, dataset.num_items)
-    rows = ordered_statistics(train, dataset.num_users, dataset.num_items)
+    entity = _entity_statistics(dataset, split)
+    rows = ordered_statistics(_labelled_train(split))
     return {side: {n: standardise(rows[n], reference=entity[n]) for n in field_names(side)} for side in SIDES}
 
 
@@ -119,7 +124,7 @@ def in_split_row_statistics(dataset: Dataset, split: Split, part: str) -> dict[s
     of its own entities within the part, its own label included (the leak of ``in_split``), on
     the tables' scale; shaped like :func:`ordered_row_statistics`."""
     rows = split.labelled[part]
-    entity = train_statistics(_labelled_train(split), dataset.num_users, dataset.num_items)
+    entity = _entity_statistics(dataset, split)
     within = train_statistics(rows, dataset.num_users, dataset.num_items)
     index = {side: rows[column].to_numpy(np.int64) for side, column in SIDES.items()}
     return {
@@ -138,6 +143,12 @@ def part_row_statistics(
     if mode == "in_split":
         return in_split_row_statistics(dataset, split, part)
     return None
+
+
+def _entity_statistics(dataset: Dataset, split: Split) -> dict[str, np.ndarray]:
+    """:func:`train_statistics` of ``split``'s labelled training rows: what the tables hold, and
+    the scale every per-row variant is standardised by."""
+    return train_statistics(_labelled_train(split), dataset.num_users, dataset.num_items)
 
 
 def _labelled_train(split: Split) -> pd.DataFrame:
