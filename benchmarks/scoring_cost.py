@@ -64,7 +64,7 @@ def stored_bytes_per_item(model, saved: dict) -> float:
     if name == "cross":
         return model.substrate.item_length * model.settings.dim * 4
     if name == "alltoall":
-        return model.settings.item_tokens * model.settings.dim * 4
+        return model.item_tokenizer(torch.arange(1)).numel() * 4  # K_i token vectors of float32
     raise ValueError(f"no storage rule for model '{name}'")
 
 

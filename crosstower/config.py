@@ -177,7 +177,9 @@ class IndexBudget(Strict):
 class _TokenizerFields(Strict):
     """What the tokenizer-based models (SparCode, all-to-all, tokenizer two-tower) share."""
 
-    tokenizer: Literal["dnn", "sa"] = "dnn"
+    # "dnn", "sa" or (SparCode and all-to-all only) "late": late interaction's user tower, one
+    # normalised ``projection_dim`` vector per user field, history item and expansion token.
+    tokenizer: Literal["dnn", "sa", "late"] = "dnn"
     dim: int = Field(64, ge=1)
     user_fields: list[str] | None = None
     item_fields: list[str] | None = None
@@ -197,12 +199,29 @@ class TokenTwoTowerConfig(_TokenizerFields):
 
     name: Literal["twotower"]
 
+    @model_validator(mode="after")
+    def _one_token_tokenizer(self):
+        if self.tokenizer == "late":
+            raise ValueError("tokenizer 'late' emits one vector per user token; its two-tower model is "
+                             "late interaction itself (model name 'colbert')")
+        return self
+
 
 class SparCodeConfig(_TokenizerFields):
     """SparCode; ``name: alltoall`` is the same model unquantised (the exhaustive upper bound)."""
 
     name: Literal["sparcode", "alltoall"]
-    interaction: Literal["mlp", "sa"] = "mlp"
+    # "maxsim": E(token, item) = max over the item's tokens of their inner product with the
+    # token, / maxsim_temperature (late interaction's per-token term; no parameters).
+    interaction: Literal["mlp", "sa", "maxsim"] = "mlp"
+    maxsim_temperature: float = Field(1.0, gt=0)
+    # The "late" tokenizer's towers: the substrate and encoders are ``dim`` wide, every token
+    # vector (what is quantised and what MaxSim reads) ``projection_dim``; the item tower has
+    # ``item_layers`` layers, the user tower ``sa_layers``, and ``expansion_tokens`` learned
+    # user tokens join each user.
+    projection_dim: int = Field(32, ge=1)
+    item_layers: int = Field(1, ge=1)
+    expansion_tokens: int = Field(0, ge=0)
     user_tokens: int = Field(4, ge=1)
     # "summary": K_u tokens that each summarise the user (the tokenizer's heads or query
     # tokens); "history": one token per item of the last K_u history items, read in the user's
@@ -242,10 +261,25 @@ class SparCodeConfig(_TokenizerFields):
     # the table, each code's top entries in proportion to its use (index.sparse_code.UsageBudget).
     index_keep: Union[Literal["nonzero"], int, float, IndexBudget] = "nonzero"
 
+    @property
+    def token_dim(self) -> int:
+        """The size of a user token vector: what the quantiser snaps."""
+        return self.projection_dim if self.tokenizer == "late" else self.dim
+
     @model_validator(mode="after")
     def _codebooks_divide_dim(self):
-        if self.name == "sparcode" and self.quantizer == "product" and self.dim % self.num_codebooks:
-            raise ValueError(f"dim {self.dim} is not divisible by num_codebooks {self.num_codebooks}")
+        if self.name == "sparcode" and self.quantizer == "product" and self.token_dim % self.num_codebooks:
+            what = "projection_dim" if self.tokenizer == "late" else "dim"
+            raise ValueError(f"{what} {self.token_dim} is not divisible by num_codebooks {self.num_codebooks}")
+        return self
+
+    @model_validator(mode="after")
+    def _late_tokens_are_fixed(self):
+        """The late tokenizer's token counts are the substrate's: one per user field, history
+        slot and expansion token, one per item field."""
+        fixed = {"user_tokens", "user_tokens_from", "item_tokens"} & self.model_fields_set
+        if self.tokenizer == "late" and fixed:
+            raise ValueError(f"tokenizer 'late' takes its token counts from the substrate; drop {sorted(fixed)}")
         return self
 
 

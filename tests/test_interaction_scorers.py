@@ -188,8 +188,8 @@ def test_late_interaction_scores_equal_per_pair_maxsim(data, expansion, item_cls
         ranged = model.item_scorer()(user, 4, 10)
         pairs = model.score_pairs(user, torch.arange(len(user)) % ds.num_items)
     assert torch.allclose(pairs, batched[torch.arange(len(user)), torch.arange(len(user)) % ds.num_items], atol=1e-5)
-    assert users.tokens.shape[1] == model.substrate.user_length + expansion
-    assert catalogue.tokens.shape[1] == model.substrate.item_length - (0 if item_cls else 1)
+    assert users.tokens.shape[1] == model.towers.substrate.user_length + expansion == model.towers.user_length
+    assert catalogue.tokens.shape[1] == model.towers.substrate.item_length - (0 if item_cls else 1)
     assert torch.allclose(users.tokens.norm(dim=-1), torch.ones(users.tokens.shape[:2]), atol=1e-5)
     bias = model.bias.weight[:, 0] if item_bias else torch.zeros(ds.num_items)
     assert torch.allclose(batched, maxsim_reference(users, catalogue) + bias, atol=1e-5)
@@ -207,8 +207,26 @@ def test_late_interaction_loss_is_sampled_softmax_at_temperature(data, tmp_path,
     torch.nn.init.normal_(model.bias.weight)
     loss, _ = model.loss(batch)
     loss.backward()
-    assert model.projection.weight.grad is not None
+    assert model.towers.projection.weight.grad is not None
     assert torch.allclose(loss.detach(), expected_loss(model, batch, temperature=0.5), atol=1e-5)
+
+
+def test_late_interaction_loads_a_checkpoint_saved_before_the_towers_module(data):
+    """Runs saved when the towers' parts sat on the model itself (``substrate.*``, ``projection.*``)
+    still load, to the same scores."""
+    ds, _, user = data
+    settings = LateInteractionSettings(dim=8, projection_dim=4, user_layers=1, item_layers=1, heads=2,
+                                       max_history=HISTORY, expansion_tokens=2, item_bias=True)
+    torch.manual_seed(0)
+    saved = LateInteraction(ds, settings).eval()
+    flat = {k.removeprefix("towers."): v for k, v in saved.state_dict().items()}
+    assert "projection.weight" in flat and "expansion" in flat
+    torch.manual_seed(1)
+    loaded = LateInteraction(ds, settings).eval()
+    loaded.load_state_dict(flat)
+    items = torch.arange(ds.num_items)
+    with torch.no_grad():
+        assert torch.equal(loaded.score(user, items), saved.score(user, items))
 
 
 @pytest.mark.parametrize("name,extra", [("cross", {"layers": 1}), ("colbert", {"user_layers": 1, "projection_dim": 8})])

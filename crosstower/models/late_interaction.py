@@ -28,8 +28,8 @@ from crosstower.data.dataset import Dataset
 from crosstower.losses import sampled_softmax
 from crosstower.models.base import ItemRangeScorer, Recommender, item_prior
 from crosstower.nn.maxsim import maxsim, maxsim_pairs
-from crosstower.nn.tokens import TokenSequence, TokenSubstrate
-from crosstower.nn.transformer import TransformerEncoder
+from crosstower.nn.late_towers import LateTowers
+from crosstower.nn.tokens import TokenSequence
 
 ITEM_SLICE = 512  # items per MaxSim call in exhaustive scoring: memory grows with B x L_u x N x L_i
 
@@ -55,33 +55,23 @@ class LateInteraction(Recommender):
     def __init__(self, dataset: Dataset, settings: LateInteractionSettings):
         super().__init__(dataset.num_items)
         s = self.settings = settings
-        self.substrate = TokenSubstrate(dataset, s.dim, s.max_history, s.user_fields, s.item_fields)
-        self.user_encoder = TransformerEncoder(s.dim, s.user_layers, s.heads, s.dropout)
-        self.item_encoder = TransformerEncoder(s.dim, s.item_layers, s.heads, s.dropout)
-        self.expansion = nn.Parameter(torch.randn(s.expansion_tokens, s.dim) * 0.02)
-        self.projection = nn.Linear(s.dim, s.projection_dim, bias=False)
+        self.towers = LateTowers(
+            dataset, s.dim, s.projection_dim, s.max_history, s.user_layers, s.item_layers, s.heads, s.dropout,
+            s.user_fields, s.item_fields, s.expansion_tokens, s.item_cls,
+        )
         # MaxSim of unit vectors is bounded, so "popular with everyone" is hard to express
         # through the tokens alone; a per-item bias carries it, as in YouTubeDNN's item bias.
         self.bias = item_prior(self.num_items, s.item_bias)
+        self.register_load_state_dict_pre_hook(_towers_from_flat_names)
 
     # ---- token vectors -----------------------------------------------------------------------
     def encode_user_tokens(self, user: UserInput) -> TokenSequence:
         """Normalised user token vectors ``[B, L_u (+ expansion), m]`` and their mask."""
-        seq = self.substrate.users(user)
-        tokens, mask = seq.tokens, seq.mask
-        if self.settings.expansion_tokens:
-            b = len(user)
-            tokens = torch.cat([tokens, self.expansion.expand(b, -1, -1)], dim=1)
-            mask = torch.cat([mask, mask.new_ones(b, self.settings.expansion_tokens)], dim=1)
-        hidden = self.user_encoder(tokens, mask)
-        return TokenSequence(F.normalize(self.projection(hidden), dim=-1), mask)
+        return self.towers.users(user)
 
     def encode_item_tokens(self, items: torch.Tensor) -> TokenSequence:
         """Normalised item token vectors ``[N, L_i, m]`` (the [CLS] dropped unless ``item_cls``)."""
-        seq = self.substrate.items(items)
-        hidden = self.item_encoder(seq.tokens, seq.mask)
-        start = 0 if self.settings.item_cls else 1
-        return TokenSequence(F.normalize(self.projection(hidden[:, start:]), dim=-1), seq.mask[:, start:])
+        return self.towers.items(items)
 
     @torch.no_grad()
     def catalogue_tokens(self, chunk: int = 8192) -> TokenSequence:
@@ -157,3 +147,14 @@ def _sliced_maxsim(users: TokenSequence, items: TokenSequence) -> torch.Tensor:
         or [users.tokens.new_zeros(users.tokens.shape[0], 0)],
         dim=1,
     )
+
+
+_TOWER_PARTS = ("substrate.", "user_encoder.", "item_encoder.", "expansion", "projection.")
+
+
+def _towers_from_flat_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Loading a checkpoint saved before the towers were their own module: its tower entries
+    (``substrate.*``, ``projection.weight``, ...) move under ``towers.``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if key[len(prefix):].startswith(_TOWER_PARTS):
+            state_dict[prefix + "towers." + key[len(prefix):]] = state_dict.pop(key)

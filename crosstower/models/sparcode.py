@@ -38,9 +38,11 @@ from torch import nn
 
 from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
+from crosstower.errors import ConfigError
 from crosstower.losses import sampled_softmax
 from crosstower.models.base import Recommender, item_prior
 from crosstower.nn.fields import MLP, FieldEmbedder
+from crosstower.nn.late_towers import LateItemTokenizer, LateTowers, LateUserTokenizer
 from crosstower.nn.tokenizers import DNNTokenizer, ItemTokenizer, SATokenizer
 
 
@@ -51,8 +53,11 @@ SCORE_SLICE = 256  # items per encoder call in exhaustive scoring
 
 @dataclass
 class SparCodeSettings:
-    tokenizer: str = "dnn"  # "dnn" or "sa"
+    tokenizer: str = "dnn"  # "dnn", "sa" or "late"
     dim: int = 64
+    projection_dim: int = 32  # "late" only: the size of every token vector
+    item_layers: int = 1  # "late" only
+    expansion_tokens: int = 0  # "late" only
     user_tokens: int = 4
     user_tokens_from: str = "summary"  # "summary" or "history" (one token per recent history item)
     item_tokens: int = 4
@@ -63,7 +68,8 @@ class SparCodeSettings:
     max_history: int = 50
     sa_layers: int = 2
     sa_heads: int = 2
-    interaction: str = "mlp"  # "mlp" or "sa"
+    interaction: str = "mlp"  # "mlp", "sa" or "maxsim"
+    maxsim_temperature: float = 1.0
     interaction_hidden: list[int] = field(default_factory=lambda: [128, 64])
     interaction_products: bool = False
     quantize: bool = True
@@ -80,6 +86,11 @@ class SparCodeSettings:
     sparsity_ramp_steps: int = 0
     item_bias: bool = False
     dropout: float = 0.0
+
+    @property
+    def token_dim(self) -> int:
+        """The size of a user token vector (what is quantised) and of an item token vector."""
+        return self.projection_dim if self.tokenizer == "late" else self.dim
 
 
 class InteractionMLP(nn.Module):
@@ -121,7 +132,12 @@ def build_tokenizers(
     dataset: Dataset, s: SparCodeSettings, user_tokens: int, item_tokens: int
 ) -> tuple[nn.Module, ItemTokenizer]:
     """The user tokenizer (DNN or SA) and the item tokenizer, sharing the item field embeddings
-    between the history (user side) and the item side."""
+    between the history (user side) and the item side (``late``: both towers share a substrate
+    and a projection)."""
+    if s.tokenizer == "late":
+        towers = LateTowers(dataset, s.dim, s.projection_dim, s.max_history, s.sa_layers, s.item_layers, s.sa_heads,
+                            s.dropout, s.user_fields, s.item_fields, s.expansion_tokens)
+        return LateUserTokenizer(towers), LateItemTokenizer(towers)
     item_fields = FieldEmbedder(dataset.items.select(s.item_fields), s.dim)
     user_table = dataset.users.select(s.user_fields)
     user_fields = FieldEmbedder(user_table, s.dim) if user_table.fields else None
@@ -183,22 +199,52 @@ class InteractionSA(nn.Module):
         return self.score_head(self.norm_out(x)).squeeze(-1)
 
 
+class InteractionMaxSim(nn.Module):
+    """``E(token, item) = max_b <token, d_b> / tau``: late interaction's per-token term.
+
+    ColBERT's MaxSim is ``sum_a max_b q_a . d_b``; inside SparCode each user token's max becomes
+    one (code, item) score, so ``y(u, i) = sum_a ReLU(max_b q_a . d_b / tau + b)`` is MaxSim with
+    the sparsity control. No parameters: the towers learn what the scores say. Not an all-to-all
+    encoder (the token meets each item token alone, by one inner product), so it cannot learn
+    what the MLP and SA encoders can in principle; it is the scorer under which a user tower
+    without the item already beat the towers on the synthetic default (issue 4).
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``tokens [..., T, D]`` x ``items [..., N, K_i, D]`` -> ``[..., T, N]`` (leading dims
+        broadcast: ``[B, T, D]`` x ``[N, K_i, D]`` scores every item, x ``[B, N, K_i, D]`` each
+        user's own candidates; ``[C, D]`` codes x ``[N, K_i, D]`` gives ``[C, N]``)."""
+        n, k = items.shape[-3], items.shape[-2]
+        similarity = tokens @ items.flatten(-3, -2).transpose(-1, -2)  # [..., T, N * K_i]
+        return similarity.unflatten(-1, (n, k)).amax(-1) / self.temperature
+
+
 class SparCode(Recommender):
     def __init__(self, dataset: Dataset, settings: SparCodeSettings):
         super().__init__(dataset.num_items)
         s = self.settings = settings
         self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, s, s.user_tokens, s.item_tokens)
+        d = s.token_dim
         if s.interaction == "mlp":
-            self.interaction = InteractionMLP(s.dim, s.item_tokens, s.interaction_hidden, s.dropout, s.interaction_products)
+            if s.tokenizer == "late":
+                raise ConfigError("model: the 'late' tokenizer's item token count follows the item fields; use "
+                                  "interaction 'maxsim' or 'sa' with it")
+            self.interaction = InteractionMLP(d, s.item_tokens, s.interaction_hidden, s.dropout, s.interaction_products)
+        elif s.interaction == "maxsim":
+            self.interaction = InteractionMaxSim(s.maxsim_temperature)
         else:
-            self.interaction = InteractionSA(s.dim, s.sa_heads, s.interaction_hidden, s.dropout)
+            self.interaction = InteractionSA(d, s.sa_heads, s.interaction_hidden, s.dropout)
         self.quantizer = None
         if s.quantize:
             from crosstower.nn.quantizer import ProductQuantizer, ResidualQuantizer
 
             quantizer_class = ResidualQuantizer if s.quantizer == "residual" else ProductQuantizer
             self.quantizer = quantizer_class(
-                s.dim, s.num_codebooks, s.codebook_size, commitment=s.commitment, dead_threshold=s.vq_dead_threshold
+                d, s.num_codebooks, s.codebook_size, commitment=s.commitment, dead_threshold=s.vq_dead_threshold
             )
             self.warmup_epochs = s.vq_warmup_epochs
         # Whether tokens are quantised now: never without a quantiser, off during the warm-up
@@ -361,7 +407,7 @@ class SparCode(Recommender):
         candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)  # [B, 1 + K]
         unique, inverse = torch.unique(candidates, return_inverse=True)
         flat = self.item_tokenizer(unique).flatten(1)
-        item_tokens = F.embedding(inverse, flat).view(*candidates.shape, self.settings.item_tokens, -1)
+        item_tokens = F.embedding(inverse, flat).view(*candidates.shape, -1, self.settings.token_dim)
         token_scores = self.token_scores(tokens, item_tokens)  # [B, K_u, 1 + K]
         with torch.no_grad():  # device tensors, read once an epoch: no sync on the training step
             positive = token_scores > 0 if real is None else (token_scores > 0) & real.unsqueeze(-1)
