@@ -248,6 +248,10 @@ class SparCodeConfig(_TokenizerFields):
     # win; the quantiser's own default (1e-3) waits about 700 steps at decay 0.99, longer than an
     # epoch of the synthetic default.
     vq_dead_threshold: float = Field(0.1, ge=0)
+    # With train.ema_decay, average the codebooks with the weights (from the first quantised
+    # step), so the validated and indexed model's codes match its averaged towers. Off, the
+    # averaged towers meet the live codebooks (as the runs before this key measured).
+    average_codebooks: bool = False
     sparsity_bias: float = 0.0
     # Weight of the L1 penalty on sampled negatives' per-token scores (0: none), applied once
     # quantisation is on; larger weights leave fewer non-zero (code, item) scores to index.

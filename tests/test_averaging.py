@@ -78,3 +78,55 @@ def test_state_round_trip_and_a_mismatched_state():
 def test_a_decay_outside_the_open_interval_is_refused(decay):
     with pytest.raises(ValueError, match="decay must be in"):
         WeightAverage(small_model(), decay)
+
+
+def test_named_buffers_are_averaged_from_their_value_after_the_first_step():
+    model, decay = small_model(), 0.5
+    model[1].running_mean.fill_(100.0)  # a placeholder the average must not remember
+    average = WeightAverage(model, decay, buffers=["1.running_mean"])
+    assert "1.running_mean" not in average.state_dict()
+    with average.swapped_in():  # not started: the live buffer stays
+        assert torch.equal(model[1].running_mean, torch.full((4,), 100.0))
+    model[1].running_mean.fill_(2.0)
+    average.update()
+    model[1].running_mean.fill_(4.0)
+    average.update()
+    expected = torch.full((4,), decay * 2.0 + (1 - decay) * 4.0)
+    torch.testing.assert_close(average.state_dict()["1.running_mean"], expected)
+    with average.swapped_in():
+        torch.testing.assert_close(model[1].running_mean, expected)
+        torch.testing.assert_close(model[0].weight, average.state_dict()["0.weight"])
+    assert torch.equal(model[1].running_mean, torch.full((4,), 4.0))
+    assert torch.equal(model[1].running_var, torch.ones(4))  # an unnamed buffer is never touched
+
+
+def test_buffer_averages_round_trip_and_an_older_state_without_them_starts_them_again():
+    model = small_model()
+    first = WeightAverage(model, 0.5, buffers=["1.running_mean"])
+    model[1].running_mean.fill_(3.0)
+    first.update()
+    second = WeightAverage(model, 0.5, buffers=["1.running_mean"])
+    second.load_state_dict(first.state_dict())
+    torch.testing.assert_close(second.state_dict()["1.running_mean"], torch.full((4,), 3.0))
+    older = {k: v for k, v in first.state_dict().items() if k != "1.running_mean"}
+    second.load_state_dict(older)
+    assert "1.running_mean" not in second.state_dict()
+    model[1].running_mean.fill_(5.0)
+    second.update()
+    torch.testing.assert_close(second.state_dict()["1.running_mean"], torch.full((4,), 5.0))
+    with pytest.raises(KeyError, match="no buffer 1.running_max"):
+        WeightAverage(model, 0.5, buffers=["1.running_max"])
+
+
+def test_sparcode_names_its_codebooks_only_when_asked():
+    from crosstower.models.sparcode import SparCode, SparCodeSettings
+    from tests.helpers import random_dataset
+
+    ds = random_dataset(num_users=20, num_items=15, rows=300)
+    settings = dict(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[8], item_hidden=[8], interaction_hidden=[8])
+    assert SparCode(ds, SparCodeSettings(**settings)).averaged_buffers() == []
+    asked = SparCode(ds, SparCodeSettings(**settings, average_codebooks=True))
+    assert asked.averaged_buffers() == ["quantizer.codebooks"]
+    WeightAverage(asked, 0.9, asked.averaged_buffers())  # the name is a buffer of the model
+    unquantised = SparCode(ds, SparCodeSettings(**settings, average_codebooks=True, quantize=False))
+    assert unquantised.averaged_buffers() == []

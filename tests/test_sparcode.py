@@ -350,9 +350,11 @@ def test_warm_up_must_leave_a_quantised_epoch():
         parse_config({"model": {"name": "sparcode", "vq_warmup_epochs": 3}, "train": {"epochs": 3}})
 
 
-def test_resume_across_the_end_of_the_warm_up_continues_exactly(tmp_path):
+@pytest.mark.parametrize("stop_after, averaged", [(1, False), (2, True)])
+def test_resume_across_the_end_of_the_warm_up_continues_exactly(tmp_path, stop_after, averaged):
     """A run interrupted after its last unquantised epoch resumes into the k-means step and the
-    quantised epochs exactly as if it had never stopped."""
+    quantised epochs exactly as if it had never stopped; so does one interrupted in its quantised
+    epochs with a weight average that averages the codebooks too."""
     from crosstower.data.loaders import load_dataset
     from crosstower.models import build_model
     from tests.test_training import TINY
@@ -363,8 +365,9 @@ def test_resume_across_the_end_of_the_warm_up_continues_exactly(tmp_path):
         "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
         "model": {"name": "sparcode", "dim": 8, "user_tokens": 2, "item_tokens": 2, "tokenizer_hidden": [16],
                   "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 16, "vq_warmup_epochs": 1,
-                  "kmeans_examples": 1000, "dropout": 0.2},
-        "train": {"epochs": 3, "threads": 1, "batch_size": 256, "history_length": 10, "negatives": {"num": 10}},
+                  "kmeans_examples": 1000, "dropout": 0.2, "average_codebooks": averaged},
+        "train": {"epochs": 3, "threads": 1, "batch_size": 256, "history_length": 10, "negatives": {"num": 10},
+                  "ema_decay": 0.9 if averaged else 0.0},
     })
 
     def fit(workdir, epochs, resume=False, seed=0):
@@ -377,10 +380,11 @@ def test_resume_across_the_end_of_the_warm_up_continues_exactly(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "resumed").mkdir()
     full, full_model = fit(tmp_path / "full", 3)
-    fit(tmp_path / "resumed", 1)  # stops at the end of the warm-up
+    fit(tmp_path / "resumed", stop_after)  # 1: stops at the end of the warm-up
     resumed, resumed_model = fit(tmp_path / "resumed", 3, resume=True, seed=123)
-    assert resumed.resumed_from_epoch == 1
+    assert resumed.resumed_from_epoch == stop_after
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert [h["val_recall@50"] for h in resumed.history] == [h["val_recall@50"] for h in full.history]
     assert torch.equal(resumed_model.quantizer.codebooks, full_model.quantizer.codebooks)
 
 

@@ -79,6 +79,11 @@ class Recommender(nn.Module):
     def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:
         """Called by the trainer before epoch ``epoch`` (also after a resume); a no-op here."""
 
+    def averaged_buffers(self) -> list[str]:
+        """Buffers that ``train.ema_decay`` averages with the weights (see
+        :mod:`crosstower.train.averaging`); none here."""
+        return []
+
     def training_stats(self) -> dict[str, float]:
         """Model-specific numbers worth logging after an epoch (e.g. codebook usage)."""
         return {}

@@ -11,6 +11,12 @@ exactly zero and need not be stored, so the index of (code -> item, score) is sp
 ``E`` only ever sees a code, every score the model can produce is precomputable per code: serving
 sums the posting lists of the user's ``K_u`` codes (:mod:`crosstower.index.sparse_code`).
 
+Tokenizers: DNN and SA (:mod:`crosstower.nn.tokenizers`) emit ``K_u`` tokens for an MLP or
+self-attention encoder ``E``; ``late`` is late interaction's user tower
+(:mod:`crosstower.nn.late_towers`), one normalised vector per user field, history item and
+expansion token, scored by :class:`InteractionMaxSim` (``E(q, i) = max_b q . d_b / tau``), which
+makes ``y`` ColBERT's MaxSim with the sparsity control and quantised user vectors.
+
 With ``quantize: false`` the same tokenizer and encoder, unquantised and scored exhaustively,
 give the all-to-all upper bound the index is measured against. With ``item_bias`` a learned
 per-item prior ``p_i`` is added outside the sum, ``y(u, i) = p_i + sum_k ReLU(...)``, and served
@@ -85,6 +91,7 @@ class SparCodeSettings:
     sparsity_weight: float = 0.0
     sparsity_ramp_steps: int = 0
     item_bias: bool = False
+    average_codebooks: bool = False  # with train.ema_decay: average the codebooks with the weights
     dropout: float = 0.0
 
     @property
@@ -277,6 +284,12 @@ class SparCode(Recommender):
         self.quantizer.init_kmeans(tokens, seed=epoch)
         self.quantizing.fill_(True)
         log.info("epoch %d: codebooks set by k-means on %d tokens; quantisation on", epoch, len(tokens))
+
+    def averaged_buffers(self) -> list[str]:
+        """With ``average_codebooks``, the codebooks follow the averaged weights, so that the
+        validated, saved and indexed model snaps its tokens to codes that match its item tower
+        (see :mod:`crosstower.train.averaging`)."""
+        return ["quantizer.codebooks"] if self.quantizer is not None and self.settings.average_codebooks else []
 
     # ---- the pieces the index needs -------------------------------------------------------
     def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -239,7 +239,7 @@ class Trainer:
         warm-up epoch trains another model, which the average must not remember)."""
         if self.train_cfg.ema_decay == 0 or epoch < self.model.warmup_epochs:
             return None
-        return WeightAverage(self.model, self.train_cfg.ema_decay)
+        return WeightAverage(self.model, self.train_cfg.ema_decay, self.model.averaged_buffers())
 
     def validate(self) -> dict[str, float]:
         """Validation metrics of the current model: pointwise under P4, full ranking otherwise."""
@@ -270,7 +270,7 @@ class Trainer:
             scheduler.load_state_dict(state["scheduler"])
         average = None
         if state.get("average") is not None:
-            average = WeightAverage(self.model, self.train_cfg.ema_decay)
+            average = WeightAverage(self.model, self.train_cfg.ema_decay, self.model.averaged_buffers())
             average.load_state_dict(state["average"])
         report = TrainReport(**state["report"])
         # A run stopped by its time budget goes on when resumed with a larger budget (or none),
