@@ -27,8 +27,8 @@ from crosstower.data.batching import TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.losses import sampled_softmax
 from crosstower.models.base import ItemRangeScorer, Recommender, item_prior
-from crosstower.nn.maxsim import maxsim, maxsim_pairs
 from crosstower.nn.late_towers import LateTowers
+from crosstower.nn.maxsim import maxsim, maxsim_pairs
 from crosstower.nn.tokens import TokenSequence
 
 ITEM_SLICE = 512  # items per MaxSim call in exhaustive scoring: memory grows with B x L_u x N x L_i

@@ -137,7 +137,7 @@ class InteractionMLP(nn.Module):
 
 def build_tokenizers(
     dataset: Dataset, s: SparCodeSettings, user_tokens: int, item_tokens: int
-) -> tuple[nn.Module, ItemTokenizer]:
+) -> tuple[nn.Module, nn.Module]:
     """The user tokenizer (DNN or SA) and the item tokenizer, sharing the item field embeddings
     between the history (user side) and the item side (``late``: both towers share a substrate
     and a projection)."""
