@@ -281,9 +281,10 @@ class SparCodeConfig(_TokenizerFields):
     def _late_tokens_are_fixed(self):
         """The late tokenizer's token counts are the substrate's: one per user field, history
         slot and expansion token, one per item field."""
-        fixed = {"user_tokens", "user_tokens_from", "item_tokens"} & self.model_fields_set
+        fixed = [name for name in ("user_tokens", "user_tokens_from", "item_tokens")
+                 if getattr(self, name) != type(self).model_fields[name].default]  # a saved run writes defaults
         if self.tokenizer == "late" and fixed:
-            raise ValueError(f"tokenizer 'late' takes its token counts from the substrate; drop {sorted(fixed)}")
+            raise ValueError(f"tokenizer 'late' takes its token counts from the substrate; drop {fixed}")
         return self
 
 

@@ -133,7 +133,7 @@ def test_late_sparcode_index_serves_the_exhaustive_scores(item_bias):
 
 
 def test_late_sparcode_run_serves_from_its_index(tmp_path):
-    from crosstower.run import run_experiment
+    from crosstower.run import load_run, run_experiment
     from tests.test_training import TINY
 
     config = parse_config({
@@ -147,6 +147,8 @@ def test_late_sparcode_run_serves_from_its_index(tmp_path):
     results = run_experiment(config, tmp_path / "run")
     served, exhaustive = results["metrics"]["test_served"]["recall@50"], results["metrics"]["test"]["recall@50"]
     assert 0 < results["index"]["kept_fraction"] <= 1 and served == pytest.approx(exhaustive, abs=0.02)
+    config_again, _ = load_run(tmp_path / "run")  # the saved config, every default written out, loads
+    assert config_again.model.tokenizer == "late"
 
 
 @pytest.mark.parametrize("model, message", [
