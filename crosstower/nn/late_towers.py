@@ -42,11 +42,6 @@ class LateTowers(nn.Module):
         """Vectors per user: the substrate's user sequence and the expansion tokens."""
         return self.substrate.user_length + self.expansion.shape[0]
 
-    @property
-    def item_length(self) -> int:
-        """Vectors per item: the substrate's item sequence, less the [CLS] unless ``item_cls``."""
-        return self.substrate.item_length - (0 if self.item_cls else 1)
-
     def users(self, user: UserInput) -> TokenSequence:
         """Normalised user token vectors ``[B, L_u (+ expansion), m]`` and their mask."""
         seq = self.substrate.users(user)

@@ -62,6 +62,8 @@ class WeightAverage:
     def update(self) -> None:
         for name, p in self._parameters():
             self.average[name].lerp_(p.detach(), 1.0 - self.decay)
+        if not self.buffer_names:  # every step: skip walking the module tree when nothing is named
+            return
         buffers = dict(self.model.named_buffers())
         for name in self.buffer_names:
             if name in self.buffer_average:
