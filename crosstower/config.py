@@ -287,6 +287,16 @@ class SparCodeConfig(_TokenizerFields):
             raise ValueError(f"tokenizer 'late' takes its token counts from the substrate; drop {fixed}")
         return self
 
+    @model_validator(mode="after")
+    def _late_needs_an_encoder_for_any_item_token_count(self):
+        """The MLP encoder reads a fixed number of item tokens; the late tokenizer's item token
+        count follows the item fields, so it is refused here, when the config is read, rather
+        than when the model is built."""
+        if self.tokenizer == "late" and self.interaction == "mlp":
+            raise ValueError("tokenizer 'late' needs interaction 'maxsim' or 'sa' (the MLP encoder reads a "
+                             "fixed number of item tokens)")
+        return self
+
 
 class MVKEConfig(Strict):
     """MVKE: K virtual kernels attend over the user fields, one expert per kernel, item-gated.

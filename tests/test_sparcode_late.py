@@ -157,6 +157,7 @@ def test_late_sparcode_run_serves_from_its_index(tmp_path):
     ({"name": "sparcode", "tokenizer": "late", "interaction": "maxsim", "projection_dim": 33},
      "projection_dim 33 is not divisible by num_codebooks 2"),
     ({"name": "alltoall", "tokenizer": "late", "interaction": "maxsim", "maxsim_temperature": 0}, "greater than 0"),
+    ({"name": "sparcode", "tokenizer": "late"}, "tokenizer 'late' needs interaction 'maxsim' or 'sa'"),
 ])
 def test_late_tokenizer_configs_reject_what_does_not_apply(model, message):
     with pytest.raises(ConfigError, match=message):
