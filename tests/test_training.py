@@ -65,6 +65,10 @@ def test_results_contract_and_reevaluation(tmp_path):
     assert {"model", "dataset", "protocol", "config", "metrics", "timing", "index"} <= saved.keys()
     assert {"recall@50", "ndcg@50", "precision@50", "hitrate@50"} <= saved["metrics"]["test"].keys()
     assert saved["protocol"] == "p2" and saved["model"] == "dssm"
+    environment = saved["environment"]  # where it was measured: figures differ between CPUs
+    assert environment["torch"] == torch.__version__ and environment["torch_threads"] >= 1
+    assert environment["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert environment["cpu"] and environment["numpy"]
     assert not (out / "checkpoint.pt").exists() and not list(tmp_path.glob(".*partial"))
     again = reevaluate(out)
     assert again["test"] == results["metrics"]["test"]
