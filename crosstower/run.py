@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from crosstower.data.loaders import LOADERS, load_dataset
 from crosstower.data.splits import Split, make_split
 from crosstower.data.batching import UserInput
 from crosstower.data.ragged import Ragged
+from crosstower.environment import describe_environment
 from crosstower.errors import ConfigError, CrosstowerError, DataError
 from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
 from crosstower.evaluate.pre_ranking import evaluate_labelled
@@ -187,33 +187,6 @@ def _train_and_evaluate(
     torch.save({"model_name": config.model.name, "model": model.state_dict()}, workdir / "model.pt")
     (workdir / "metrics.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def describe_environment() -> dict:
-    """Where a run was measured. Training is deterministic on one machine, but the same code and
-    seed gave different Recall@50 on machines whose CPUs differ (docs/results.md), most likely
-    because PyTorch picks its float kernels by CPU capability; recording that capability and the
-    library versions lets a reader tell a machine-to-machine spread from a regression."""
-    return {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": _cpu_model_name(),
-        "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-    }
-
-
-def _cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo where there is one (Linux), else platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _build_index(model: Recommender, dataset: Dataset, split: Split, config: RunConfig):
