@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from crosstower.data.ragged import Ragged
+from crosstower.environment import describe_environment, source_revision
 from crosstower.evaluate import evaluate_ranking
 from crosstower.evaluate.ranking import DEFAULT_ITEM_CHUNK, DEFAULT_USER_BATCH
 from crosstower.files import write_json
@@ -91,7 +91,7 @@ def main() -> None:
         "num_users": NUM_USERS, "num_items": NUM_ITEMS, "dim": DIM,
         "targets_per_user": NUM_TARGETS, "excluded_per_user": NUM_EXCLUDED, "ks": list(KS),
         "threads": args.threads, "repeats": args.repeats,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "machine": {**describe_environment(), **source_revision(Path(__file__).resolve().parents[1])},
         "load_average_1min": round(os.getloadavg()[0], 2),  # the machine is shared
         "runs": runs, "metrics": reference,
     }

@@ -66,7 +66,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +78,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crosstower.environment import describe_environment, source_revision
 from crosstower.files import write_json
 from crosstower.index import CodeQueries, ExactInnerProductIndex, SparseCodeIndex, encode_code_ids
 from crosstower.nn.fields import MLP
@@ -559,26 +559,17 @@ def bar(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine(s: Settings) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                                    timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", False
+    """Where the figures were measured: crosstower's environment record (CPU model, torch's CPU
+    capability, versions), plus what this benchmark adds: faiss, its thread settings and the commit."""
     return {
+        **describe_environment(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "faiss": faiss.__version__,
-        "numpy": np.__version__,
         "threads": s.threads,
         "build_threads": s.build_threads or os.cpu_count(),
         "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
-        "git_commit": commit,
-        "git_dirty": dirty,
+        **source_revision(ROOT),
     }
 
 

@@ -27,7 +27,6 @@ trained models (`benchmarks/late_interaction_index.py`; 99.4% on the synthetic d
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crosstower.environment import describe_environment, source_revision
 from crosstower.files import write_json
 from crosstower.index import LateInteractionIndex
 from crosstower.nn.maxsim import maxsim
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     faiss.omp_set_num_threads(args.threads)
     report = {"command": "python benchmarks/late_interaction_latency.py " + " ".join(argv or []),
-              "machine": {"processor": platform.processor() or platform.machine(), "threads": args.threads,
-                          "torch": torch.__version__, "faiss": faiss.__version__},
+              "machine": {**describe_environment(), "threads": args.threads, "faiss": faiss.__version__,
+                          **source_revision(Path(__file__).resolve().parents[1])},
               "results": []}
     print("| items | exhaustive p50 / p99 ms | index p50 / p99 ms | items scored | "
           "wide index p50 / p99 ms | items scored | index MB | build s |")

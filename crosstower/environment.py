@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +35,19 @@ def _cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def source_revision(root: Path) -> dict:
+    """The git commit a benchmark ran from, and whether the working tree had uncommitted changes,
+    so that a figure can be traced to its code; empty where ``root`` is not a git checkout."""
+    try:
+        commit = _git(root, "rev-parse", "HEAD")
+        dirty = bool(_git(root, "status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "", "git_dirty": False}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def _git(root: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+    return done.stdout.strip()

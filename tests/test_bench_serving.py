@@ -38,7 +38,8 @@ def test_report_structure_and_agreement(bench, tmp_path):
     bench.main(argv, log=lambda *_: None)
     report = json.loads(out.read_text())
     assert report["command"].startswith("python benchmarks/bench_serving.py --sizes 2000")
-    for key in ("platform", "cpu_count", "torch", "faiss", "numpy", "threads"):
+    for key in ("platform", "cpu_count", "cpu", "torch", "torch_cpu_capability", "faiss", "numpy", "threads",
+                "git_commit", "git_dirty"):
         assert key in report["machine"]
     assert report["machine"]["threads"] == 1
     (result,) = report["results"]
