@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from crosstower.errors import ConfigError, first_error_line
 
+# The most codes ``model.index_codes: all`` enumerates (2^26 = 8,192^2, about 406^3): a
+# product quantiser's id space grows as N^M, and beyond this its code table alone takes gigabytes.
+MAX_ENUMERATED_CODES = 2**26
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -264,6 +268,11 @@ class SparCodeConfig(_TokenizerFields):
     # scores above a threshold (a float >= 0), or {share, usage_exponent}: about that share of
     # the table, each code's top entries in proportion to its use (index.sparse_code.UsageBudget).
     index_keep: Union[Literal["nonzero"], int, float, IndexBudget] = "nonzero"
+    # Which codes get a posting list: "observed", those the training users' tokens take (a test
+    # user's unseen code falls back to the nearest of them), or "all" N^M tuples (none falls back;
+    # at most 2^26 codes). The build scores code chunks in ``index_workers`` processes.
+    index_codes: Literal["observed", "all"] = "observed"
+    index_workers: int = Field(1, ge=1)
 
     @property
     def token_dim(self) -> int:
@@ -285,6 +294,15 @@ class SparCodeConfig(_TokenizerFields):
                  if getattr(self, name) != type(self).model_fields[name].default]  # a saved run writes defaults
         if self.tokenizer == "late" and fixed:
             raise ValueError(f"tokenizer 'late' takes its token counts from the substrate; drop {fixed}")
+        return self
+
+    @model_validator(mode="after")
+    def _enumerable_codes(self):
+        """Refused when the config is read, not after training, when the index is built."""
+        codes = self.codebook_size**self.num_codebooks
+        if self.index_codes == "all" and codes > MAX_ENUMERATED_CODES:
+            raise ValueError(f"index_codes 'all' would enumerate codebook_size^num_codebooks = {codes:,} codes, "
+                             f"more than {MAX_ENUMERATED_CODES:,}; use 'observed'")
         return self
 
     @model_validator(mode="after")

@@ -213,11 +213,12 @@ def indexing_users(dataset: Dataset, split: Split, config: RunConfig) -> UserInp
 
 
 def _build_sparcode_index(model: SparCode, dataset: Dataset, split: Split, config: RunConfig):
-    """Index the codes of every training user's tokens."""
+    """Index the codes of every training user's tokens (or every code, with ``index_codes: all``)."""
     user = indexing_users(dataset, split, config)
     log.info("building the sparse code index from %d training users", len(user))
-    keep = config.model.index_keep
-    return model.build_index(user, keep=keep.model_dump() if isinstance(keep, IndexBudget) else keep)
+    settings = config.model
+    keep = settings.index_keep.model_dump() if isinstance(settings.index_keep, IndexBudget) else settings.index_keep
+    return model.build_index(user, keep=keep, workers=settings.index_workers, codes=settings.index_codes)
 
 
 def _index_summary(model: Recommender) -> dict:

@@ -1,5 +1,7 @@
 """SparCode's scores against a per-pair reference, and its loss on a real batch."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -242,6 +244,70 @@ def test_history_token_index_serves_the_exhaustive_scores(item_bias, quantizer):
     assert ("item_prior" in index.arrays()) == item_bias
 
 
+def small_quantised_model(quantizer: str = "product", codebook_size: int = 4) -> tuple[SparCode, UserInput]:
+    """A tiny SA SparCode with history tokens (some absent), quantising, and its test users."""
+    ds = random_dataset(num_users=20, num_items=15, rows=300)
+    split = make_split(ds, "p2")
+    torch.manual_seed(1)
+    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=8, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
+                                          interaction_hidden=[16], num_codebooks=2, codebook_size=codebook_size,
+                                          tokenizer="sa", sa_layers=1, user_tokens_from="history", max_history=10,
+                                          quantizer=quantizer))
+    user = varied_histories(split)
+    model.train()
+    model.user_tokens(user)  # quantising from the first batch: the codebooks take these tokens
+    model.eval()
+    return model, user
+
+
+@pytest.mark.parametrize("quantizer", ["product", "residual"])
+def test_index_of_every_code_holds_each_codes_own_scores(quantizer):
+    """``codes="all"`` indexes all N^M tuples, each with the model's scores for that code (no
+    fallback to a nearest code, whatever the query), with the observed codes' usage and 0 for
+    the rest; the observed codes' posting lists are those of the default index."""
+    from crosstower.index import encode_code_ids
+
+    model, user = small_quantised_model(quantizer)
+    observed = model.build_index(user)
+    every = model.build_index(user, codes="all")
+    codes = torch.cartesian_prod(torch.arange(4), torch.arange(4))
+    assert every.num_codes == 16
+    np.testing.assert_array_equal(every.arrays()["codes"], codes.numpy())
+    with torch.no_grad():
+        expected = model.score_codes(codes, model.item_tokenizer(torch.arange(model.num_items)))
+    served = every.dense_scores(codes[:, None, :])  # each code alone as a one-token query
+    assert torch.allclose(served, expected, rtol=2e-3, atol=2e-3)
+
+    distinct, usage = model.code_usage(user)
+    full_usage = np.zeros(16, dtype=np.int64)
+    full_usage[encode_code_ids(distinct, 4)] = usage.numpy()
+    np.testing.assert_array_equal(every.arrays()["code_usage"], full_usage)
+    assert 0 < len(distinct) < 16  # the case under test: some codes no token took
+    seen = observed.arrays()["codes"]
+    np.testing.assert_array_equal(observed.dense_scores(torch.from_numpy(seen)[:, None, :]).numpy(),
+                                  every.dense_scores(torch.from_numpy(seen)[:, None, :]).numpy())
+
+
+def test_enumerating_every_code_is_bounded_when_the_config_is_read():
+    from crosstower.errors import ConfigError
+
+    model = {"name": "sparcode", "codebook_size": 8193, "num_codebooks": 2, "index_codes": "all"}
+    with pytest.raises(ConfigError, match="index_codes 'all' would enumerate"):
+        parse_config({"dataset": {"name": "synthetic"}, "split": {"protocol": "p2"}, "model": model})
+    parse_config({"dataset": {"name": "synthetic"}, "split": {"protocol": "p2"}, "model": {**model, "codebook_size": 8192}})
+
+
+@pytest.mark.slow  # spawning two workers that import torch takes a few seconds
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a 2-worker build needs 2 cores to be meaningful")
+def test_trained_model_index_builds_the_same_in_two_processes():
+    """The model's scorer pickles to spawned workers, and their index is the one-process index."""
+    model, user = small_quantised_model()
+    single = model.build_index(user, code_chunk=3)
+    parallel = model.build_index(user, code_chunk=3, workers=2)
+    for name, array in single.arrays().items():
+        np.testing.assert_array_equal(parallel.arrays()[name], array, err_msg=name)
+
+
 @pytest.mark.parametrize("tokenizer, item_bias", [("dnn", False), ("sa", False), ("dnn", True)])
 def test_token_two_tower_trains_from_a_config(tmp_path, tokenizer, item_bias):
     from crosstower.run import run_experiment
@@ -273,12 +339,13 @@ def test_token_two_tower_item_bias_adds_a_per_item_prior_to_the_dot_product():
                               (dot + prior).diagonal()[: len(user.users)], atol=1e-5)
 
 
-@pytest.mark.parametrize("interaction, quantizer, keep", [
-    ("mlp", "product", "nonzero"), ("sa", "product", "nonzero"), ("mlp", "residual", {"share": 0.5, "usage_exponent": 0.5}),
+@pytest.mark.parametrize("interaction, quantizer, keep, codes", [
+    ("mlp", "product", "nonzero", "observed"), ("sa", "product", "nonzero", "observed"),
+    ("mlp", "residual", {"share": 0.5, "usage_exponent": 0.5}, "observed"), ("mlp", "product", "nonzero", "all"),
 ])
-def test_sparcode_run_serves_from_its_index(tmp_path, interaction, quantizer, keep):
-    """The run indexes its training users' codes with their usage, keeps what the config's
-    ``index_keep`` says, and saves the index it served from."""
+def test_sparcode_run_serves_from_its_index(tmp_path, interaction, quantizer, keep, codes):
+    """The run indexes its training users' codes (or all of them) with their usage, keeps what
+    the config's ``index_keep`` says, and saves the index it served from."""
     from crosstower.index import SparseCodeIndex
     from crosstower.run import run_experiment
     from tests.test_training import TINY
@@ -287,7 +354,7 @@ def test_sparcode_run_serves_from_its_index(tmp_path, interaction, quantizer, ke
         "dataset": {"name": "synthetic", "options": TINY}, "split": {"protocol": "p2"},
         "model": {"name": "sparcode", "interaction": interaction, "dim": 8, "user_tokens": 2, "item_tokens": 2,
                   "tokenizer_hidden": [16], "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 8,
-                  "quantizer": quantizer, "index_keep": keep},
+                  "quantizer": quantizer, "index_keep": keep, "index_codes": codes},
         "train": {"epochs": 1, "threads": 1, "batch_size": 256, "history_length": 10,
                   "negatives": {"num": 10, "in_batch": True}},
     })
@@ -296,6 +363,7 @@ def test_sparcode_run_serves_from_its_index(tmp_path, interaction, quantizer, ke
     assert results["index"]["keep"] == keep and results["index"]["code_usage"]
     index = SparseCodeIndex.load(tmp_path / "run" / "index")
     assert index.nnz == results["index"]["nnz"]
+    assert (results["index"]["codes_indexed"] == 8**2) == (codes == "all")
     if keep != "nonzero":
         assert index.kept_fraction <= keep["share"]
 

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crosstower.config import MAX_ENUMERATED_CODES
 from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
@@ -371,24 +373,44 @@ class SparCode(Recommender):
         return torch.unique(torch.cat(blocks), dim=0, return_counts=True)
 
     @torch.no_grad()
-    def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1):
-        """The sparse (code -> item, score) index of every code that ``users``' tokens occur as,
-        with how many of their tokens took each code (for a :class:`UsageBudget`).
+    def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1,
+                    codes: Literal["observed", "all"] = "observed"):
+        """The sparse (code -> item, score) index, with how many of ``users``' tokens took each
+        code (for a :class:`UsageBudget`).
 
-        Enumerating all N^M codes stays possible through :meth:`SparseCodeIndex.build` directly;
-        indexing the codes that occur is the default because most of N^M never do.
+        ``codes="observed"`` (the default) indexes the codes that ``users``' tokens occur as,
+        because most of the N^M tuples never do; ``"all"`` enumerates every one of them, so that
+        no user's code ever falls back to its nearest indexed code (the table is then N^M x items
+        scores to score and prune). ``workers > 1`` scores code chunks in that many processes.
         """
         from crosstower.index import SparseCodeIndex
 
         distinct, usage = self.code_usage(users)
+        if codes == "all":
+            distinct, usage = self._every_code(distinct, usage)
+        elif codes != "observed":
+            raise ValueError(f"codes must be 'observed' or 'all', got {codes!r}")
         catalogue = torch.arange(self.num_items, device=self.device)
-        item_tokens = self.item_tokenizer(catalogue)
         prior = self.item_bias(catalogue) if self.bias is not None else None
         return SparseCodeIndex.build(
-            lambda c: self.score_codes(c, item_tokens), distinct, self.quantizer.lookup(distinct),
+            CodeScorer(self, self.item_tokenizer(catalogue)), distinct, self.quantizer.lookup(distinct),
             self.num_items, self.settings.codebook_size, keep=keep, code_chunk=code_chunk, workers=workers,
             item_prior=prior, code_usage=usage,
         )
+
+    def _every_code(self, observed: torch.Tensor, usage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All N^M code tuples in id order, and their usage (0 for the codes no token took)."""
+        from crosstower.index import encode_code_ids
+
+        n, m = self.settings.codebook_size, self.settings.num_codebooks
+        if n**m > MAX_ENUMERATED_CODES:
+            raise ValueError(f"model.index_codes 'all' would enumerate {n}^{m} = {n**m:,} codes, more than "
+                             f"{MAX_ENUMERATED_CODES:,}; index the observed codes instead")
+        log.info("enumerating all %d^%d = %d codes for the index", n, m, n**m)
+        every = torch.cartesian_prod(*[torch.arange(n)] * m).reshape(-1, m).to(observed.device)
+        counts = torch.zeros(len(every), dtype=usage.dtype, device=usage.device)
+        counts[torch.from_numpy(encode_code_ids(observed.cpu(), n)).to(usage.device)] = usage
+        return every, counts
 
     @torch.no_grad()
     def code_queries(self, user: UserInput):
@@ -475,3 +497,15 @@ def _sum_real(token_scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     if mask is None:
         return token_scores.sum(-2)
     return (token_scores * mask.unsqueeze(-1).to(token_scores.dtype)).sum(-2)
+
+
+class CodeScorer:
+    """What :meth:`SparseCodeIndex.build` calls on a trained model: the scores of a chunk of
+    codes against the whole catalogue, whose item tokens are computed once. A class, not a
+    closure, so that a multi-process build can pickle it to its spawned workers."""
+
+    def __init__(self, model: SparCode, item_tokens: torch.Tensor) -> None:
+        self.model, self.item_tokens = model, item_tokens
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.score_codes(codes, self.item_tokens)
