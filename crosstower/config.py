@@ -47,19 +47,23 @@ class SplitConfig(Strict):
     # that part's own labelled rows, the leak of its MovieLens script (reference 2.5). Those two
     # measure what the leak is worth, never a result. See crosstower/data/features.py.
     statistics: Literal["ordered", "entity", "all_labels", "in_split"] | None = None
+    # P4 only: "temporal" (filled under p4): each user's labelled rows split by time like P1;
+    # "random": all labelled rows drawn 70/10/20 by ``seed``, as IntTower's released scripts
+    # split (a row's history and statistics still read only training rows before its time).
+    order: Literal["temporal", "random"] | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _p4_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("protocol") == "p4":
-            defaults = {"positive_min": 4.0, "negative_max": 2.0, "statistics": "ordered"}
+            defaults = {"positive_min": 4.0, "negative_max": 2.0, "statistics": "ordered", "order": "temporal"}
             data = {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
         return data
 
     @model_validator(mode="after")
     def _thresholds_only_for_p4(self):
         if self.protocol != "p4":
-            for key in ("positive_min", "negative_max", "statistics"):
+            for key in ("positive_min", "negative_max", "statistics", "order"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} is used by protocol p4 only (protocol is {self.protocol}); remove it")
         elif self.negative_max >= self.positive_min:

@@ -67,9 +67,10 @@ def load_data(config: RunConfig, data_dir: Path | None) -> tuple[Dataset, Split]
     if path is not None and not path.exists():
         raise DataError(f"dataset '{config.dataset.name}': directory {path} not found; pass --data-dir")
     dataset = load_dataset(config.dataset.name, path, dict(config.dataset.options))
-    thresholds = {"positive_min": config.split.positive_min, "negative_max": config.split.negative_max}
+    p4_settings = {"positive_min": config.split.positive_min, "negative_max": config.split.negative_max,
+                   "order": config.split.order}
     split = make_split(dataset, config.split.protocol, config.split.seed,
-                       **{k: v for k, v in thresholds.items() if v is not None})
+                       **{k: v for k, v in p4_settings.items() if v is not None})
     if config.split.statistics in ("all_labels", "in_split"):
         log.warning("split.statistics=%s: validation and test rows read statistics of their own labels; "
                     "these figures measure that leak, they are not results", config.split.statistics)

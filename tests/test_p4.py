@@ -104,6 +104,39 @@ def test_temporal_order_holds_for_every_user(rated):
     assert (test_counts == np.floor(0.2 * counts)).all()
 
 
+def test_random_order_draws_rows_70_10_20_by_the_seed(rated):
+    """``order="random"`` partitions the same labelled rows at random over users and time,
+    reproducibly by the seed; each part stays sorted by (user, time, item)."""
+    dataset, temporal = rated
+    split = make_split(dataset, "p4", seed=3, order="random")
+    rows = {p: split.labelled[p] for p in ("train", "val", "test")}
+    total = sum(len(f) for f in rows.values())
+    key = ["user", "item", "timestamp"]
+    everything = pd.concat(rows.values())[key].sort_values(key).reset_index(drop=True)
+    expected = pd.concat(temporal.labelled[p] for p in ("train", "val", "test"))[key].sort_values(key)
+    pd.testing.assert_frame_equal(everything, expected.reset_index(drop=True))
+    assert [len(rows[p]) for p in ("train", "val", "test")] == [round(0.7 * total), round(0.8 * total) - round(0.7 * total),
+                                                              total - round(0.8 * total)]
+    for frame in rows.values():
+        assert frame.equals(frame.sort_values(["user", "timestamp", "item"], kind="stable"))
+    # Not temporal: some user has a test row older than one of its training rows.
+    first_test = rows["test"].groupby("user")["timestamp"].min()
+    last_train = rows["train"].groupby("user")["timestamp"].max().reindex(first_test.index)
+    assert (first_test < last_train).any()
+    again = make_split(dataset, "p4", seed=3, order="random")
+    other = make_split(dataset, "p4", seed=4, order="random")
+    assert again.labelled["test"].equals(rows["test"]) and not other.labelled["test"].equals(rows["test"])
+    assert len(split.train) == int((rows["train"][LABEL] == 1).sum())  # histories read the train positives
+
+
+def test_order_is_a_p4_setting():
+    base = {"dataset": {"name": "ml-100k"}, "model": {"name": "dssm"}}
+    assert parse_config({**base, "split": {"protocol": "p4"}}).split.order == "temporal"
+    assert parse_config({**base, "split": {"protocol": "p4", "order": "random"}}).split.order == "random"
+    with pytest.raises(ConfigError, match="order is used by protocol p4 only"):
+        parse_config({**base, "split": {"protocol": "p1", "order": "random"}})
+
+
 def test_p4_without_ratings_is_a_clear_error(tmp_path):
     synthetic = load_dataset("synthetic", None, TINY)
     with pytest.raises(DataError, match=r"data set 'synthetic' has no 'rating' column"):

@@ -13,7 +13,8 @@ the items excluded from their ranking and their targets.
   and every interaction is a target; nothing is excluded.
 * P4 pre-ranking: rows are labelled by their rating (``>= positive_min`` positive, ``<=
   negative_max`` negative, in between dropped) and the labelled rows are split temporally per
-  user like P1. ``Split.labelled`` holds the labelled train/val/test rows (user, item, timestamp,
+  user like P1 (``order="temporal"``), or, as IntTower's released scripts split, at random over
+  all rows 70/10/20 by the seed (``order="random"``). ``Split.labelled`` holds the labelled train/val/test rows (user, item, timestamp,
   rating, label); ``Split.train`` holds the training *positives*, the interactions a model may
   read as history; ``val`` / ``test`` are ranking views (train-positive history, the part's
   positives as targets) kept so every split has the same shape. The model input of a labelled
@@ -118,17 +119,19 @@ def make_split(
     seed: int = 0,
     positive_min: float = POSITIVE_MIN,
     negative_max: float = NEGATIVE_MAX,
+    order: str = "temporal",
 ) -> Split:
     """Split ``dataset`` by ``protocol`` (p1 to p4); raises DataError on an empty part.
 
-    ``positive_min`` and ``negative_max`` are P4's rating thresholds (ignored by the others).
+    ``positive_min``, ``negative_max`` and ``order`` (``"temporal"`` or ``"random"``) are P4's
+    rating thresholds and row split (ignored by the others).
     """
     protocol = protocol.lower()
     inter = _sorted_interactions(dataset.interactions)
     if protocol == "p1":
         split = _temporal_split(inter, dataset.num_users, seed)
     elif protocol == "p4":
-        split = _pointwise_split(inter, dataset, seed, positive_min, negative_max)
+        split = _pointwise_split(inter, dataset, seed, positive_min, negative_max, order)
     elif protocol in ("p2", "p3"):
         release_split = dataset.metadata.get("user_split")
         split = _user_holdout_split(inter, dataset.num_users, seed, protocol == "p3", release_split)
@@ -161,6 +164,14 @@ def _temporal_parts(inter: pd.DataFrame) -> np.ndarray:
     return np.where(position >= count - n_test, 2, np.where(position >= count - n_test - n_val, 1, 0))
 
 
+def _random_parts(num_rows: int, seed: int) -> np.ndarray:
+    """Each row's part (0 train, 1 validation, 2 test), drawn by the seed over all rows at once:
+    70/10/20, P1's proportions, without regard to user or time."""
+    rank = np.empty(num_rows, dtype=np.int64)
+    rank[np.random.default_rng(seed).permutation(num_rows)] = np.arange(num_rows)
+    return np.where(rank < round(0.7 * num_rows), 0, np.where(rank < round(0.8 * num_rows), 1, 2))
+
+
 def _temporal_split(inter: pd.DataFrame, num_users: int, seed: int) -> Split:
     part = _temporal_parts(inter)
     train, val, test = (inter[part == p] for p in (0, 1, 2))
@@ -183,7 +194,7 @@ def label_rows(inter: pd.DataFrame, positive_min: float, negative_max: float) ->
 
 
 def _pointwise_split(
-    inter: pd.DataFrame, dataset: Dataset, seed: int, positive_min: float, negative_max: float
+    inter: pd.DataFrame, dataset: Dataset, seed: int, positive_min: float, negative_max: float, order: str
 ) -> Split:
     if RATING not in inter.columns:
         raise DataError(
@@ -192,8 +203,10 @@ def _pointwise_split(
         )
     if negative_max >= positive_min:
         raise DataError(f"split p4: negative_max {negative_max:g} must be below positive_min {positive_min:g}")
+    if order not in ("temporal", "random"):
+        raise DataError(f"split p4: order must be 'temporal' or 'random', got '{order}'")
     labelled = label_rows(inter, positive_min, negative_max).reset_index(drop=True)
-    part = _temporal_parts(labelled)
+    part = _temporal_parts(labelled) if order == "temporal" else _random_parts(len(labelled), seed)
     rows = {
         name: labelled[part == p][list(LABELLED_COLUMNS)].reset_index(drop=True) for p, name in enumerate(LABELLED_PARTS)
     }
