@@ -14,8 +14,8 @@ the items excluded from their ranking and their targets.
 * P4 pre-ranking: rows are labelled by their rating (``>= positive_min`` positive, ``<=
   negative_max`` negative, in between dropped) and the labelled rows are split temporally per
   user like P1 (``order="temporal"``), or, as IntTower's released scripts split, at random over
-  all rows 70/10/20 by the seed (``order="random"``). ``Split.labelled`` holds the labelled train/val/test rows (user, item, timestamp,
-  rating, label); ``Split.train`` holds the training *positives*, the interactions a model may
+  all rows 70/10/20 by the seed (``order="random"``). ``Split.labelled`` holds the labelled
+  train/val/test rows (user, item, timestamp, rating, label); ``Split.train`` holds the training *positives*, the interactions a model may
   read as history; ``val`` / ``test`` are ranking views (train-positive history, the part's
   positives as targets) kept so every split has the same shape. The model input of a labelled
   row is built by :class:`~crosstower.data.batching.PointwiseRows`.
