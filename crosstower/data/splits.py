@@ -15,10 +15,11 @@ the items excluded from their ranking and their targets.
   negative_max`` negative, in between dropped) and the labelled rows are split temporally per
   user like P1 (``order="temporal"``), or, as IntTower's released scripts split, at random over
   all rows 70/10/20 by the seed (``order="random"``). ``Split.labelled`` holds the labelled
-  train/val/test rows (user, item, timestamp, rating, label); ``Split.train`` holds the training *positives*, the interactions a model may
-  read as history; ``val`` / ``test`` are ranking views (train-positive history, the part's
-  positives as targets) kept so every split has the same shape. The model input of a labelled
-  row is built by :class:`~crosstower.data.batching.PointwiseRows`.
+  train/val/test rows (user, item, timestamp, rating, label); ``Split.train`` holds the training
+  *positives*, the interactions a model may read as history; ``val`` / ``test`` are ranking
+  views (train-positive history, the part's positives as targets) kept so every split has the
+  same shape. The model input of a labelled row is built by
+  :class:`~crosstower.data.batching.PointwiseRows`.
 
 Where the release ships its own user split (Deezer's train/validation/test user files, kept in
 ``dataset.metadata["user_split"]``), P2 and P3 use it instead of the seeded shuffle.
