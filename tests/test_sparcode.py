@@ -214,11 +214,9 @@ def test_quantised_sparcode_scores_are_sums_of_code_scores(source, quantizer):
         assert torch.allclose(model.score(user, items), summed, atol=1e-5)
 
 
-@pytest.mark.parametrize("item_bias, quantizer", [(False, "product"), (True, "product"), (False, "residual")])
-def test_history_token_index_serves_the_exhaustive_scores(item_bias, quantizer):
-    """One token per history item, some absent: the index built from the users' own codes
-    answers with the model's exhaustive scores (float16 storage) and the same top items; an
-    item prior is served beside the posting lists."""
+def small_quantised_model(quantizer: str = "product", item_bias: bool = False) -> tuple[SparCode, UserInput]:
+    """A tiny SA SparCode with history tokens (some absent), 2 codebooks of 4, quantising, and
+    its test users with histories of several lengths."""
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(1)
@@ -230,11 +228,20 @@ def test_history_token_index_serves_the_exhaustive_scores(item_bias, quantizer):
         randomise_item_bias(model)
     user = varied_histories(split)
     model.train()
-    model.user_tokens(user)
+    model.user_tokens(user)  # quantising from the first batch: the codebooks take these tokens
     model.eval()
+    return model, user
+
+
+@pytest.mark.parametrize("item_bias, quantizer", [(False, "product"), (True, "product"), (False, "residual")])
+def test_history_token_index_serves_the_exhaustive_scores(item_bias, quantizer):
+    """One token per history item, some absent: the index built from the users' own codes
+    answers with the model's exhaustive scores (float16 storage) and the same top items; an
+    item prior is served beside the posting lists."""
+    model, user = small_quantised_model(quantizer, item_bias)
     index = model.build_index(user)
     with torch.no_grad():
-        exhaustive = model.score(user, torch.arange(ds.num_items))
+        exhaustive = model.score(user, torch.arange(model.num_items))
         queries = model.code_queries(user)
     assert (queries.codes == -1).all(-1).any()  # the case under test: absent tokens
     served = index.dense_scores(queries.codes, queries.vectors)
@@ -242,22 +249,6 @@ def test_history_token_index_serves_the_exhaustive_scores(item_bias, quantizer):
     scores, _ = index.search(queries, 5)
     assert torch.allclose(scores, exhaustive.topk(5).values, rtol=2e-3, atol=2e-3)
     assert ("item_prior" in index.arrays()) == item_bias
-
-
-def small_quantised_model(quantizer: str = "product", codebook_size: int = 4) -> tuple[SparCode, UserInput]:
-    """A tiny SA SparCode with history tokens (some absent), quantising, and its test users."""
-    ds = random_dataset(num_users=20, num_items=15, rows=300)
-    split = make_split(ds, "p2")
-    torch.manual_seed(1)
-    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=8, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
-                                          interaction_hidden=[16], num_codebooks=2, codebook_size=codebook_size,
-                                          tokenizer="sa", sa_layers=1, user_tokens_from="history", max_history=10,
-                                          quantizer=quantizer))
-    user = varied_histories(split)
-    model.train()
-    model.user_tokens(user)  # quantising from the first batch: the codebooks take these tokens
-    model.eval()
-    return model, user
 
 
 @pytest.mark.parametrize("quantizer", ["product", "residual"])
