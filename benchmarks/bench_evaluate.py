@@ -91,7 +91,7 @@ def main() -> None:
         "num_users": NUM_USERS, "num_items": NUM_ITEMS, "dim": DIM,
         "targets_per_user": NUM_TARGETS, "excluded_per_user": NUM_EXCLUDED, "ks": list(KS),
         "threads": args.threads, "repeats": args.repeats,
-        "machine": {**describe_environment(), **source_revision(Path(__file__).resolve().parents[1])},
+        "machine": {**describe_environment(), **source_revision()},
         "load_average_1min": round(os.getloadavg()[0], 2),  # the machine is shared
         "runs": runs, "metrics": reference,
     }

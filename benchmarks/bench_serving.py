@@ -569,7 +569,7 @@ def machine(s: Settings) -> dict[str, Any]:
         "threads": s.threads,
         "build_threads": s.build_threads or os.cpu_count(),
         "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
-        **source_revision(ROOT),
+        **source_revision(),
     }
 
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     faiss.omp_set_num_threads(args.threads)
     report = {"command": "python benchmarks/late_interaction_latency.py " + " ".join(argv or []),
               "machine": {**describe_environment(), "threads": args.threads, "faiss": faiss.__version__,
-                          **source_revision(Path(__file__).resolve().parents[1])},
+                          **source_revision()},
               "results": []}
     print("| items | exhaustive p50 / p99 ms | index p50 / p99 ms | items scored | "
           "wide index p50 / p99 ms | items scored | index MB | build s |")

@@ -37,9 +37,11 @@ def _cpu_model_name() -> str:
     return platform.processor() or "unknown"
 
 
-def source_revision(root: Path) -> dict:
+def source_revision(root: Path | None = None) -> dict:
     """The git commit a benchmark ran from, and whether the working tree had uncommitted changes,
-    so that a figure can be traced to its code; empty where ``root`` is not a git checkout."""
+    so that a figure can be traced to its code; empty where ``root`` (default: the checkout this
+    crosstower is imported from) is not a git checkout."""
+    root = Path(__file__).resolve().parents[1] if root is None else root
     try:
         commit = _git(root, "rev-parse", "HEAD")
         dirty = bool(_git(root, "status", "--porcelain"))

@@ -14,7 +14,7 @@ import torch
 from crosstower.data.ragged import Ragged
 from crosstower.errors import CheckpointError
 from crosstower.evaluate.ranking import topk_items
-from crosstower.index import CodeQueries, ExactInnerProductIndex, Index, SparseCodeIndex, encode_code_ids
+from crosstower.index import CodeQueries, ExactInnerProductIndex, Index, SparseCodeIndex, encode_code_ids, every_code
 from crosstower.index.sparse_code import UsageBudget, usage_allocation
 
 torch.set_num_threads(1)
@@ -40,10 +40,6 @@ class BilinearScorer:
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         raw = self.vectors(codes) @ self.weight - 1.5
         return torch.round(torch.relu(raw) * 4) / 4
-
-
-def all_codes(n: int, m: int) -> torch.Tensor:
-    return torch.cartesian_prod(*[torch.arange(n)] * m).reshape(-1, m)
 
 
 def random_exclusions(num_rows: int, num_items: int, seed: int, per_row: int = 4) -> Ragged:
@@ -137,7 +133,7 @@ def test_exact_index_equals_topk_items_and_round_trips(tmp_path: Path) -> None:
 def test_served_search_equals_exhaustive_scoring_of_kept_entries(keep, seed: int, with_prior: bool) -> None:
     n, m, dim, num_items, k_u = 4, 2, 5, 30, 3
     model = BilinearScorer(n, m, dim, num_items, seed)
-    codes = all_codes(n, m)
+    codes = every_code(n, m)
     rng = np.random.default_rng(seed)
     prior = random_prior(num_items, seed) if with_prior else None
     indexed = codes[np.sort(rng.choice(len(codes), 10, replace=False))]  # "codes seen in training"
@@ -158,7 +154,7 @@ def test_served_search_equals_exhaustive_scoring_of_kept_entries(keep, seed: int
 
 def test_top_l_keeps_the_largest_positive_scores_per_code() -> None:
     model = BilinearScorer(3, 2, 4, 25, seed=3)
-    codes = all_codes(3, 2)
+    codes = every_code(3, 2)
     index = build(model, codes, 4)
     full = model(codes).numpy()
     for row in range(len(codes)):
@@ -175,7 +171,7 @@ def test_top_l_keeps_the_largest_positive_scores_per_code() -> None:
 def test_nonzero_keeps_exactly_the_positive_scores_and_sizes_add_up() -> None:
     n, m, dim, num_items = 3, 2, 4, 25
     model = BilinearScorer(n, m, dim, num_items, seed=4)
-    codes = all_codes(n, m)
+    codes = every_code(n, m)
     index = build(model, codes, "nonzero")
     full = model(codes).numpy()
     assert 0 < (full == 0).mean() < 1
@@ -203,7 +199,7 @@ def random_usage(num_codes: int, seed: int) -> np.ndarray:
 def test_pruning_a_nonzero_index_equals_building_with_the_sparser_rule(keep) -> None:
     """Scores are exact in float16 here (quarters), so pruning and building agree entry for entry."""
     model = BilinearScorer(3, 2, 4, 25, seed=5)
-    codes = all_codes(3, 2)
+    codes = every_code(3, 2)
     prior, usage = random_prior(25, seed=5), random_usage(len(codes), seed=5)  # carried over unchanged
     pruned = build(model, codes, "nonzero", item_prior=prior, code_usage=usage).pruned(keep)
     built = build(model, codes, keep, item_prior=prior, code_usage=usage)
@@ -229,7 +225,7 @@ def test_usage_budget_keeps_each_codes_own_top_l() -> None:
     """Every code keeps the top L_c of its positive scores (ties to the lower item), L_c from
     its usage, and the index stays within the budget."""
     model = BilinearScorer(3, 2, 4, 25, seed=3)
-    codes = all_codes(3, 2)
+    codes = every_code(3, 2)
     usage = random_usage(len(codes), seed=3)
     keep = UsageBudget(0.2, 0.5)
     index = build(model, codes, keep, code_usage=usage)
@@ -247,7 +243,7 @@ def test_code_usage_follows_the_codes_and_can_be_attached_later() -> None:
     """Usage given in any code order ends up on the right rows; an index saved without usage
     gets it from (codes, counts) pairs, repeated codes adding up."""
     model = BilinearScorer(3, 2, 4, 25, seed=6)
-    codes = all_codes(3, 2)
+    codes = every_code(3, 2)
     usage = random_usage(len(codes), seed=6)
     shuffle = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))
     shuffled = build(model, codes[shuffle], "nonzero", code_usage=usage[shuffle.numpy()])
@@ -270,7 +266,7 @@ def test_code_usage_follows_the_codes_and_can_be_attached_later() -> None:
 def test_save_load_mmap_round_trip_gives_identical_searches(tmp_path: Path, with_extras: bool) -> None:
     """With the optional arrays (item prior, code usage) and a usage budget, or without."""
     model = BilinearScorer(4, 2, 5, 30, seed=5)
-    codes = all_codes(4, 2)[::2]
+    codes = every_code(4, 2)[::2]
     extras = {"item_prior": random_prior(30, seed=5), "code_usage": random_usage(len(codes), seed=5)}
     index = build(model, codes, UsageBudget(0.2) if with_extras else 3, **(extras if with_extras else {}))
     queries = torch.randint(0, 4, (6, 2, 2), generator=torch.Generator().manual_seed(0))
@@ -324,13 +320,13 @@ def test_invalid_inputs_are_rejected() -> None:
     for bad in (-1, 0, True, -0.5, float("nan"), "all", UsageBudget(0.0), UsageBudget(1.5), UsageBudget(0.1, -1.0),
                 {"share": 0.1}, {"share": 0.1, "usage_exponent": 0.5, "extra": 1}):
         with pytest.raises(ValueError):
-            build(model, all_codes(3, 2), bad, code_usage=usage)
+            build(model, every_code(3, 2), bad, code_usage=usage)
     with pytest.raises(ValueError, match="code_usage must be"):
-        build(model, all_codes(3, 2), UsageBudget(0.1), code_usage=np.ones(4))
+        build(model, every_code(3, 2), UsageBudget(0.1), code_usage=np.ones(4))
     with pytest.raises(ValueError, match="outside"):
         build(model, torch.tensor([[0, 3]]), "nonzero")
     with pytest.raises(ValueError, match="float16"):
-        SparseCodeIndex.build(lambda c: torch.full((len(c), 10), 1e6), all_codes(3, 2), torch.zeros(9, 2), 10, 3,
+        SparseCodeIndex.build(lambda c: torch.full((len(c), 10), 1e6), every_code(3, 2), torch.zeros(9, 2), 10, 3,
                               progress=False)
 
 
@@ -339,7 +335,7 @@ def test_corrupt_or_missing_index_folder_raises_checkpoint_error(tmp_path: Path)
     path = tmp_path / "idx"
     with pytest.raises(CheckpointError, match="not found"):
         Index.load(path)
-    build(model, all_codes(3, 2), "nonzero").save(path)
+    build(model, every_code(3, 2), "nonzero").save(path)
 
     items = path / "items.npy"
     good = items.read_bytes()
@@ -372,7 +368,7 @@ def test_sparse_ranking_equals_dense_ranking_with_ties_and_exclusions(seed: int,
     at large k users run out of candidates and the search must give the dense answer. With an
     item prior, items outside the posting lists compete through it (the top-prior candidates)."""
     model = BilinearScorer(6, 2, 5, 200, seed)
-    index = build(model, all_codes(6, 2), 4, item_prior=random_prior(200, seed) if with_prior else None)
+    index = build(model, every_code(6, 2), 4, item_prior=random_prior(200, seed) if with_prior else None)
     rng = np.random.default_rng(seed)
     queries = torch.from_numpy(rng.integers(0, 6, (20, 3, 2)))
     exclude = random_exclusions(20, 200, seed, per_row=6)
@@ -384,7 +380,7 @@ def test_sparse_ranking_equals_dense_ranking_with_ties_and_exclusions(seed: int,
 
 def test_search_does_not_depend_on_the_user_block_size() -> None:
     model = BilinearScorer(4, 2, 5, 30, seed=6)
-    index = build(model, all_codes(4, 2), 2)
+    index = build(model, every_code(4, 2), 2)
     queries = torch.randint(0, 4, (10, 4, 2), generator=torch.Generator().manual_seed(1))
     q = CodeQueries(queries, None)
     exclude = random_exclusions(10, 30, seed=3, per_row=29)  # some users have < k items left
@@ -402,7 +398,7 @@ def test_search_does_not_depend_on_the_user_block_size() -> None:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a 2-worker build needs 2 cores to be meaningful")
 def test_multi_process_build_equals_single_process() -> None:
     model = BilinearScorer(4, 2, 5, 30, seed=7)
-    codes = all_codes(4, 2)
+    codes = every_code(4, 2)
     start = time.perf_counter()
     keep, usage = UsageBudget(0.2), random_usage(len(codes), seed=7)  # per-code limits cross the chunks
     parallel = build(model, codes, keep, code_chunk=4, workers=2, code_usage=usage)

@@ -256,12 +256,12 @@ def test_index_of_every_code_holds_each_codes_own_scores(quantizer):
     """``codes="all"`` indexes all N^M tuples, each with the model's scores for that code (no
     fallback to a nearest code, whatever the query), with the observed codes' usage and 0 for
     the rest; the observed codes' posting lists are those of the default index."""
-    from crosstower.index import encode_code_ids
+    from crosstower.index import encode_code_ids, every_code
 
     model, user = small_quantised_model(quantizer)
     observed = model.build_index(user)
     every = model.build_index(user, codes="all")
-    codes = torch.cartesian_prod(torch.arange(4), torch.arange(4))
+    codes = every_code(4, 2)
     assert every.num_codes == 16
     np.testing.assert_array_equal(every.arrays()["codes"], codes.numpy())
     with torch.no_grad():

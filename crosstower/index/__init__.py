@@ -7,6 +7,7 @@ entry of a run's ``metrics.json``.
 from crosstower.index.base import Index
 from crosstower.index.exact import ExactInnerProductIndex
 from crosstower.index.late_interaction import LateInteractionIndex
-from crosstower.index.sparse_code import CodeQueries, SparseCodeIndex, encode_code_ids
+from crosstower.index.sparse_code import CodeQueries, SparseCodeIndex, encode_code_ids, every_code
 
-__all__ = ["CodeQueries", "ExactInnerProductIndex", "Index", "LateInteractionIndex", "SparseCodeIndex", "encode_code_ids"]
+__all__ = ["CodeQueries", "ExactInnerProductIndex", "Index", "LateInteractionIndex", "SparseCodeIndex", "encode_code_ids",
+           "every_code"]

@@ -117,6 +117,12 @@ def encode_code_ids(codes: np.ndarray | torch.Tensor, codebook_size: int) -> np.
     return ids
 
 
+def every_code(codebook_size: int, num_codebooks: int) -> torch.Tensor:
+    """All ``N^M`` code tuples ``[N^M, M]`` in id order (row ``j`` has id ``j`` under
+    :func:`encode_code_ids`): what indexing the whole code space scores."""
+    return torch.cartesian_prod(*[torch.arange(codebook_size)] * num_codebooks).reshape(-1, num_codebooks)
+
+
 ABSENT_ROW = -1
 """The index row of an absent token (a query code tuple of -1 entries): an empty posting list."""
 

@@ -400,14 +400,14 @@ class SparCode(Recommender):
 
     def _every_code(self, observed: torch.Tensor, usage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All N^M code tuples in id order, and their usage (0 for the codes no token took)."""
-        from crosstower.index import encode_code_ids
+        from crosstower.index import encode_code_ids, every_code
 
         n, m = self.settings.codebook_size, self.settings.num_codebooks
         if n**m > MAX_ENUMERATED_CODES:
             raise ValueError(f"model.index_codes 'all' would enumerate {n}^{m} = {n**m:,} codes, more than "
                              f"{MAX_ENUMERATED_CODES:,}; index the observed codes instead")
         log.info("enumerating all %d^%d = %d codes for the index", n, m, n**m)
-        every = torch.cartesian_prod(*[torch.arange(n)] * m).reshape(-1, m).to(observed.device)
+        every = every_code(n, m).to(observed.device)
         counts = torch.zeros(len(every), dtype=usage.dtype, device=usage.device)
         counts[torch.from_numpy(encode_code_ids(observed.cpu(), n)).to(usage.device)] = usage
         return every, counts
