@@ -13,6 +13,15 @@ Two rankers, both knowing the true taste table ``L[g, c, s]`` and popularity:
 No model can beat the first; the second is what the planted structure allows once the interests
 are read from the history as a model must. The gap between them and a trained model is what is
 left to learn (mostly the 12,800-entry taste table, from about 130k training interactions).
+
+A third ranker asks how sparse that structure is for SparCode: the **code-index oracle** is a
+:class:`~crosstower.index.SparseCodeIndex` whose codes are (segment, cluster) pairs, each posting
+list the generator's ``p * P(i | segment, cluster)`` (non-zero only on the cluster's items in a
+liked style), with ``(1 - p) * pop_i / pop`` as the item prior; a user's tokens are the history
+items of the history oracle's clusters, each coded (segment, its cluster), and the index serves
+them as it serves a trained model (``search``, the same exclusions). It differs from the history
+oracle only in that the prior is not rescaled by the number of tokens. It reports the share of
+the (code x item) table kept.
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosstower.data import synthetic  # noqa: E402
 from crosstower.data.splits import make_split  # noqa: E402
-from crosstower.evaluate.ranking import evaluate_ranking  # noqa: E402
+from crosstower.evaluate.ranking import evaluate_ranking, evaluate_retrieved  # noqa: E402
 from crosstower.files import write_json  # noqa: E402
+from crosstower.index import SparseCodeIndex  # noqa: E402
 
 
 def interest_probabilities(weights: np.ndarray, segment: np.ndarray, taste: np.ndarray, bucket_share: np.ndarray,
@@ -42,6 +52,33 @@ def interest_probabilities(weights: np.ndarray, segment: np.ndarray, taste: np.n
     liked = taste[segment]  # [U, K, S]
     per_style = liked / np.maximum(liked.sum(-1, keepdims=True), 1)  # uniform over liked styles
     return weights[:, cluster] * per_style[:, cluster, style] * bucket_share[None, :]
+
+
+def code_index(segments: int, taste: np.ndarray, cluster: np.ndarray, style: np.ndarray,
+               bucket_share: np.ndarray, overall: np.ndarray, p: float) -> SparseCodeIndex:
+    """The planted structure as a SparCode index: code (g, c) -> ``p * P(i | g, c)`` for the items
+    of cluster c in a style that segment g likes; the popularity mode is the item prior."""
+    clusters = taste.shape[1]
+    codes = np.stack(np.meshgrid(np.arange(segments), np.arange(clusters), indexing="ij"), -1).reshape(-1, 2)
+
+    def score_codes(chunk: torch.Tensor) -> torch.Tensor:
+        g, c = chunk[:, 0].numpy(), chunk[:, 1].numpy()
+        weights = np.zeros((len(chunk), clusters))
+        weights[np.arange(len(chunk)), c] = 1.0
+        return torch.from_numpy(p * interest_probabilities(weights, g, taste, bucket_share, cluster, style)).float()
+
+    return SparseCodeIndex.build(score_codes, codes, codes.astype(np.float32), len(cluster), max(segments, clusters),
+                                 item_prior=(1 - p) * overall, progress=False)
+
+
+def history_codes(segment: np.ndarray, histories: list[np.ndarray], repeated: np.ndarray) -> torch.Tensor:
+    """``[U, T, 2]`` code tuples: one token (segment, cluster) per history item whose cluster has
+    weight in ``repeated`` [U, C] (the history oracle's clusters); -1 rows pad."""
+    kept = [h[repeated[u, h] > 0] for u, h in enumerate(histories)]
+    codes = -np.ones((len(kept), max(len(k) for k in kept), 2), dtype=np.int64)
+    for u, clusters in enumerate(kept):
+        codes[u, : len(clusters)] = np.stack([np.full(len(clusters), segment[u]), clusters], -1)
+    return torch.from_numpy(codes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,6 +122,16 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = {k: round(v, 4) for k, v in metrics.items()}
         print(f"{name}: Recall@50 {metrics['recall@50']:.4f}  NDCG@50 {metrics['ndcg@50']:.4f}  "
               f"Precision@50 {metrics['precision@50']:.4f}")
+
+    index = code_index(cfg.num_segments, tables.taste, cluster, style, bucket_share, overall, p)
+    queries = history_codes(segment, [cluster[block.history.row(r)] for r in range(len(block))], repeated)
+    metrics = evaluate_retrieved(lambda rows: index.search(queries[rows], 50, block.exclude.take(rows))[1],
+                                 len(block), dataset.num_items, block.exclude, block.targets, (20, 50))
+    results["code-index oracle"] = {**{k: round(v, 4) for k, v in metrics.items()},
+                                    "codes": index.num_codes, "kept_fraction": round(index.kept_fraction, 5),
+                                    "index_bytes": index.nbytes(), "mean_tokens": round(float((queries[..., 0] >= 0).sum(1).float().mean()), 2)}
+    print(f"code-index oracle: Recall@50 {metrics['recall@50']:.4f}  NDCG@50 {metrics['ndcg@50']:.4f}  "
+          f"{index.num_codes} codes, {index.kept_fraction:.2%} of the table kept, {index.nbytes() / 1e6:.2f} MB")
     write_json(args.out, results)
 
 
