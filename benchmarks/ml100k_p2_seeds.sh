@@ -4,7 +4,8 @@
 # logQ, the item prior, the weight average, patience 6), and SparCode on late interaction's towers
 # with product and with residual codes, training seeds 0..2, one thread each, JOBS runs at a time
 # (default 1: run it beside nothing else, or beside one other one-thread job). Then served and
-# exhaustive test Recall@50 per seed and mean ± standard deviation per variant.
+# exhaustive test Recall@50 per seed and mean ± standard deviation per variant. A run whose
+# folder already holds metrics.json is not run again, so an interrupted table resumes.
 #   [JOBS=1] [OUT=runs/ml100k_p2_seeds] bash benchmarks/ml100k_p2_seeds.sh [DATA_DIR] [EXTRA --set ARGS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ VARIANTS=(twotower-sa twotower-sa-recipe sparcode-late sparcode-late-residual)
 mkdir -p "$OUT"
 for seed in 0 1 2; do
   for variant in "${VARIANTS[@]}"; do
+    [[ -f "$OUT/$variant-s$seed/metrics.json" ]] && continue
     # shellcheck disable=SC2086  # OVERRIDES holds several words on purpose
     .venv/bin/crosstower run "configs/${CONFIG[$variant]}.yaml" --data-dir "$DATA_DIR" --set train.threads=1 \
       --set train.seed="$seed" ${OVERRIDES[$variant]} "$@" --out "$OUT/$variant-s$seed" \
