@@ -21,7 +21,8 @@ liked style), with ``(1 - p) * pop_i / pop`` as the item prior; a user's tokens 
 items of the history oracle's clusters, each coded (segment, its cluster), and the index serves
 them as it serves a trained model (``search``, the same exclusions). It differs from the history
 oracle only in that the prior is not rescaled by the number of tokens. It reports the share of
-the (code x item) table kept.
+the (code x item) table kept. ``--history-length 20`` lets both history rankers read only what
+the models read (the last 20 input items).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def served(index: SparseCodeIndex, queries: torch.Tensor, block, num_items: int)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/synthetic_oracle.json"))
+    parser.add_argument("--history-length", type=int, default=None,
+                        help="read only each user's last N input items, as the models do (train.history_length 20); "
+                             "default: the whole input history")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = synthetic.SyntheticConfig()
@@ -116,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     latent = np.zeros((len(block), cfg.num_clusters))
     rows, slots = np.nonzero(interests >= 0)
     latent[rows, interests[rows, slots]] = 1.0
-    seen = np.stack([np.bincount(cluster[block.history.row(r)], minlength=cfg.num_clusters) for r in range(len(block))])
+    recent = slice(-args.history_length, None) if args.history_length else slice(None)
+    histories = [cluster[block.history.row(r)[recent]] for r in range(len(block))]  # the input items' clusters
+    seen = np.stack([np.bincount(h, minlength=cfg.num_clusters) for h in histories])
     repeated = np.where((seen >= 2).any(1, keepdims=True), np.where(seen >= 2, seen, 0), seen).astype(np.float64)
 
     p = cfg.interest_mode_probability
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
               f"Precision@50 {metrics['precision@50']:.4f}")
 
     index = code_index(cfg.num_segments, tables.taste, cluster, style, bucket_share, overall, p)
-    queries = history_codes(segment, [cluster[block.history.row(r)] for r in range(len(block))], repeated)
+    queries = history_codes(segment, histories, repeated)
     results["code-index oracle"] = served(index, queries, block, dataset.num_items)
     print(f"code-index oracle: Recall@50 {results['code-index oracle']['recall@50']:.4f}  {index.num_codes} codes, "
           f"{index.kept_fraction:.2%} of the table kept, {index.nbytes() / 1e6:.2f} MB")
