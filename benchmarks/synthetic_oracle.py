@@ -20,9 +20,10 @@ list the generator's ``p * P(i | segment, cluster)`` (non-zero only on the clust
 liked style), with ``(1 - p) * pop_i / pop`` as the item prior; a user's tokens are the history
 items of the history oracle's clusters, each coded (segment, its cluster), and the index serves
 them as it serves a trained model (``search``, the same exclusions). It differs from the history
-oracle only in that the prior is not rescaled by the number of tokens. It reports the share of
-the (code x item) table kept. ``--history-length 20`` lets both history rankers read only what
-the models read (the last 20 input items).
+oracle only in that the prior is not rescaled by the number of tokens (and in the float16
+rounding of the stored scores). It reports the share of the (code x item) table kept.
+``--history-length 20`` lets both history rankers read only what the models read (the last 20
+input items).
 """
 
 from __future__ import annotations
