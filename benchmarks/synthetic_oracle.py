@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosstower.data import synthetic  # noqa: E402
-from crosstower.data.splits import make_split  # noqa: E402
+from crosstower.data.splits import EvalUsers, make_split  # noqa: E402
 from crosstower.evaluate.ranking import evaluate_ranking, evaluate_retrieved  # noqa: E402
 from crosstower.files import write_json  # noqa: E402
 from crosstower.index import SparseCodeIndex  # noqa: E402
@@ -83,7 +83,7 @@ def history_codes(segment: np.ndarray, histories: list[np.ndarray], repeated: np
     return torch.from_numpy(codes)
 
 
-def served(index: SparseCodeIndex, queries: torch.Tensor, block, num_items: int) -> dict[str, float]:
+def served(index: SparseCodeIndex, queries: torch.Tensor, block: EvalUsers, num_items: int) -> dict[str, float]:
     """The metrics of the index's top-50 answers (the evaluator's targets and exclusions), with the
     index's size and the mean number of tokens a user reads."""
     metrics = evaluate_retrieved(lambda rows: index.search(queries[rows], 50, block.exclude.take(rows))[1],
