@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from crosstower.data.batching import eval_user_input  # noqa: E402
 from crosstower.files import write_json  # noqa: E402
 from crosstower.models.base import EmbeddingRecommender  # noqa: E402
-from crosstower.run import load_trained  # noqa: E402
+from crosstower.run_dir import load_run  # noqa: E402
 
 USERS = 8
 
@@ -60,17 +60,17 @@ def stored_bytes_per_item(model, saved: dict) -> float:
         tokens = model.encode_item_tokens(torch.arange(1))
         return int(tokens.mask.sum()) * tokens.tokens.shape[-1] * 2 + 4
     if name == "inttower":
-        return model.settings.heads_item * model.settings.head_dim * 4
+        return model.config.heads_item * model.config.head_dim * 4
     if name == "cross":
-        return model.substrate.item_length * model.settings.dim * 4
+        return model.substrate.item_length * model.config.dim * 4
     if name == "alltoall":
         return model.item_tokenizer(torch.arange(1)).numel() * 4  # K_i token vectors of float32
     raise ValueError(f"no storage rule for model '{name}'")
 
 
 def measure(run_dir: Path, data_dir: Path | None) -> dict:
-    config, saved, dataset, split, model = load_trained(run_dir, data_dir)
-    model.eval()
+    run = load_run(run_dir, data_dir)
+    config, saved, dataset, split, model = run.config, run.metrics, run.dataset, run.split, run.model
     user = eval_user_input(split.test, np.arange(min(USERS, len(split.test))), config.train.history_length)
     test = saved["metrics"]["test"]
     seconds = saved["timing"]["test_eval_seconds"]

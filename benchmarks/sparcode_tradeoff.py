@@ -27,18 +27,20 @@ import numpy as np
 from crosstower.evaluate.model_eval import evaluate_served
 from crosstower.files import write_json
 from crosstower.index import SparseCodeIndex
-from crosstower.index.sparse_code import UsageBudget
-from crosstower.run import indexing_users, load_trained
+from crosstower.index.keep_rules import UsageBudget
+from crosstower.run import training_users
+from crosstower.run_dir import load_run
 
 METRICS = ("recall@50", "ndcg@50", "precision@50")
 
 
 def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None, usage_exponent: float,
              part: str = "test") -> dict:
-    config, saved, dataset, split, model = load_trained(run_dir, data_dir)
-    full = SparseCodeIndex.load(run_dir / "index")
+    run = load_run(run_dir, data_dir)
+    config, saved, dataset, split, model = run.config, run.metrics, run.dataset, run.split, run.model
+    full = run.index()
     if "code_usage" not in full.arrays():
-        full = full.with_code_usage(*model.code_usage(indexing_users(dataset, split, config)))
+        full = full.with_code_usage(*model.code_usage(training_users(dataset, split, config)))
     rows = []
     for fraction in sorted(fractions, reverse=True):
         rules = (

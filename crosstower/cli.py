@@ -125,9 +125,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from crosstower.run import load_run, reevaluate
+    from crosstower.run import reevaluate
+    from crosstower.run_dir import RunFolder
 
-    _, saved = load_run(args.run_dir)
+    saved = RunFolder(args.run_dir).read_metrics()
     metrics = reevaluate(args.run_dir, args.data_dir)
     print(json.dumps({"run": str(args.run_dir), "metrics": metrics, "saved": saved["metrics"]}, indent=2))
     return 0
@@ -135,7 +136,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from crosstower.config import load_config
-    from crosstower.run import check_output_dir, load_data, replace_dir, resolve_dataset_path
+    from crosstower.data.run_data import load_data, load_dataset_of
+    from crosstower.files import replace_dir
+    from crosstower.run_dir import SPLIT, RunFolder
 
     if args.data_command == "download":
         from crosstower.data.download import download
@@ -152,21 +155,19 @@ def _data(args: argparse.Namespace) -> int:
         return 0
     config = load_config(args.config, args.overrides)
     if args.data_command == "stats":
-        from crosstower.data.loaders import load_dataset
-
-        path = resolve_dataset_path(config, args.data_dir)
-        print(json.dumps(load_dataset(config.dataset.name, path, dict(config.dataset.options)).stats(), indent=2))
+        print(json.dumps(load_dataset_of(config, args.data_dir).stats(), indent=2))
         return 0
-    check_output_dir(args.out)
+    folder = RunFolder(args.out)
+    folder.check_replaceable()
     dataset, split = load_data(config, args.data_dir)
     summary = {**dataset.stats(), "protocol": split.protocol, "train_rows": len(split.train),
                "val_users": len(split.val), "test_users": len(split.test)}
     if split.labelled is not None:  # P4: labelled rows per part and their share of positives
         summary["labelled_rows"] = {part: len(rows) for part, rows in split.labelled.items()}
         summary["positive_share"] = {part: float(rows["label"].mean()) for part, rows in split.labelled.items()}
-    partial = args.out.parent / f".{args.out.name}.partial"
+    partial = folder.partial
     partial.mkdir(parents=True, exist_ok=True)
-    split.save(partial / "split.npz")
+    split.save(partial / SPLIT)
     (partial / "stats.json").write_text(json.dumps(summary, indent=2))
     replace_dir(partial, args.out)
     print(json.dumps(summary, indent=2))

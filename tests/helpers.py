@@ -59,3 +59,14 @@ def rated_dataset(num_users: int = 60, num_items: int = 80, rows: int = 3000, se
         "rated", frame, users, [FieldSpec("group", FieldKind.CATEGORICAL)],
         items, [FieldSpec("genre", FieldKind.MULTI_CATEGORICAL)],
     )
+
+
+def sparcode_model(dataset: Dataset, quantize: bool = True, max_history: int = 50, **keys):
+    """A SparCode (``quantize`` False: the all-to-all model) from its config keys, flat keys of
+    configs written before the quantizer / sparsity / index blocks included (they are moved in,
+    as for any old config), reading ``max_history`` history items."""
+    from crosstower.models.base import BuildContext
+    from crosstower.models.sparcode import SparCode, SparCodeConfig
+
+    raw = SparCodeConfig.upgrade({"name": "sparcode" if quantize else "alltoall", **keys})
+    return SparCode(dataset, SparCodeConfig.model_validate(raw), BuildContext(history_length=max_history))

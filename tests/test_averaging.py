@@ -119,14 +119,13 @@ def test_buffer_averages_round_trip_and_an_older_state_without_them_starts_them_
 
 
 def test_sparcode_names_its_codebooks_only_when_asked():
-    from crosstower.models.sparcode import SparCode, SparCodeSettings
-    from tests.helpers import random_dataset
+    from tests.helpers import random_dataset, sparcode_model
 
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     settings = dict(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[8], item_hidden=[8], interaction_hidden=[8])
-    assert SparCode(ds, SparCodeSettings(**settings)).averaged_buffers() == []
-    asked = SparCode(ds, SparCodeSettings(**settings, average_codebooks=True))
+    assert sparcode_model(ds, **settings).averaged_buffers() == []
+    asked = sparcode_model(ds, **settings, average_codebooks=True)
     assert asked.averaged_buffers() == ["quantizer.codebooks"]
     WeightAverage(asked, 0.9, asked.averaged_buffers())  # the name is a buffer of the model
-    unquantised = SparCode(ds, SparCodeSettings(**settings, average_codebooks=True, quantize=False))
+    unquantised = sparcode_model(ds, **settings, average_codebooks=True, quantize=False)
     assert unquantised.averaged_buffers() == []

@@ -14,7 +14,9 @@ from crosstower.data.splits import make_split
 from crosstower.errors import ConfigError
 from crosstower.models import build_model
 from crosstower.evaluate.pre_ranking import evaluate_rows, part_rows
-from crosstower.run import load_trained, run_experiment, with_split_features
+from crosstower.data.run_data import with_split_features
+from crosstower.run import run_experiment
+from crosstower.run_dir import load_run
 from crosstower.train.trainer import Trainer
 from tests.helpers import rated_dataset
 
@@ -80,8 +82,7 @@ def test_a_run_trained_on_cuda_serves_and_loads_on_the_cpu(tmp_path, name):
     results = run_experiment(config(MODELS[name], "cuda"), tmp_path / name)
     assert results["timing"]["epochs"] == 2
     assert 0.0 <= results["metrics"]["test"]["recall@10"] <= 1.0
-    *_, model = load_trained(tmp_path / name)
-    assert model.device.type == "cpu"
+    assert load_run(tmp_path / name).model.device.type == "cpu"
 
 
 @CUDA

@@ -15,7 +15,7 @@ from crosstower.data.ragged import Ragged
 from crosstower.errors import CheckpointError
 from crosstower.evaluate.ranking import topk_items
 from crosstower.index import CodeQueries, ExactInnerProductIndex, Index, SparseCodeIndex, encode_code_ids, every_code
-from crosstower.index.sparse_code import UsageBudget, usage_allocation
+from crosstower.index.keep_rules import UsageBudget, usage_allocation
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,9 @@ from crosstower.data.batching import UserInput, eval_user_input
 from crosstower.data.splits import make_split
 from crosstower.errors import ConfigError
 from crosstower.losses import sampled_softmax
-from crosstower.models.cross import CrossEncoder, CrossSettings, block_mask
-from crosstower.models.late_interaction import LateInteraction, LateInteractionSettings
+from crosstower.models.base import BuildContext
+from crosstower.models.cross import CrossConfig, CrossEncoder, block_mask
+from crosstower.models.late_interaction import LateInteraction, LateInteractionConfig
 from crosstower.nn.maxsim import maxsim
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
 from crosstower.train.trainer import Trainer
@@ -18,6 +19,7 @@ from tests.helpers import random_dataset
 
 torch.set_num_threads(1)
 HISTORY = 6
+CONTEXT = BuildContext(history_length=HISTORY)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +75,8 @@ def cross_reference(model: CrossEncoder, user: UserInput, items: torch.Tensor) -
 def test_cross_encoder_batched_scores_equal_per_pair_reference(data, blocks):
     ds, _, user = data
     torch.manual_seed(0)
-    settings = CrossSettings(dim=8, layers=2, heads=2, max_history=HISTORY, pair_chunk=7,
-                             blocks={**dict.fromkeys(("uu", "ui", "iu", "ii"), True), **blocks})
-    model = CrossEncoder(ds, settings).eval()
+    settings = CrossConfig(dim=8, layers=2, heads=2, pair_chunk=7, blocks=blocks)
+    model = CrossEncoder(ds, settings, CONTEXT).eval()
     items = torch.arange(ds.num_items)
     with torch.no_grad():
         batched = model.score(user, items)
@@ -93,8 +94,7 @@ def test_cross_encoder_batched_scores_equal_per_pair_reference(data, blocks):
 def test_cross_encoder_exposes_attention_blocks_for_distillation(data):
     ds, _, user = data
     torch.manual_seed(0)
-    model = CrossEncoder(ds, CrossSettings(dim=8, layers=2, heads=2, max_history=HISTORY,
-                                           blocks={"uu": True, "ui": False, "iu": True, "ii": True})).eval()
+    model = CrossEncoder(ds, CrossConfig(dim=8, layers=2, heads=2, blocks={"ui": False}), CONTEXT).eval()
     with torch.no_grad():
         out = model.forward_candidates(user, torch.zeros(len(user), 2, dtype=torch.long), return_traces=True)
     lu, li = model.substrate.user_length, model.substrate.item_length
@@ -132,7 +132,7 @@ def expected_loss(model, batch, temperature: float = 1.0) -> torch.Tensor:
         direct = model.score(batch.user, torch.arange(model.num_items)) / temperature
     rows = torch.arange(len(batch.positives))
     in_batch = direct[:, batch.positives] if batch.in_batch_mask is not None else None
-    negatives, mask, log_q = batch.candidate_logits(direct[rows, batch.positives], direct.gather(1, batch.negatives), in_batch)
+    negatives, mask, log_q = batch.logits(direct[rows, batch.positives], direct.gather(1, batch.negatives), in_batch).negatives()
     return sampled_softmax(direct[rows, batch.positives], negatives, mask, batch.positive_log_q, log_q)
 
 
@@ -141,7 +141,7 @@ def test_cross_encoder_loss_is_sampled_softmax_of_its_scores(data, tmp_path, in_
     ds, split, _ = data
     batch = batch_of(ds, split, tmp_path, in_batch)
     torch.manual_seed(0)
-    model = CrossEncoder(ds, CrossSettings(dim=8, layers=1, heads=2, max_history=HISTORY))
+    model = CrossEncoder(ds, CrossConfig(dim=8, layers=1, heads=2), CONTEXT)
     model.eval()  # no dropout, so training and direct scores agree
     loss, parts = model.loss(batch)
     loss.backward()
@@ -176,9 +176,9 @@ def test_maxsim_is_max_over_item_tokens_then_sum_over_user_tokens():
 def test_late_interaction_scores_equal_per_pair_maxsim(data, expansion, item_cls, item_bias):
     ds, _, user = data
     torch.manual_seed(0)
-    model = LateInteraction(ds, LateInteractionSettings(
-        dim=8, projection_dim=4, user_layers=1, item_layers=1, heads=2, max_history=HISTORY,
-        expansion_tokens=expansion, item_cls=item_cls, item_bias=item_bias)).eval()
+    model = LateInteraction(ds, LateInteractionConfig(
+        dim=8, projection_dim=4, user_layers=1, item_layers=1, heads=2,
+        expansion_tokens=expansion, item_cls=item_cls, item_bias=item_bias), CONTEXT).eval()
     if item_bias:
         torch.nn.init.normal_(model.bias.weight)
     items = torch.arange(ds.num_items)
@@ -201,9 +201,8 @@ def test_late_interaction_loss_is_sampled_softmax_at_temperature(data, tmp_path,
     ds, split, _ = data
     batch = batch_of(ds, split, tmp_path, in_batch)
     torch.manual_seed(0)
-    model = LateInteraction(ds, LateInteractionSettings(dim=8, projection_dim=4, user_layers=1, item_layers=1,
-                                                        heads=2, max_history=HISTORY, temperature=0.5,
-                                                        item_bias=True)).eval()
+    model = LateInteraction(ds, LateInteractionConfig(dim=8, projection_dim=4, user_layers=1, item_layers=1,
+                                                      heads=2, temperature=0.5, item_bias=True), CONTEXT).eval()
     torch.nn.init.normal_(model.bias.weight)
     loss, _ = model.loss(batch)
     loss.backward()
@@ -215,14 +214,14 @@ def test_late_interaction_loads_a_checkpoint_saved_before_the_towers_module(data
     """Runs saved when the towers' parts sat on the model itself (``substrate.*``, ``projection.*``)
     still load, to the same scores."""
     ds, _, user = data
-    settings = LateInteractionSettings(dim=8, projection_dim=4, user_layers=1, item_layers=1, heads=2,
-                                       max_history=HISTORY, expansion_tokens=2, item_bias=True)
+    settings = LateInteractionConfig(dim=8, projection_dim=4, user_layers=1, item_layers=1, heads=2,
+                                     expansion_tokens=2, item_bias=True)
     torch.manual_seed(0)
-    saved = LateInteraction(ds, settings).eval()
+    saved = LateInteraction(ds, settings, CONTEXT).eval()
     flat = {k.removeprefix("towers."): v for k, v in saved.state_dict().items()}
     assert "projection.weight" in flat and "expansion" in flat
     torch.manual_seed(1)
-    loaded = LateInteraction(ds, settings).eval()
+    loaded = LateInteraction(ds, settings, CONTEXT).eval()
     loaded.load_state_dict(flat)
     items = torch.arange(ds.num_items)
     with torch.no_grad():

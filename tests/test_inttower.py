@@ -14,7 +14,8 @@ from crosstower.data.splits import make_split
 from crosstower.errors import ConfigError
 from crosstower.losses import sampled_softmax
 from crosstower.models import build_model
-from crosstower.models.inttower import IntTower, IntTowerSettings, LightSE, info_nce
+from crosstower.losses import info_nce
+from crosstower.models.inttower import IntTower, IntTowerConfig, LightSE
 from crosstower.train.trainer import Trainer
 from tests.helpers import random_dataset
 
@@ -36,7 +37,7 @@ def small_model(ds, seed: int = 0, **overrides) -> IntTower:
     statistics and affine maps, so that eval-mode BatchNorm is not the identity and the field
     attention is far from uniform."""
     torch.manual_seed(seed)
-    settings = IntTowerSettings(**{
+    settings = IntTowerConfig(**{
         "embedding_dim": DIM, "user_hidden": [12, 10, 7], "item_hidden": [9, 8], "heads_user": HU,
         "heads_item": HI, "head_dim": DH, "dropout": 0.2, **overrides,
     })
@@ -175,7 +176,6 @@ def test_padding_empty_history_and_batchnorm_modes(data):
     assert torch.isfinite(one_row).all()
     model.eval()
     with torch.no_grad():
-        model.settings.dropout = 0.0
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
@@ -264,7 +264,7 @@ def expected_loss(model, batch) -> torch.Tensor:
         direct = model.score(batch.user, torch.arange(model.num_items))
     rows = torch.arange(len(batch.positives))
     in_batch = direct[:, batch.positives] if batch.in_batch_mask is not None else None
-    negatives, mask, log_q = batch.candidate_logits(direct[rows, batch.positives], direct.gather(1, batch.negatives), in_batch)
+    negatives, mask, log_q = batch.logits(direct[rows, batch.positives], direct.gather(1, batch.negatives), in_batch).negatives()
     return sampled_softmax(direct[rows, batch.positives], negatives, mask, batch.positive_log_q, log_q)
 
 
@@ -302,12 +302,12 @@ def test_builds_from_a_config_and_validates_it(data):
                                      "item_hidden": [8], "heads_user": 2, "heads_item": 3, "head_dim": 5}})
     model = build_model(config.model, ds, "p2")
     assert isinstance(model, IntTower) and model.num_user_layers == 2
-    assert "user_id" not in model.user_fields.names and model.settings.use_history
-    assert model.settings.dropout == 0.3 and model.settings.cir_weight == 0.0
+    assert "user_id" not in model.user_fields.names and model.use_history
+    assert model.config.dropout == 0.3 and model.config.cir_weight == 0.0
     assert model.eval().score(user, torch.arange(4)).shape == (len(user), 4)
     assert model.catalogue_heads().shape == (ds.num_items, 3, 5)
     assert "user_id" in build_model(config.model, ds, "p1").user_fields.names
-    assert not build_model(config.model, ds, "p3").settings.use_history
+    assert not build_model(config.model, ds, "p3").use_history
     with pytest.raises(ConfigError, match=r"model\.heads: unknown key"):
         parse_config({"model": {"name": "inttower", "heads": 3}})
     with pytest.raises(ConfigError, match=r"model\.head_dim"):

@@ -15,7 +15,7 @@ from crosstower.errors import ConfigError
 from crosstower.evaluate.ranking import topk_items
 from crosstower.index import ExactInnerProductIndex
 from crosstower.models import build_model
-from crosstower.models.mvke import MVKE, MVKESettings
+from crosstower.models.mvke import MVKE, MVKEConfig
 from crosstower.train.trainer import Trainer
 from tests.helpers import random_dataset
 
@@ -30,7 +30,7 @@ def small_model(dataset, seed: int = 0, sharpen: bool = True, **overrides) -> MV
     between users and items (at the released N(0, 0.01) initialisation both softmaxes start
     almost flat), and the tests exercise them."""
     torch.manual_seed(seed)
-    settings = MVKESettings(**{"kernels": KERNELS, "dim": DIM, "expert_hidden": [16], "item_hidden": [16], **overrides})
+    settings = MVKEConfig(**{"kernels": KERNELS, "dim": DIM, "expert_hidden": [16], "item_hidden": [16], **overrides})
     model = MVKE(dataset, settings).eval()
     if sharpen:
         with torch.no_grad():
@@ -165,11 +165,11 @@ def test_builds_from_a_config_and_validates_it():
     config = parse_config({"model": {"name": "mvke", "kernels": 2, "dim": 4, "expert_hidden": [], "item_hidden": [8]}})
     model = build_model(config.model, ds, "p2")
     assert isinstance(model, MVKE) and len(model.experts) == 2
-    assert "user_id" not in model.user_fields.names and model.settings.use_history
+    assert "user_id" not in model.user_fields.names and model.use_history
     _, user = eval_users(ds)
     assert model.encode_users(user).shape == (len(user), 8) and model.encode_items(torch.arange(3)).shape == (3, 8)
     assert "user_id" in build_model(config.model, ds, "p1").user_fields.names
-    assert not build_model(config.model, ds, "p3").settings.use_history
+    assert not build_model(config.model, ds, "p3").use_history
     with pytest.raises(ConfigError, match=r"model\.experts: unknown key"):
         parse_config({"model": {"name": "mvke", "experts": 3}})
     with pytest.raises(ConfigError, match=r"model\.kernels"):

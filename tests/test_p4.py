@@ -26,7 +26,8 @@ from crosstower.evaluate.pre_ranking import evaluate_rows, part_rows, row_logits
 from crosstower.models import build_model
 from crosstower.models.base import Recommender
 from crosstower.nn.fields import FieldEmbedder, row_values
-from crosstower.run import reevaluate, run_experiment, with_split_features
+from crosstower.data.run_data import with_split_features
+from crosstower.run import reevaluate, run_experiment
 from crosstower.train.trainer import Trainer
 from tests.helpers import rated_dataset, rated_frames
 from tests.test_training import TINY

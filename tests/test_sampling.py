@@ -39,7 +39,7 @@ def test_trainer_batches_carry_mixture_logq_and_mask_in_batch_hits(tmp_path):
     assert torch.allclose(batch.positive_log_q.double(), expected[batch.positives], atol=1e-5)
     assert torch.allclose(batch.negative_log_q.double(), expected[batch.negatives], atol=1e-5)
     # in-batch column j is candidate positives[j]: it takes positives[j]'s correction
-    _, mask, log_q = batch.candidate_logits(torch.zeros(16), torch.zeros(16, 5), torch.zeros(16, 16))
+    _, mask, log_q = batch.logits(torch.zeros(16), torch.zeros(16, 5), torch.zeros(16, 16)).negatives()
     assert torch.equal(log_q[:, 5:], batch.positive_log_q[None, :].expand(16, -1))
     assert torch.equal(mask[:, 5:], batch.in_batch_mask)
 

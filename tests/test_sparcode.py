@@ -10,9 +10,10 @@ from crosstower.config import parse_config
 from crosstower.data.batching import UserInput, eval_user_input
 from crosstower.data.splits import make_split
 from crosstower.losses import sampled_softmax
-from crosstower.models.sparcode import SparCode, SparCodeSettings
+from crosstower.models.sparcode import SparCode, SparsityConfig
+from crosstower.models.token_two_tower import TokenTwoTowerConfig
 from crosstower.train.trainer import Trainer
-from tests.helpers import random_dataset
+from tests.helpers import random_dataset, sparcode_model
 
 torch.set_num_threads(1)
 
@@ -36,7 +37,7 @@ def reference_score(
                 if enc.token_gate is not None:
                     hidden = hidden + (enc.token_gate.weight @ tokens[u, k]) * (enc.item_gate.weight @ item_tokens[i].flatten())
                 s = enc.rest(hidden).squeeze()
-                scores[u, i] += torch.relu(s + model.settings.sparsity_bias)
+                scores[u, i] += torch.relu(s + model.config.sparsity.bias)
     return scores
 
 
@@ -70,11 +71,10 @@ def test_batched_score_equals_per_pair_reference(tokenizer, products, source, it
     split = make_split(ds, "p2")
     torch.manual_seed(0)
     # 8 history tokens out of a history of 10: some users have fewer items, so some tokens are absent
-    settings = SparCodeSettings(tokenizer=tokenizer, dim=8, user_tokens=8 if source == "history" else 3, item_tokens=2,
-                                tokenizer_hidden=[16], item_hidden=[16], interaction_hidden=[16, 8], quantize=False,
-                                sparsity_bias=-0.05, max_history=10, sa_layers=1, interaction_products=products,
-                                user_tokens_from=source, item_bias=item_bias)
-    model = SparCode(ds, settings).eval()
+    model = sparcode_model(ds, tokenizer=tokenizer, dim=8, user_tokens=8 if source == "history" else 3, item_tokens=2,
+                           tokenizer_hidden=[16], item_hidden=[16], interaction_hidden=[16, 8], quantize=False,
+                           sparsity={"bias": -0.05}, max_history=10, sa_layers=1, interaction_products=products,
+                           user_tokens_from=source, item_bias=item_bias).eval()
     prior = randomise_item_bias(model) if item_bias else torch.zeros(ds.num_items)
     user = varied_histories(split)
     items = torch.arange(ds.num_items)
@@ -105,8 +105,8 @@ def small_batch(tmp_path, in_batch: bool = False):
 def test_loss_uses_candidates_and_in_batch_negatives(tmp_path, item_bias):
     ds, batch = small_batch(tmp_path, in_batch=True)
     torch.manual_seed(0)
-    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16],
-                                          item_hidden=[16], interaction_hidden=[16], quantize=False, item_bias=item_bias))
+    model = sparcode_model(ds, dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16],
+                                          item_hidden=[16], interaction_hidden=[16], quantize=False, item_bias=item_bias)
     if item_bias:
         randomise_item_bias(model)
     loss, parts = model.loss(batch)
@@ -118,9 +118,9 @@ def test_loss_uses_candidates_and_in_batch_negatives(tmp_path, item_bias):
     with torch.no_grad():
         direct = model.score(batch.user, torch.arange(ds.num_items))
     rows = torch.arange(8)
-    negatives, mask, log_q = batch.candidate_logits(
+    negatives, mask, log_q = batch.logits(
         direct[rows, batch.positives], direct.gather(1, batch.negatives), direct[:, batch.positives]
-    )
+    ).negatives()
     expected = sampled_softmax(direct[rows, batch.positives], negatives, mask, batch.positive_log_q, log_q)
     assert torch.allclose(loss.detach(), expected, atol=1e-5)
 
@@ -133,8 +133,8 @@ def test_training_stats_report_the_share_of_positive_scores_and_warn_when_the_re
     the ReLU died; the window restarts after each report."""
     ds, batch = small_batch(tmp_path)
     torch.manual_seed(0)
-    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
-                                          interaction_hidden=[16], quantize=False, sparsity_bias=sparsity_bias))
+    model = sparcode_model(ds, dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
+                                          interaction_hidden=[16], quantize=False, sparsity_bias=sparsity_bias)
     model.loss(batch)
     model.loss(batch)
     with torch.no_grad():
@@ -153,9 +153,9 @@ def test_l1_weight_ramps_up_quadratically_over_quantised_training_steps(tmp_path
     and unquantised steps do not count; the count is saved with the model (a resume goes on)."""
     ds, batch = small_batch(tmp_path)
     torch.manual_seed(0)
-    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
+    model = sparcode_model(ds, dim=8, user_tokens=2, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
                                           interaction_hidden=[16], codebook_size=4, vq_warmup_epochs=1,
-                                          sparsity_weight=2.0, sparsity_ramp_steps=4))
+                                          sparsity_weight=2.0, sparsity_ramp_steps=4)
     model.loss(batch)  # warming up, unquantised: not a step of the ramp
     assert int(model.sparsity_steps) == 0
     model.quantizing.fill_(True)
@@ -168,10 +168,10 @@ def test_l1_weight_ramps_up_quadratically_over_quantised_training_steps(tmp_path
     assert weights == pytest.approx([0.0, 2 / 16, 2 * 4 / 16, 2 * 9 / 16, 2.0, 2.0])
     model.eval()
     assert model.loss(batch)[1]["sparsity_weight"] == 2.0 and int(model.sparsity_steps) == 6
-    resumed = SparCode(ds, model.settings)
+    resumed = SparCode(ds, model.config)
     resumed.load_state_dict(model.state_dict())
     assert int(resumed.sparsity_steps) == 6
-    without_ramp = SparCode(ds, SparCodeSettings(**{**vars(model.settings), "sparsity_ramp_steps": 0}))
+    without_ramp = SparCode(ds, model.config.model_copy(update={"sparsity": SparsityConfig(weight=2.0)}))
     without_ramp.quantizing.fill_(True)
     assert without_ramp.loss(batch)[1]["sparsity_weight"] == 2.0
 
@@ -197,9 +197,9 @@ def test_quantised_sparcode_scores_are_sums_of_code_scores(source, quantizer):
     split = make_split(ds, "p2")
     torch.manual_seed(0)
     k_u = 8 if source == "history" else 3
-    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=k_u, item_tokens=2, tokenizer_hidden=[16],
+    model = sparcode_model(ds, dim=8, user_tokens=k_u, item_tokens=2, tokenizer_hidden=[16],
                                           item_hidden=[16], interaction_hidden=[16], num_codebooks=2, codebook_size=4,
-                                          user_tokens_from=source, max_history=10, quantizer=quantizer))
+                                          user_tokens_from=source, max_history=10, quantizer=quantizer)
     user = varied_histories(split)
     model.train()
     model.user_tokens(user)  # data-dependent codebook initialisation and one EMA step
@@ -220,10 +220,10 @@ def small_quantised_model(quantizer: str = "product", item_bias: bool = False) -
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(1)
-    model = SparCode(ds, SparCodeSettings(dim=8, user_tokens=8, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
+    model = sparcode_model(ds, dim=8, user_tokens=8, item_tokens=2, tokenizer_hidden=[16], item_hidden=[16],
                                           interaction_hidden=[16], num_codebooks=2, codebook_size=4, tokenizer="sa",
                                           sa_layers=1, user_tokens_from="history", max_history=10, item_bias=item_bias,
-                                          quantizer=quantizer))
+                                          quantizer=quantizer)
     if item_bias:
         randomise_item_bias(model)
     user = varied_histories(split)
@@ -239,10 +239,10 @@ def test_history_token_index_serves_the_exhaustive_scores(item_bias, quantizer):
     answers with the model's exhaustive scores (float16 storage) and the same top items; an
     item prior is served beside the posting lists."""
     model, user = small_quantised_model(quantizer, item_bias)
-    index = model.build_index(user)
+    index = model.build_code_index(user)
     with torch.no_grad():
         exhaustive = model.score(user, torch.arange(model.num_items))
-        queries = model.code_queries(user)
+        queries = model.index_query(user)
     assert (queries.codes == -1).all(-1).any()  # the case under test: absent tokens
     served = index.dense_scores(queries.codes, queries.vectors)
     assert torch.allclose(served, exhaustive, rtol=2e-3, atol=2e-3)
@@ -259,8 +259,8 @@ def test_index_of_every_code_holds_each_codes_own_scores(quantizer):
     from crosstower.index import encode_code_ids, every_code
 
     model, user = small_quantised_model(quantizer)
-    observed = model.build_index(user)
-    every = model.build_index(user, codes="all")
+    observed = model.build_code_index(user)
+    every = model.build_code_index(user, codes="all")
     codes = every_code(4, 2)
     assert every.num_codes == 16
     np.testing.assert_array_equal(every.arrays()["codes"], codes.numpy())
@@ -283,7 +283,7 @@ def test_enumerating_every_code_is_bounded_when_the_config_is_read():
     from crosstower.errors import ConfigError
 
     model = {"name": "sparcode", "codebook_size": 8193, "num_codebooks": 2, "index_codes": "all"}
-    with pytest.raises(ConfigError, match="index_codes 'all' would enumerate"):
+    with pytest.raises(ConfigError, match="index.codes 'all' would enumerate"):
         parse_config({"dataset": {"name": "synthetic"}, "split": {"protocol": "p2"}, "model": model})
     parse_config({"dataset": {"name": "synthetic"}, "split": {"protocol": "p2"}, "model": {**model, "codebook_size": 8192}})
 
@@ -293,8 +293,8 @@ def test_enumerating_every_code_is_bounded_when_the_config_is_read():
 def test_trained_model_index_builds_the_same_in_two_processes():
     """The model's scorer pickles to spawned workers, and their index is the one-process index."""
     model, user = small_quantised_model()
-    single = model.build_index(user, code_chunk=3)
-    parallel = model.build_index(user, code_chunk=3, workers=2)
+    single = model.build_code_index(user, code_chunk=3)
+    parallel = model.build_code_index(user, code_chunk=3, workers=2)
     for name, array in single.arrays().items():
         np.testing.assert_array_equal(parallel.arrays()[name], array, err_msg=name)
 
@@ -320,7 +320,7 @@ def test_token_two_tower_item_bias_adds_a_per_item_prior_to_the_dot_product():
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(0)
-    model = TokenTwoTower(ds, SparCodeSettings(dim=8, tokenizer_hidden=[16], item_hidden=[16], item_bias=True)).eval()
+    model = TokenTwoTower(ds, TokenTwoTowerConfig(dim=8, tokenizer_hidden=[16], item_hidden=[16], item_bias=True)).eval()
     prior = randomise_item_bias(model)
     with torch.no_grad():
         user, items = varied_histories(split), torch.arange(ds.num_items)
@@ -405,7 +405,7 @@ def test_sparcode_warm_up_trains_unquantised_then_quantises_from_kmeans_codebook
 def test_warm_up_must_leave_a_quantised_epoch():
     from crosstower.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="vq_warmup_epochs"):
+    with pytest.raises(ConfigError, match="quantizer.warmup_epochs"):
         parse_config({"model": {"name": "sparcode", "vq_warmup_epochs": 3}, "train": {"epochs": 3}})
 
 

@@ -2,14 +2,17 @@
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from crosstower.config import parse_config
 from crosstower.data.splits import make_split
 from crosstower.errors import ConfigError
 from crosstower.losses import sampled_softmax
-from crosstower.models.late_interaction import LateInteraction, LateInteractionSettings
-from crosstower.models.sparcode import InteractionMaxSim, SparCode, SparCodeSettings
-from tests.helpers import random_dataset
+from crosstower.models.base import BuildContext
+from crosstower.models.late_interaction import LateInteraction, LateInteractionConfig
+from crosstower.models.sparcode import SparCode
+from crosstower.nn.interaction import InteractionMaxSim
+from tests.helpers import random_dataset, sparcode_model
 from tests.test_sparcode import randomise_item_bias, small_batch, varied_histories
 
 torch.set_num_threads(1)
@@ -17,11 +20,12 @@ torch.set_num_threads(1)
 HISTORY = 10
 
 
-def late_settings(**overrides) -> SparCodeSettings:
+def late_model(ds, **overrides) -> SparCode:
+    """A small SparCode on late interaction's towers (``quantize`` False: unquantised)."""
     settings = dict(tokenizer="late", interaction="maxsim", dim=8, projection_dim=4, sa_layers=1, sa_heads=2,
-                    max_history=HISTORY, expansion_tokens=2, maxsim_temperature=0.5, num_codebooks=2,
-                    codebook_size=4)
-    return SparCodeSettings(**{**settings, **overrides})
+                    max_history=HISTORY, expansion_tokens=2, maxsim_temperature=0.5,
+                    quantizer={"num_codebooks": 2, "codebook_size": 4})
+    return sparcode_model(ds, **{**settings, **overrides})
 
 
 def reference_maxsim_term(tokens: torch.Tensor, items: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,7 +56,7 @@ def test_late_sparcode_score_is_the_sum_of_relu_maxsim_terms_over_real_tokens(it
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(0)
-    model = SparCode(ds, late_settings(quantize=False, sparsity_bias=-0.3, item_bias=item_bias)).eval()
+    model = late_model(ds, quantize=False, sparsity_bias=-0.3, item_bias=item_bias).eval()
     prior = randomise_item_bias(model) if item_bias else torch.zeros(ds.num_items)
     user, items = varied_histories(split), torch.arange(ds.num_items)
     with torch.no_grad():
@@ -74,9 +78,10 @@ def test_late_tokenizer_is_late_interactions_towers():
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(0)
-    colbert = LateInteraction(ds, LateInteractionSettings(dim=8, projection_dim=4, user_layers=1, item_layers=1,
-                                                          heads=2, max_history=HISTORY, expansion_tokens=2)).eval()
-    model = SparCode(ds, late_settings(quantize=False, sparsity_bias=100.0)).eval()
+    colbert = LateInteraction(ds, LateInteractionConfig(dim=8, projection_dim=4, user_layers=1, item_layers=1,
+                                                        heads=2, expansion_tokens=2),
+                              BuildContext(history_length=HISTORY)).eval()
+    model = late_model(ds, quantize=False, sparsity_bias=100.0).eval()
     model.tokenizer.towers.load_state_dict(colbert.towers.state_dict())
     user, items = varied_histories(split), torch.arange(ds.num_items)
     with torch.no_grad():
@@ -88,7 +93,7 @@ def test_late_tokenizer_is_late_interactions_towers():
 def test_late_sparcode_loss_is_the_sampled_softmax_of_its_own_scores(tmp_path):
     ds, batch = small_batch(tmp_path, in_batch=True)
     torch.manual_seed(0)
-    model = SparCode(ds, late_settings(quantize=False, max_history=batch.user.history.shape[1], item_bias=True))
+    model = late_model(ds, quantize=False, max_history=batch.user.history.shape[1], item_bias=True)
     randomise_item_bias(model)
     model.eval()  # no dropout, so training and direct scores agree
     loss, _ = model.loss(batch)
@@ -97,9 +102,9 @@ def test_late_sparcode_loss_is_the_sampled_softmax_of_its_own_scores(tmp_path):
     with torch.no_grad():
         direct = model.score(batch.user, torch.arange(ds.num_items))
     rows = torch.arange(len(batch.positives))
-    negatives, mask, log_q = batch.candidate_logits(
+    negatives, mask, log_q = batch.logits(
         direct[rows, batch.positives], direct.gather(1, batch.negatives), direct[:, batch.positives]
-    )
+    ).negatives()
     expected = sampled_softmax(direct[rows, batch.positives], negatives, mask, batch.positive_log_q, log_q)
     assert torch.allclose(loss.detach(), expected, atol=1e-5)
 
@@ -109,7 +114,7 @@ def test_late_sparcode_index_serves_the_exhaustive_scores(item_bias):
     ds = random_dataset(num_users=20, num_items=15, rows=300)
     split = make_split(ds, "p2")
     torch.manual_seed(1)
-    model = SparCode(ds, late_settings(item_bias=item_bias))
+    model = late_model(ds, item_bias=item_bias)
     if item_bias:
         randomise_item_bias(model)
     user = varied_histories(split)
@@ -119,11 +124,11 @@ def test_late_sparcode_index_serves_the_exhaustive_scores(item_bias):
     with torch.no_grad():  # an untrained tower's vectors are alike: centre the bias on its terms
         tokens, _, mask = model.user_tokens(user)
         terms = model.interaction(tokens[mask], model.item_tokenizer(torch.arange(ds.num_items)))
-    model.settings.sparsity_bias = -float(terms.median())
-    index = model.build_index(user)
+    model.config.sparsity.bias = -float(terms.median())
+    index = model.build_code_index(user)
     with torch.no_grad():
         exhaustive = model.score(user, torch.arange(ds.num_items))
-        queries = model.code_queries(user)
+        queries = model.index_query(user)
     assert (queries.codes == -1).all(-1).any()  # padding history slots have no code
     assert 0 < index.kept_fraction < 1  # the bias leaves some (code, item) scores at exactly 0
     served = index.dense_scores(queries.codes, queries.vectors)
@@ -133,7 +138,8 @@ def test_late_sparcode_index_serves_the_exhaustive_scores(item_bias):
 
 
 def test_late_sparcode_run_serves_from_its_index(tmp_path):
-    from crosstower.run import load_run, run_experiment
+    from crosstower.run import run_experiment
+    from crosstower.run_dir import load_run
     from tests.test_training import TINY
 
     config = parse_config({
@@ -147,15 +153,16 @@ def test_late_sparcode_run_serves_from_its_index(tmp_path):
     results = run_experiment(config, tmp_path / "run")
     served, exhaustive = results["metrics"]["test_served"]["recall@50"], results["metrics"]["test"]["recall@50"]
     assert 0 < results["index"]["kept_fraction"] <= 1 and served == pytest.approx(exhaustive, abs=0.02)
-    config_again, _ = load_run(tmp_path / "run")  # the saved config, every default written out, loads
-    assert config_again.model.tokenizer == "late"
+    run = load_run(tmp_path / "run")  # the saved config, every default written out, loads
+    assert run.config.model.tokenizer == "late" and run.config.model.sparsity.weight == 0.5
+    assert run.index().describe()["kept_fraction"] == results["index"]["kept_fraction"]
 
 
 @pytest.mark.parametrize("model, message", [
     ({"name": "twotower", "tokenizer": "late"}, "its two-tower model is late interaction"),
     ({"name": "sparcode", "tokenizer": "late", "interaction": "maxsim", "user_tokens": 8}, "drop \\['user_tokens'\\]"),
     ({"name": "sparcode", "tokenizer": "late", "interaction": "maxsim", "projection_dim": 33},
-     "projection_dim 33 is not divisible by num_codebooks 2"),
+     "projection_dim 33 is not divisible by quantizer.num_codebooks 2"),
     ({"name": "alltoall", "tokenizer": "late", "interaction": "maxsim", "maxsim_temperature": 0}, "greater than 0"),
     ({"name": "sparcode", "tokenizer": "late"}, "tokenizer 'late' needs interaction 'maxsim' or 'sa'"),
 ])
@@ -166,9 +173,9 @@ def test_late_tokenizer_configs_reject_what_does_not_apply(model, message):
 
 def test_late_tokenizer_needs_an_encoder_that_reads_any_number_of_item_tokens():
     ds = random_dataset(num_users=20, num_items=15, rows=300)
-    with pytest.raises(ConfigError, match="use interaction 'maxsim' or 'sa'"):
-        SparCode(ds, late_settings(interaction="mlp"))
-    sa = SparCode(ds, late_settings(interaction="sa", interaction_hidden=[8], quantize=False)).eval()
+    with pytest.raises(ValidationError, match="needs interaction 'maxsim' or 'sa'"):
+        late_model(ds, interaction="mlp")
+    sa = late_model(ds, interaction="sa", interaction_hidden=[8], quantize=False).eval()
     user = varied_histories(make_split(ds, "p2"))
     with torch.no_grad():
         scores = sa.score(user, torch.arange(ds.num_items))

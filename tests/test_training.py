@@ -157,7 +157,7 @@ def test_serving_input_has_zero_example_age_and_p3_reads_no_history(tiny_data):
     user = eval_user_input(split.test, np.arange(4), 20)
     assert torch.equal(user.example_age, torch.zeros(4))
     model = build_model(parse_config(tiny_config()).model, dataset, "p3")
-    assert model.settings.use_history is False
+    assert model.use_history is False
 
 
 def test_trained_model_beats_popularity(tmp_path):

@@ -22,6 +22,7 @@ import torch
 
 from crosstower.data.dataset import ITEM, TIME, USER
 from crosstower.data.splits import LABEL, EvalUsers
+from crosstower.losses import CandidateLogits
 
 
 @dataclass
@@ -69,17 +70,18 @@ class TrainBatch:
             _to(getattr(self, f.name), device) for f in dataclasses.fields(self) if f.name != "user"
         ))
 
-    def candidate_logits(
-        self, positive_logits: torch.Tensor, sampled_logits: torch.Tensor, in_batch_logits: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """All negative logits ``[B, K (+ B)]`` with their mask and logQ, in one place for losses."""
-        logits, mask, log_q = sampled_logits, self.negative_mask, self.negative_log_q
-        if self.in_batch_mask is not None and in_batch_logits is not None:
-            logits = torch.cat([logits, in_batch_logits], dim=1)
-            mask = torch.cat([mask, self.in_batch_mask], dim=1)
-            if log_q is not None:
-                log_q = torch.cat([log_q, self.positive_log_q[None, :].expand(len(positive_logits), -1)], dim=1)
-        return logits, mask, log_q
+    def logits(
+        self, positive: torch.Tensor, sampled: torch.Tensor, in_batch: torch.Tensor | None = None,
+        states: dict | None = None,
+    ) -> CandidateLogits:
+        """A model's logits on this batch's candidates (``positive [B]``, ``sampled [B, K]``,
+        ``in_batch [B, B]`` where the batch has in-batch negatives) with the batch's masks and
+        log-Q terms: what :func:`crosstower.losses.listwise_softmax` reads."""
+        with_in_batch = self.in_batch_mask is not None and in_batch is not None
+        return CandidateLogits(
+            positive, sampled, self.negative_mask, in_batch if with_in_batch else None,
+            self.in_batch_mask if with_in_batch else None, self.positive_log_q, self.negative_log_q, states or {},
+        )
 
 
 @dataclass

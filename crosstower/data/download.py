@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import re
-import shutil
 import socket
 import tempfile
 import zipfile
@@ -22,6 +20,7 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 from crosstower.errors import DataError
+from crosstower.files import replace_dir
 
 BASE_URL = "https://files.grouplens.org/datasets/movielens"
 MANUAL_URL = "https://grouplens.org/datasets/movielens/"
@@ -96,7 +95,7 @@ def download(name: str, target_dir: Path | str, force: bool = False, timeout: fl
         _check_md5(archive, digest, timeout, target_dir)
         unpacked = _extract(zip_path, Path(tmp) / "unpacked", archive)
         _check_files(archive, unpacked)
-        _move_into_place(unpacked, final, Path(tmp))
+        replace_dir(unpacked, final)
     return final
 
 
@@ -185,14 +184,6 @@ def _sha256(path: Path) -> str:
         while chunk := handle.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _move_into_place(unpacked: Path, final: Path, tmp: Path) -> None:
-    """Rename the verified folder into place; an old incomplete folder is moved aside first."""
-    if final.exists():
-        os.replace(final, tmp / "previous")
-    os.replace(unpacked, final)
-    shutil.rmtree(tmp / "previous", ignore_errors=True)
 
 
 __all__ = ["ARCHIVES", "Archive", "download"]

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from crosstower.data.dataset import Dataset, FieldSpec, build_dataset
 from crosstower.data.schema import FieldKind
 from crosstower.errors import DataError
+from crosstower.files import replace_dir
 
 NAME = "synthetic"
 NUM_AGE_BUCKETS = 7
@@ -352,9 +353,7 @@ def write(config: SyntheticConfig, out_dir: Path | str, progress: bool = True, o
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_into(config, tmp, progress)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,12 +11,8 @@ import torch
 from crosstower.config import RunConfig
 from crosstower.data.batching import eval_user_input
 from crosstower.data.splits import EvalUsers
-from crosstower.evaluate.ranking import Scorer, evaluate_ranking, evaluate_retrieved
-from crosstower.models.base import EmbeddingRecommender, Recommender
-
-# Users are encoded in fixed blocks of this many, whatever the evaluation batch size, so that a
-# user's vector (and hence the metrics) never depends on ``user_batch``.
-ENCODE_BLOCK = 1024
+from crosstower.evaluate.ranking import evaluate_ranking, evaluate_retrieved
+from crosstower.models.base import ENCODE_BLOCK, Recommender
 
 
 @torch.no_grad()
@@ -33,7 +30,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    scorer = _scorer(model, block, history_length)
+    scorer = model.ranking_scorer(lambda rows: eval_user_input(block, rows, history_length), len(block))
     metrics = evaluate_ranking(
         scorer, len(block), num_items, block.exclude, block.targets, tuple(ks), user_batch, item_chunk, progress
     )
@@ -53,50 +50,26 @@ def evaluate_split(
 
 @torch.no_grad()
 def evaluate_served(
-    model, index, block: EvalUsers, num_items: int, config: RunConfig
+    model: Recommender, index: Any, block: EvalUsers, num_items: int, config: RunConfig
 ) -> tuple[dict[str, float], float]:
-    """Metrics of the index's answers, ranked against the same targets as exhaustive scoring.
+    """Metrics of the top-k lists that ``index`` returns for ``model``'s queries, ranked against
+    the same targets as exhaustive scoring.
 
-    A sparse code index gives every user's summed posting lists as dense scores
-    (:meth:`SparseCodeIndex.dense_scores`), ranked by the same evaluator as exhaustive scoring, so
-    the two differ only by what the index did not keep. A late-interaction index returns its own
-    top-k from its candidates; items it never scored cannot be hits.
+    Any index serves through the one protocol: the model encodes a block of users into the
+    index's query (:meth:`~crosstower.models.base.Recommender.index_query`), the index searches.
+    Users are encoded in the fixed blocks that exhaustive evaluation encodes them in, so an exact
+    index sees the very vectors exhaustive scoring ranked; items an approximate index never
+    scored cannot be hits.
     """
-    from crosstower.index import LateInteractionIndex
-
     model.eval()
     start = time.perf_counter()
     length, cfg = config.train.history_length, config.evaluate
-    if isinstance(index, LateInteractionIndex):
-
-        def retrieve(rows: np.ndarray) -> torch.Tensor:
-            users = model.encode_user_tokens(eval_user_input(block, rows, length))
-            return index.search(users, max(cfg.ks), block.exclude.take(rows))[1]
-
-        metrics = evaluate_retrieved(retrieve, len(block), num_items, block.exclude, block.targets, cfg.ks, cfg.user_batch)
-        return metrics, time.perf_counter() - start
-
-    def scorer(rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
-        queries = model.code_queries(eval_user_input(block, rows, length))
-        return index.dense_scores(queries.codes, queries.vectors)[:, lo:hi]
-
-    metrics = evaluate_ranking(
-        scorer, len(block), num_items, block.exclude, block.targets, tuple(cfg.ks), cfg.user_batch, num_items
-    )
+    k = max(cfg.ks)
+    top = torch.full((len(block), k), -1, dtype=torch.int64)
+    for lo in range(0, len(block), ENCODE_BLOCK):
+        rows = np.arange(lo, min(lo + ENCODE_BLOCK, len(block)))
+        query = model.index_query(eval_user_input(block, rows, length).to(model.device))
+        top[lo : lo + len(rows)] = index.search(query, k, block.exclude.take(rows))[1]
+    metrics = evaluate_retrieved(lambda rows: top[torch.from_numpy(rows)], len(block), num_items, block.exclude,
+                                 block.targets, cfg.ks, cfg.user_batch)
     return metrics, time.perf_counter() - start
-
-
-def _scorer(model: Recommender, block: EvalUsers, history_length: int) -> Scorer:
-    device = model.device
-    if isinstance(model, EmbeddingRecommender):
-        # Encode every evaluated user once (not once per item chunk), in fixed blocks.
-        user_vectors = torch.cat([
-            model.encode_users(
-                eval_user_input(block, np.arange(lo, min(lo + ENCODE_BLOCK, len(block))), history_length).to(device)
-            )
-            for lo in range(0, len(block), ENCODE_BLOCK)
-        ])
-        item_vectors = model.item_vectors()
-        return lambda rows, lo, hi: user_vectors[torch.from_numpy(rows).to(device)] @ item_vectors[lo:hi].T
-    item_scorer = model.item_scorer()
-    return lambda rows, lo, hi: item_scorer(eval_user_input(block, rows, history_length).to(device), lo, hi)

@@ -13,7 +13,6 @@ renamed into place, so an interrupted save never leaves a half-written index whe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
@@ -26,6 +25,7 @@ import torch
 
 from crosstower.data.ragged import Ragged
 from crosstower.errors import CheckpointError
+from crosstower.files import replace_dir
 
 HEADER = "index.json"
 FORMAT = "crosstower-index"
@@ -43,6 +43,9 @@ class Index(ABC):
     _registry: ClassVar[dict[str, type[Index]]] = {}
 
     build_seconds: float = 0.0
+    exact: ClassVar[bool] = False
+    """Whether :meth:`search` returns exactly the exhaustive top-k of the model's scores (an
+    approximate index may miss items, or round the scores it stores)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -110,7 +113,7 @@ class Index(ABC):
                 "arrays": {n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()},
             }
             (tmp / HEADER).write_text(json.dumps(header, indent=2))
-            _replace_dir(tmp, path)
+            replace_dir(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -185,17 +188,6 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._start
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out by two renames, then removed."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_header(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class ExactInnerProductIndex(Index):
     """Score = ``<user_vector, item_vector>`` over the whole catalogue; item vectors in float32."""
 
     kind = "exact_inner_product"
+    exact = True
 
     def __init__(self, item_vectors: torch.Tensor | np.ndarray) -> None:
         with Timer() as timer:

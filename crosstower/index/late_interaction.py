@@ -170,6 +170,10 @@ class LateInteractionIndex(Index):
             **self.store.meta(),
         }
 
+    def describe(self) -> dict[str, Any]:
+        """The index's summary, with the share of the catalogue scored exactly per query so far."""
+        return {**super().describe(), "scored_fraction": self.mean_scored_fraction}
+
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> LateInteractionIndex:
         store = STORES[meta.get("store", "float16")].from_arrays(arrays, meta)

@@ -2,12 +2,12 @@
 
 SparCode scores a user as ``sum_k E(code_k(user), item)``: every user token is quantised to a code
 tuple of M entries from codebooks of size N, and the all-to-all encoder ``E`` depends on the user
-only through that code. So ``E`` can be run offline for every code that can occur, and serving
-is a lookup: read the posting lists of the user's K_u codes, add the scores per item, take the
-top-k. The encoder's scores pass through ReLU, so most are exactly 0 and need not be stored;
-keeping only the positive (or the top-L) scores is what makes the table small.
+only through that code. So ``E`` can be run offline for every code that can occur
+(:mod:`crosstower.index.code_table_build`), and serving is a lookup: read the posting lists of
+the user's K_u codes, add the scores per item, take the top-k. The encoder's scores pass through
+ReLU, so most are exactly 0 and need not be stored (:mod:`crosstower.index.keep_rules`).
 
-Storage, one CSR table sorted by code id (see :func:`encode_code_ids`):
+Storage, one CSR table sorted by code id (see :func:`~crosstower.index.code_ids.encode_code_ids`):
 
 - ``indptr``  int64 ``[C + 1]``: code row ``r`` owns entries ``indptr[r]:indptr[r + 1]``
 - ``items``   int32 ``[nnz]``: item ids, ascending within a row
@@ -20,7 +20,8 @@ Storage, one CSR table sorted by code id (see :func:`encode_code_ids`):
 - ``item_prior`` float32 ``[num_items]``, optional: a per-item score added to every user's sum
   (a model's learned item bias, e.g. popularity), so that the code scores need not carry it.
 - ``code_usage`` int64 ``[C]``, optional: how many of the indexing users' tokens took each code.
-  It lets a size budget be shared among the codes by use (:class:`UsageBudget`).
+  It lets a size budget be shared among the codes by use
+  (:class:`~crosstower.index.keep_rules.UsageBudget`).
 
 Score semantics at search time: an item absent from all of a user's posting lists scores exactly
 its prior (0 without one), not -inf. That is the true (kept) score, since dropped entries are
@@ -32,10 +33,8 @@ holes. Excluded items score -inf, as in evaluation.
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,46 +42,9 @@ import torch
 from crosstower.data.ragged import Ragged
 from crosstower.evaluate.ranking import topk_items
 from crosstower.index.base import Index, Timer, as_numpy, as_tensor, check_exclude
-
-ScoreCodes = Callable[[torch.Tensor], torch.Tensor]
-"""``score_codes(codes [c, M] int64) -> scores [c, num_items]``: the encoder run on whole codes."""
-
-
-@dataclass(frozen=True)
-class UsageBudget:
-    """Keep about ``share`` of the (code x item) table, shared among the codes by their use.
-
-    Code ``c`` keeps its top ``L_c = floor(share * C * N * w_c / sum(w))`` positive scores, with
-    ``w_c = usage_c ** exponent`` (``usage_c``: how many indexing tokens took code ``c``). Why:
-    a uniform top-L gives a code that one token took as long a posting list as a code that
-    thousands took, while the served accuracy is an average over users. Measured on the synthetic
-    default (docs/results.md), at 1% kept, exponent 0.5 served a clearly higher Recall@50 than
-    the uniform top-L. Exponent 0 is the uniform top-L (``L = floor(share * N)``); the kept share
-    never exceeds ``share`` (the floors and the cap at ``N`` may leave it a little under).
-    """
-
-    share: float
-    exponent: float = 0.5
-
-    def as_dict(self) -> dict[str, float]:
-        return {"share": self.share, "usage_exponent": self.exponent}
-
-
-Keep = Union[str, int, float, UsageBudget, Mapping[str, float]]
-"""``"nonzero"`` (scores > 0), an int L (top-L positive scores per code), a float t >= 0
-(scores > t), or a :class:`UsageBudget` (also as its ``as_dict()`` mapping, as saved)."""
-
-
-class KeepRule(NamedTuple):
-    """A parsed keep rule: ``mode`` is "threshold" (``value`` t), "top" (``value`` L) or
-    "budget" (``value`` the share, ``exponent`` the usage exponent)."""
-
-    mode: str
-    value: float
-    exponent: float = 0.0
-
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
+from crosstower.index.code_ids import CodeQueries, check_codes, encode_code_ids
+from crosstower.index.code_table_build import ScoreCodes, chunk_results, collect, sorted_codes
+from crosstower.index.keep_rules import Keep, canonical_keep, parse_keep, row_limits
 
 # Dense accumulation block: users per block x catalogue <= 2^24 floats (64 MB of float32).
 DENSE_BLOCK = 1 << 24
@@ -90,223 +52,8 @@ DENSE_BLOCK = 1 << 24
 NEAREST_BLOCK = 1 << 22
 
 
-class CodeQueries(NamedTuple):
-    """What a SparCode user looks like to the index: its K_u code tuples and token vectors.
-
-    ``vectors`` (the quantised or pre-quantisation token vectors) is only read for codes that were
-    not indexed; it may be ``None`` when every code of the query is known to be indexed. A code
-    tuple of -1 entries is a token the user does not have (a history slot without an item, for a
-    tokenizer with one token per history item): it reads no posting list.
-    """
-
-    codes: torch.Tensor  # int64 [B, K_u, M]
-    vectors: torch.Tensor | None  # float [B, K_u, D]
-
-
-# ------------------------------------------------------------------------------------ codes
-
-
-def encode_code_ids(codes: np.ndarray | torch.Tensor, codebook_size: int) -> np.ndarray:
-    """One int64 per code tuple: ``sum_m codes[m] * N^(M-1-m)`` (mixed radix, first entry most
-    significant), so sorting ids sorts tuples lexicographically and all ``N^M`` tuples map to
-    ``0 .. N^M - 1``."""
-    codes = np.asarray(codes, dtype=np.int64)
-    ids = np.zeros(codes.shape[:-1], dtype=np.int64)
-    for m in range(codes.shape[-1]):  # M is a handful of codebooks
-        ids = ids * codebook_size + codes[..., m]
-    return ids
-
-
-def every_code(codebook_size: int, num_codebooks: int) -> torch.Tensor:
-    """All ``N^M`` code tuples ``[N^M, M]`` in id order (row ``j`` has id ``j`` under
-    :func:`encode_code_ids`): what indexing the whole code space scores."""
-    return torch.cartesian_prod(*[torch.arange(codebook_size)] * num_codebooks).reshape(-1, num_codebooks)
-
-
 ABSENT_ROW = -1
 """The index row of an absent token (a query code tuple of -1 entries): an empty posting list."""
-
-
-def _check_codes(
-    codes: np.ndarray | torch.Tensor, codebook_size: int, what: str, absent: bool = False
-) -> np.ndarray:
-    """Codes as int64 with every entry in ``[0, N)`` and ``N^M`` representable in int64."""
-    codes = as_numpy(codes)
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"{what} must be integers, got {codes.dtype}")
-    codes = codes.astype(np.int64, copy=False)
-    if codes.ndim < 2 or codes.shape[-1] < 1:
-        raise ValueError(f"{what} must end in a code-tuple axis of length M >= 1, got shape {codes.shape}")
-    if codebook_size < 1 or codebook_size ** codes.shape[-1] >= 2**63:
-        raise ValueError(f"codebook_size={codebook_size} with M={codes.shape[-1]} does not fit int64 ids")
-    present = codes
-    if absent and codes.size:  # absent tokens are whole tuples of -1; a partial -1 is an error
-        present = codes[~(codes == -1).all(-1)]
-    if present.size and (present.min() < 0 or present.max() >= codebook_size):
-        raise ValueError(f"{what} hold entries outside [0, {codebook_size}): min {present.min()}, max {present.max()}")
-    return codes
-
-
-def _parse_keep(keep: Keep) -> KeepRule:
-    """The rule ``keep`` names; ``"nonzero"`` is the threshold 0."""
-    what = "keep must be 'nonzero', an int L, a float threshold or a usage budget"
-    if isinstance(keep, Mapping):
-        if set(keep) != {"share", "usage_exponent"}:
-            raise ValueError(f"{what}: a budget mapping needs exactly 'share' and 'usage_exponent', got {sorted(keep)}")
-        keep = UsageBudget(float(keep["share"]), float(keep["usage_exponent"]))
-    if isinstance(keep, UsageBudget):
-        if not 0 < keep.share <= 1 or not 0 <= keep.exponent < math.inf:
-            raise ValueError(f"a usage budget needs 0 < share <= 1 and a finite exponent >= 0, got {keep}")
-        return KeepRule("budget", float(keep.share), float(keep.exponent))
-    if isinstance(keep, str):
-        if keep != "nonzero":
-            raise ValueError(f"{what}, got '{keep}'")
-        return KeepRule("threshold", 0.0)
-    if isinstance(keep, bool):
-        raise ValueError(f"{what}, got a bool")
-    if isinstance(keep, numbers.Integral):
-        if keep < 1:
-            raise ValueError(f"keep=L needs L >= 1, got {keep}")
-        return KeepRule("top", int(keep))
-    if isinstance(keep, numbers.Real):
-        # A negative threshold would store negative scores, which would then rank below the
-        # implicit 0 of the items that are not stored: the index would contradict itself.
-        if not math.isfinite(keep) or keep < 0:
-            raise ValueError(f"keep threshold must be finite and >= 0, got {keep}")
-        return KeepRule("threshold", float(keep))
-    raise ValueError(f"{what}, got {type(keep).__name__}")
-
-
-def _canonical_keep(keep: Keep) -> Keep:
-    """``keep`` in a JSON-friendly form (no numpy scalars; a budget as a mapping), as
-    ``meta()["keep"]`` holds it."""
-    rule = _parse_keep(keep)
-    if isinstance(keep, str):
-        return keep
-    if rule.mode == "budget":
-        return UsageBudget(rule.value, rule.exponent).as_dict()
-    return int(rule.value) if rule.mode == "top" else rule.value
-
-
-def usage_allocation(usage: np.ndarray, share: float, exponent: float, num_items: int) -> np.ndarray:
-    """Entries per code under a :class:`UsageBudget`: ``floor(share * C * N * w_c / sum(w))`` with
-    ``w = usage ** exponent``, at most ``N`` (int64 ``[C]``)."""
-    usage = np.asarray(usage, dtype=np.float64)
-    if usage.ndim != 1 or len(usage) == 0 or (usage < 0).any():
-        raise ValueError(f"code usage must be a non-empty vector of counts >= 0, got shape {usage.shape}")
-    weights = usage**exponent
-    if weights.sum() <= 0:
-        raise ValueError("a usage budget needs some code with usage > 0")
-    budget = share * len(usage) * num_items
-    # The small tolerance keeps an exact product (e.g. 0.01 * 3000 = 30) from flooring to 29.
-    return np.minimum(np.floor(budget * weights / weights.sum() + 1e-9), num_items).astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------ build
-
-
-def _top_l(scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``top`` largest entries per row, ties at the boundary going to the lower item index.
-
-    ``torch.topk`` picks arbitrarily among ties; taking one extra value shows which rows have a
-    tie at the boundary that matters (a positive one), and only those pay for a stable sort.
-    """
-    width = scores.shape[1]
-    if top >= width:
-        return torch.sort(scores, dim=1, descending=True, stable=True)
-    vals, cols = torch.topk(scores, top + 1, dim=1, sorted=True)
-    tied = ((vals[:, top] == vals[:, top - 1]) & (vals[:, top - 1] > 0)).nonzero().flatten()
-    vals, cols = vals[:, :top].clone(), cols[:, :top].clone()
-    if len(tied):
-        tvals, tcols = torch.sort(scores[tied], dim=1, descending=True, stable=True)
-        vals[tied], cols[tied] = tvals[:, :top], tcols[:, :top]
-    return vals, cols
-
-
-def _keep_entries(scores: torch.Tensor, rule: KeepRule, limits: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    """Kept entries of a chunk of code rows as (counts per row, items, scores) in CSR order.
-
-    Under "top" and "budget" row ``r`` keeps its ``limits[r]`` best positive scores
-    (:func:`_row_limits`); a threshold needs no limits."""
-    if rule.mode == "threshold":
-        rows, cols = (scores > rule.value).nonzero(as_tuple=True)  # row-major: rows, then items, ascending
-        vals = scores[rows, cols]
-    else:
-        width = scores.shape[1]
-        per_row = torch.from_numpy(limits)
-        top = int(per_row.max()) if len(per_row) else 0
-        if top == 0:
-            vals, cols = scores[:, :0], torch.zeros(scores.shape[0], 0, dtype=torch.int64)
-        else:
-            vals, cols = _top_l(scores, top)
-        kept = (vals > 0) & (torch.arange(vals.shape[1]) < per_row.unsqueeze(1))
-        cols = torch.where(kept, cols, width)  # dropped entries sort last, then are cut
-        cols, order = torch.sort(cols, dim=1)
-        vals = vals.gather(1, order)
-        rows, pos = (cols < width).nonzero(as_tuple=True)
-        cols, vals = cols[rows, pos], vals[rows, pos]
-    counts = torch.bincount(rows, minlength=scores.shape[0])
-    if len(vals) and float(vals.max()) > FLOAT16_MAX:
-        raise ValueError(f"a kept score {float(vals.max()):.4g} exceeds the float16 range ({FLOAT16_MAX}); "
-                         "rescale the scores")
-    return counts.numpy().astype(np.int64), cols.numpy().astype(np.int32), vals.numpy().astype(np.float16)
-
-
-def _score_and_keep(
-    score_codes: ScoreCodes, codes: np.ndarray, num_items: int, rule: KeepRule, limits: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the encoder on one chunk of codes and keep its entries (one unit of build work)."""
-    with torch.no_grad():
-        scores = score_codes(torch.from_numpy(codes))
-    scores = torch.as_tensor(scores).detach().to("cpu", torch.float32)
-    if tuple(scores.shape) != (len(codes), num_items):
-        raise ValueError(f"score_codes returned shape {tuple(scores.shape)} for {len(codes)} codes; "
-                         f"expected {(len(codes), num_items)}")
-    if torch.isnan(scores).any():
-        raise ValueError("score_codes returned NaN scores")
-    return _keep_entries(scores, rule, limits)
-
-
-_WORKER_SCORER: ScoreCodes | None = None
-
-
-def _init_worker(score_codes: ScoreCodes, threads: int) -> None:
-    """Receive the encoder once per worker process (not once per chunk) and share the cores."""
-    global _WORKER_SCORER
-    _WORKER_SCORER = score_codes
-    torch.set_num_threads(threads)
-
-
-def _worker_chunk(work: tuple[np.ndarray, np.ndarray | None], num_items: int, rule: KeepRule) -> tuple[np.ndarray, ...]:
-    assert _WORKER_SCORER is not None
-    codes, limits = work
-    return _score_and_keep(_WORKER_SCORER, codes, num_items, rule, limits)
-
-
-def _chunk_results(
-    score_codes: ScoreCodes, codes: np.ndarray, num_items: int, rule: KeepRule, limits: np.ndarray | None,
-    code_chunk: int, workers: int,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per code chunk, in code order: in this process, or in ``workers`` spawned processes."""
-    chunks = [
-        (codes[lo : lo + code_chunk], None if limits is None else limits[lo : lo + code_chunk])
-        for lo in range(0, len(codes), code_chunk)
-    ]
-    if workers <= 1:
-        for chunk, chunk_limits in chunks:
-            yield _score_and_keep(score_codes, chunk, num_items, rule, chunk_limits)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
-
-    threads = max(1, torch.get_num_threads() // workers)
-    # "spawn": fork is unsafe once torch (OpenMP, CUDA) threads exist in the parent.
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(score_codes, threads),
-    ) as pool:
-        yield from pool.map(partial(_worker_chunk, num_items=num_items, rule=rule), chunks)
 
 
 # ------------------------------------------------------------------------------------ index
@@ -340,7 +87,7 @@ class SparseCodeIndex(Index):
         self._code_vectors = np.asanyarray(code_vectors, dtype=np.float32)
         self.num_items = int(num_items)
         self.codebook_size = int(codebook_size)
-        self.keep: Keep = _canonical_keep(keep)
+        self.keep: Keep = canonical_keep(keep)
         self._item_prior = None if item_prior is None else np.asanyarray(item_prior, dtype=np.float32)
         self._code_usage = None if code_usage is None else np.asanyarray(code_usage, dtype=np.int64)
         self._prior_order: np.ndarray | None = None  # items by descending prior, computed on demand
@@ -398,21 +145,22 @@ class SparseCodeIndex(Index):
         ``nn.Module`` wrapper) and is sent once to each worker; torch's threads are divided
         among the workers. ``item_prior`` [num_items] is added to every user's score at search.
         ``code_usage`` [C] (aligned with ``codes``) counts the tokens that took each code; a
-        :class:`UsageBudget` needs it, and the index keeps it for later pruning.
+        :class:`~crosstower.index.keep_rules.UsageBudget` needs it, and the index keeps it for
+        later pruning.
         """
         if code_chunk < 1 or workers < 1 or num_items < 1:
             raise ValueError(f"need code_chunk, workers, num_items >= 1, got {code_chunk}, {workers}, {num_items}")
         with Timer() as timer:
-            codes_np, vectors, ids, order = _sorted_codes(codes, code_vectors, codebook_size)
+            codes_np, vectors, ids, order = sorted_codes(codes, code_vectors, codebook_size)
             usage = None if code_usage is None else as_numpy(code_usage, np.int64)
             if usage is not None:
                 if usage.shape != (len(codes_np),):
                     raise ValueError(f"code_usage must be [{len(codes_np)}], got shape {usage.shape}")
                 usage = usage[order]
-            rule = _parse_keep(keep)
-            limits = _row_limits(rule, usage, num_items, len(codes_np))
-            counts, items, scores = _collect(
-                _chunk_results(score_codes, codes_np, num_items, rule, limits, code_chunk, workers),
+            rule = parse_keep(keep)
+            limits = row_limits(rule, usage, num_items, len(codes_np))
+            counts, items, scores = collect(
+                chunk_results(score_codes, codes_np, num_items, rule, limits, code_chunk, workers),
                 total=math.ceil(len(codes_np) / code_chunk), progress=progress,
             )
             indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -423,20 +171,20 @@ class SparseCodeIndex(Index):
 
     def pruned(self, keep: Keep) -> SparseCodeIndex:
         """A sparser index from this one's stored entries: the top-L per code, the scores above a
-        threshold, or a :class:`UsageBudget` (which needs ``code_usage``); ties at the boundary go
-        to the lower item index (as in :meth:`build`).
+        threshold, or a :class:`~crosstower.index.keep_rules.UsageBudget` (which needs
+        ``code_usage``); ties at the boundary go to the lower item index (as in :meth:`build`).
 
         This is how the accuracy / size trade-off is measured without running the encoder again;
         it equals building with ``keep`` whenever this index kept every entry the new rule keeps
         (e.g. it was built with ``"nonzero"``), up to the float16 rounding of the stored scores.
         """
-        rule = _parse_keep(keep)
+        rule = parse_keep(keep)
         rows = np.repeat(np.arange(self.num_codes), np.diff(self._indptr))
         scores = np.asarray(self._scores)
         if rule.mode == "threshold":
             kept = np.flatnonzero(scores > rule.value)
         else:
-            limits = _row_limits(rule, self._code_usage, self.num_items, self.num_codes)
+            limits = row_limits(rule, self._code_usage, self.num_items, self.num_codes)
             order = np.lexsort((np.asarray(self._items), -scores.astype(np.float32), rows))
             rank = np.arange(len(order)) - self._indptr[rows[order]]
             kept = np.sort(order[rank < limits[rows[order]]])  # back in (row, item) order
@@ -451,7 +199,7 @@ class SparseCodeIndex(Index):
         """This index with ``code_usage`` set from ``counts[j]`` tokens of code ``codes[j]`` (an
         index saved without usage, e.g. before it was recorded). Indexed codes absent from
         ``codes`` get 0; a code in ``codes`` that is not indexed is a ValueError."""
-        codes_np = _check_codes(codes, self.codebook_size, "codes")
+        codes_np = check_codes(codes, self.codebook_size, "codes")
         counts_np = as_numpy(counts, np.int64)
         if codes_np.ndim != 2 or counts_np.shape != (len(codes_np),):
             raise ValueError(f"codes [n, M] and counts [n] must match, got {codes_np.shape} and {counts_np.shape}")
@@ -549,7 +297,7 @@ class SparseCodeIndex(Index):
         """Index rows ``[B, K_u]`` of the query codes; unindexed codes map to the nearest indexed
         code by squared Euclidean distance between the token's vector and the code vectors, and
         absent tokens (codes of -1) to :data:`ABSENT_ROW`."""
-        codes_np = _check_codes(codes, self.codebook_size, "query codes", absent=True)
+        codes_np = check_codes(codes, self.codebook_size, "query codes", absent=True)
         if codes_np.ndim != 3 or codes_np.shape[2] != self.num_codebooks:
             raise ValueError(f"query codes must be [B, K_u, {self.num_codebooks}], got {codes_np.shape}")
         absent = (codes_np == -1).all(-1).reshape(-1)
@@ -695,48 +443,6 @@ class SparseCodeIndex(Index):
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _sorted_codes(
-    codes: torch.Tensor | np.ndarray, code_vectors: torch.Tensor | np.ndarray, codebook_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Codes, vectors and ids sorted by code id, and the sorting order; a repeated code tuple is
-    a ValueError, since two rows for one code would make the index double-count or pick one
-    arbitrarily."""
-    codes_np = _check_codes(codes, codebook_size, "codes")
-    if codes_np.ndim != 2 or len(codes_np) == 0:
-        raise ValueError(f"codes must be a non-empty [C, M] matrix, got shape {codes_np.shape}")
-    vectors = as_numpy(code_vectors, np.float32)
-    if vectors.ndim != 2 or len(vectors) != len(codes_np):
-        raise ValueError(f"code_vectors must be [{len(codes_np)}, D], got shape {vectors.shape}")
-    ids = encode_code_ids(codes_np, codebook_size)
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
-    dup = np.flatnonzero(ids[1:] == ids[:-1])
-    if len(dup):
-        raise ValueError(f"codes holds {len(dup)} repeated code tuples, e.g. {codes_np[order[dup[0]]].tolist()}")
-    return codes_np[order], vectors[order], ids, order
-
-
-def _row_limits(rule: KeepRule, usage: np.ndarray | None, num_items: int, num_codes: int) -> np.ndarray | None:
-    """Entries each code row may keep under a "top" or "budget" rule (None for a threshold)."""
-    if rule.mode == "threshold":
-        return None
-    if rule.mode == "top":
-        return np.full(num_codes, int(rule.value), dtype=np.int64)
-    if usage is None:
-        raise ValueError("a usage budget needs the codes' usage (code_usage), and this index has none")
-    return usage_allocation(usage, rule.value, rule.exponent, num_items)
-
-
-def _collect(
-    results: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], total: int, progress: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenate per-chunk (counts, items, scores), with a progress bar over chunks."""
-    from tqdm.auto import tqdm
-
-    parts = list(tqdm(results, total=total, desc="indexing codes", unit="chunk", disable=None if progress else True))
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
 def _sparse_topk(

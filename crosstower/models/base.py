@@ -1,25 +1,78 @@
-"""The model contract every scorer follows.
+"""The model contract every scorer follows, from training to serving.
 
-``loss(batch)`` returns the total loss and its named parts; ``score(user, items)`` scores a
-batch of users against candidate items; ``item_scorer()`` returns the function that full-ranking
-evaluation calls per item range, which a model may speed up by caching its item side. A model
-whose score is one inner product (:class:`EmbeddingRecommender`) also offers ``encode_users`` /
-``encode_items``: the same vectors train, evaluate and serve.
+Training: :meth:`Recommender.candidate_logits` scores a batch's candidates (each row's positive,
+its sampled negatives and, optionally, every row's positive) and :meth:`Recommender.pair_logits`
+a batch of labelled pairs (P4); ``loss()`` / ``pointwise_loss()`` are those logits through the
+pure functions of :mod:`crosstower.losses`, plus the model's own extra terms (a quantiser's, a
+regulariser's) from the one hook :meth:`Recommender.extra_losses`. A distiller reads the same
+logits (and, on request, hidden states) of a teacher and a student.
+
+Evaluation: ``score(user, items)`` scores users against candidate items, ``score_pairs`` each
+user against its own item, and ``item_scorer()`` returns the function that full-ranking
+evaluation calls per item range, which a model may speed up by caching its item side.
+
+Serving: :meth:`Recommender.build_index` returns the index that serves the model (None: it is
+served by exhaustive scoring) and :meth:`Recommender.index_query` what that index searches
+with. A model whose score is one inner product (:class:`EmbeddingRecommender`) is served by an
+exact inner-product index over ``encode_items``, queried by ``encode_users``: the same vectors
+train, evaluate and serve.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crosstower.data.batching import PointwiseBatch, TrainBatch, TrainExamples, UserInput
-from crosstower.losses import sampled_softmax
+from crosstower.data.dataset import Dataset
+from crosstower.errors import ConfigError
+from crosstower.evaluate.ranking import Scorer
+from crosstower.losses import CandidateLogits, PairLogits, binary_cross_entropy, listwise_softmax
 
 ItemRangeScorer = Callable[[UserInput, int, int], torch.Tensor]
+UserBlock = Callable[[np.ndarray], UserInput]
+"""``user_input(rows)``: the model input of evaluation users ``rows`` (positions 0..n-1)."""
+LossTerms = dict[str, tuple[torch.Tensor, float | torch.Tensor]]
+"""Extra loss terms by name: ``(value, weight)``, added to the main loss as ``weight * value``."""
+
+
+# Users are encoded in fixed blocks of this many, whatever the evaluation batch size, so that a
+# user's vector (and hence the metrics) never depends on ``user_batch``, and an index is queried
+# with the very vectors exhaustive evaluation ranked with.
+ENCODE_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a model's shape depends on besides its own config: the protocol and the history
+    length of the run (how many recent items a user's input holds)."""
+
+    protocol: str = "p1"
+    history_length: int = 50
+
+    @property
+    def users_have_history(self) -> bool:
+        """Under P3 the evaluated users have no history, so the user side does not read one in
+        training either."""
+        return self.protocol != "p3"
+
+    def user_fields(self, requested: list[str] | None, dataset: Dataset) -> list[str] | None:
+        """The user fields a model reads. Under P2/P3 the evaluated users were never trained on,
+        so a ``user_id`` embedding would be untrained noise for them: it is left out by default
+        and refused when asked for."""
+        if self.protocol not in ("p2", "p3"):
+            return requested
+        if requested is None:
+            return [f for f in dataset.users.fields if f != "user_id"]
+        if "user_id" in requested:
+            raise ConfigError(f"model.user_fields: 'user_id' is untrained for held-out users under {self.protocol}")
+        return requested
 
 
 def item_prior(num_items: int, enabled: bool) -> nn.Embedding | None:
@@ -46,9 +99,41 @@ class Recommender(nn.Module):
         super().__init__()
         self.num_items = num_items
 
-    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+    # ---- training ---------------------------------------------------------------------------
+    def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
+        """Logits of the batch's candidates (built by :meth:`TrainBatch.logits`, which adds the
+        masks and log-Q). ``with_states`` also returns the hidden states a teacher can expose
+        (vectors, token states, attention) in ``states``."""
+        raise NotImplementedError(f"{type(self).__name__} does not train on sampled candidates")
 
+    def pair_logits(self, batch: PointwiseBatch, with_states: bool = False) -> PairLogits:
+        """Logits ``[B]`` of labelled pairs (protocol P4): :meth:`score_pairs` by default."""
+        return PairLogits(self.score_pairs(batch.user, batch.items))
+
+    def extra_losses(self, batch: TrainBatch | PointwiseBatch, logits: CandidateLogits | PairLogits) -> LossTerms:
+        """The model's own loss terms beside the listwise or pointwise one, read from ``logits``
+        (and its ``states``); none here."""
+        return {}
+
+    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Listwise softmax of :meth:`candidate_logits`, plus :meth:`extra_losses`."""
+        logits = self.candidate_logits(batch)
+        return self._with_extra_losses(batch, logits, "softmax", listwise_softmax(logits))
+
+    def pointwise_loss(self, batch: PointwiseBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Binary cross-entropy of :meth:`pair_logits` against the labels (protocol P4), plus
+        :meth:`extra_losses`."""
+        logits = self.pair_logits(batch)
+        return self._with_extra_losses(batch, logits, "bce", binary_cross_entropy(logits.logits, batch.labels))
+
+    def _with_extra_losses(self, batch: Any, logits: Any, name: str, main: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        total, parts = main, {name: float(main.detach())}
+        for term, (value, weight) in self.extra_losses(batch, logits).items():
+            total = total + weight * value
+            parts[term], parts[f"{term}_weight"] = float(value.detach()), float(weight)
+        return total, parts
+
+    # ---- scoring ----------------------------------------------------------------------------
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, len(items)]`` of every user in ``user`` against every item in ``items``."""
         raise NotImplementedError
@@ -61,11 +146,30 @@ class Recommender(nn.Module):
         """
         return torch.diagonal(self.score(user, items))
 
-    def pointwise_loss(self, batch: PointwiseBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Binary cross-entropy of :meth:`score_pairs` against the labels (protocol P4)."""
-        total = F.binary_cross_entropy_with_logits(self.score_pairs(batch.user, batch.items), batch.labels)
-        return total, {"bce": float(total.detach())}
+    def item_scorer(self) -> ItemRangeScorer:
+        """A function ``(user, start, stop) -> [B, stop - start]`` for full-ranking evaluation."""
+        return lambda user, start, stop: self.score(user, torch.arange(start, stop, device=self.device))
 
+    def ranking_scorer(self, user_input: UserBlock, num_users: int) -> Scorer:
+        """The scorer full-ranking evaluation calls, ``(rows, start, stop) -> [len(rows), stop -
+        start]``, for ``num_users`` evaluation users read by ``user_input``: :meth:`item_scorer`
+        on each batch of users here."""
+        item_scorer, device = self.item_scorer(), self.device
+        return lambda rows, lo, hi: item_scorer(user_input(rows).to(device), lo, hi)
+
+    # ---- serving ----------------------------------------------------------------------------
+    def build_index(self, training_users: UserInput) -> Any:
+        """The :class:`~crosstower.index.Index` that serves this model, built on the CPU, or
+        None where the model is served by exhaustive scoring (:meth:`item_scorer`).
+        ``training_users`` (every training user with its training history) is what an index of
+        user-side codes holds; an item-side index ignores it."""
+        return None
+
+    def index_query(self, user: UserInput) -> Any:
+        """What this model's index searches with for ``user`` (its typed query)."""
+        raise NotImplementedError(f"{type(self).__name__} is served by exhaustive scoring, not an index")
+
+    # ---- training hooks ---------------------------------------------------------------------
     warmup_epochs: int = 0
     """Epochs at the start of training that are never selected as the best (see SparCode)."""
 
@@ -75,6 +179,10 @@ class Recommender(nn.Module):
         for tensor in itertools.chain(self.parameters(), self.buffers()):
             return tensor.device
         return torch.device("cpu")
+
+    def fit(self, train_items: np.ndarray) -> None:
+        """Fit a model that is not trained by gradient (``trainable`` False) on the training
+        interactions' items; a no-op here."""
 
     def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:
         """Called by the trainer before epoch ``epoch`` (also after a resume); a no-op here."""
@@ -87,10 +195,6 @@ class Recommender(nn.Module):
     def training_stats(self) -> dict[str, float]:
         """Model-specific numbers worth logging after an epoch (e.g. codebook usage)."""
         return {}
-
-    def item_scorer(self) -> ItemRangeScorer:
-        """A function ``(user, start, stop) -> [B, stop - start]`` for full-ranking evaluation."""
-        return lambda user, start, stop: self.score(user, torch.arange(start, stop, device=self.device))
 
 
 class EmbeddingRecommender(Recommender):
@@ -134,8 +238,33 @@ class EmbeddingRecommender(Recommender):
         item_vectors = self.item_vectors()
         return lambda user, start, stop: self.encode_users(user) @ item_vectors[start:stop].T
 
-    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sampled softmax of the positive against the batch's negatives (logQ, hit masking)."""
+    def ranking_scorer(self, user_input: UserBlock, num_users: int) -> Scorer:
+        """Encodes every evaluation user once (not once per item chunk), in fixed blocks of
+        :data:`ENCODE_BLOCK`, and the catalogue once; then one matrix product per call."""
+        device = self.device
+        user_vectors = torch.cat([
+            self.encode_users(user_input(np.arange(lo, min(lo + ENCODE_BLOCK, num_users))).to(device))
+            for lo in range(0, num_users, ENCODE_BLOCK)
+        ] or [torch.zeros(0, 0, device=device)])
+        item_vectors = self.item_vectors()
+        return lambda rows, lo, hi: user_vectors[torch.from_numpy(rows).to(device)] @ item_vectors[lo:hi].T
+
+    def build_index(self, training_users: UserInput) -> Any:
+        """The exact inner-product index of the catalogue's item vectors."""
+        from crosstower.index import ExactInnerProductIndex
+
+        self.eval()
+        return ExactInnerProductIndex(self.item_vectors())
+
+    @torch.no_grad()
+    def index_query(self, user: UserInput) -> torch.Tensor:
+        """The user vectors ``[B, D]``."""
+        return self.encode_users(user)
+
+    def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
+        """Inner products of each user with its positive, its sampled negatives and (with
+        in-batch negatives) every row's positive. States: ``user_vectors [B, D]`` and
+        ``item_vectors [B, 1 + K, D]`` (the positive first)."""
         users = self.encode_users(batch.user)
         items = torch.cat([batch.positives, batch.negatives.reshape(-1)])
         unique, inverse = torch.unique(items, return_inverse=True)
@@ -146,6 +275,7 @@ class EmbeddingRecommender(Recommender):
         positive_logits = (users * positive).sum(-1)
         sampled_logits = torch.einsum("bd,bkd->bk", users, negative)
         in_batch_logits = users @ positive.T if batch.in_batch_mask is not None else None
-        negative_logits, mask, log_q = batch.candidate_logits(positive_logits, sampled_logits, in_batch_logits)
-        total = sampled_softmax(positive_logits, negative_logits, mask, batch.positive_log_q, log_q)
-        return total, {"softmax": float(total.detach())}
+        states = {}
+        if with_states:
+            states = {"user_vectors": users, "item_vectors": torch.cat([positive[:, None], negative], dim=1)}
+        return batch.logits(positive_logits, sampled_logits, in_batch_logits, states)

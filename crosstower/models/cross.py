@@ -15,33 +15,55 @@ DiDE, ERNIE-Search) needs from a teacher.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
+from crosstower.config import ModelConfig, Strict
 from crosstower.data.batching import TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
-from crosstower.losses import sampled_softmax
-from crosstower.models.base import Recommender
+from crosstower.losses import CandidateLogits
+from crosstower.models.base import BuildContext, Recommender
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
 from crosstower.nn.transformer import LayerTrace, TransformerEncoder
 
 BLOCKS = ("uu", "ui", "iu", "ii")  # query side then key side: "ui" = user tokens attend to items
 
 
-@dataclass
-class CrossSettings:
-    dim: int = 64
-    layers: int = 2
-    heads: int = 2
-    max_history: int = 20
+class AttentionBlocksConfig(Strict):
+    """Which attention blocks of the cross encoder are on: query side then key side."""
+
+    uu: bool = True  # user tokens attend to user tokens
+    ui: bool = True  # user tokens attend to item tokens
+    iu: bool = True  # item tokens attend to user tokens
+    ii: bool = True  # item tokens attend to item tokens
+
+
+class CrossConfig(ModelConfig):
+    """The all-to-all cross encoder: one transformer over [user tokens; item tokens]."""
+
+    name: Literal["cross"] = "cross"
+    dim: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
     user_fields: list[str] | None = None
     item_fields: list[str] | None = None
-    blocks: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(BLOCKS, True))
-    dropout: float = 0.0
-    pair_chunk: int = 4096  # (user, item) pairs per transformer call when scoring many items
+    blocks: AttentionBlocksConfig = Field(default_factory=AttentionBlocksConfig)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    pair_chunk: int = Field(4096, ge=1)  # (user, item) pairs per transformer call in exhaustive scoring
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+    def build(self, dataset: Dataset, context: BuildContext) -> CrossEncoder:
+        return CrossEncoder(dataset, self, context)
 
 
 @dataclass
@@ -78,16 +100,14 @@ def block_mask(user_length: int, item_length: int, blocks: dict[str, bool]) -> t
 
 
 class CrossEncoder(Recommender):
-    def __init__(self, dataset: Dataset, settings: CrossSettings):
+    def __init__(self, dataset: Dataset, config: CrossConfig, context: BuildContext = BuildContext()):
         super().__init__(dataset.num_items)
-        s = self.settings = settings
-        unknown = set(s.blocks) - set(BLOCKS)
-        if unknown:
-            raise ValueError(f"blocks: unknown block(s) {sorted(unknown)}; expected some of {list(BLOCKS)}")
-        self.substrate = TokenSubstrate(dataset, s.dim, s.max_history, s.user_fields, s.item_fields)
+        s = self.config = config
+        self.substrate = TokenSubstrate(dataset, s.dim, context.history_length, context.user_fields(s.user_fields, dataset),
+                                        s.item_fields)
         self.encoder = TransformerEncoder(s.dim, s.layers, s.heads, s.dropout)
         self.head = nn.Linear(s.dim, 1)
-        allowed = block_mask(self.substrate.user_length, self.substrate.item_length, s.blocks)
+        allowed = block_mask(self.substrate.user_length, self.substrate.item_length, s.blocks.model_dump())
         # None when every block is on: the plain (faster) attention path.
         self.register_buffer("allowed", None if bool(allowed.all()) else allowed, persistent=False)
 
@@ -128,7 +148,7 @@ class CrossEncoder(Recommender):
         b, n = len(user), len(items)
         user_seq = self.substrate.users(user)
         item_seq = self.substrate.items(items)
-        step = max(1, self.settings.pair_chunk // max(b, 1))
+        step = max(1, self.config.pair_chunk // max(b, 1))
         columns = []
         for lo in range(0, n, step):
             hi = min(lo + step, n)
@@ -139,14 +159,16 @@ class CrossEncoder(Recommender):
             columns.append(self.forward_pairs(pairs_users, pairs_items).scores.view(b, hi - lo))
         return torch.cat(columns, dim=1) if columns else item_seq.tokens.new_zeros(b, 0)
 
-    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sampled softmax of the positive against the sampled (and in-batch) negatives."""
+    def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
+        """One transformer pass per (user, candidate) pair; in-batch negatives cost B x B more.
+        With ``with_states``: ``cross``, the :class:`CrossOutput` of the positive and sampled
+        pairs (final token states, every layer's attention, queries and keys; pairs in row-major
+        order ``[B * (1 + K)]``, the positive first)."""
         candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)
-        logits = self.forward_candidates(batch.user, candidates).scores.view(candidates.shape)
+        out = self.forward_candidates(batch.user, candidates, return_traces=with_states)
+        logits = out.scores.view(candidates.shape)
         in_batch = None
         if batch.in_batch_mask is not None:
             # every user against every row's positive: B x B more transformer passes
             in_batch = self.score(batch.user, batch.positives)
-        negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch)
-        total = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
-        return total, {"softmax": float(total.detach())}
+        return batch.logits(logits[:, 0], logits[:, 1:], in_batch, {"cross": out} if with_states else None)

@@ -60,17 +60,19 @@ is exhaustive over cached item heads (:meth:`IntTower.item_scorer`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from crosstower.config import ModelConfig
 from crosstower.data.batching import PointwiseBatch, TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
-from crosstower.losses import sampled_softmax
-from crosstower.models.base import ItemRangeScorer, Recommender, item_prior
+from crosstower.losses import CandidateLogits, PairLogits, info_nce
+from crosstower.models.base import BuildContext, ItemRangeScorer, LossTerms, Recommender, item_prior
 from crosstower.nn.fields import FieldEmbedder
 from crosstower.nn.tokenizers import user_field_tokens
 
@@ -82,22 +84,34 @@ ITEM_SLICE = 512  # items per FE-score call in exhaustive scoring: memory grows 
 HEAD_INIT_STD = 0.01
 
 
-@dataclass
-class IntTowerSettings:
-    embedding_dim: int = 32
-    user_hidden: list[int] = field(default_factory=lambda: [300, 300, 128])
-    item_hidden: list[int] = field(default_factory=lambda: [300, 300, 128])
-    heads_user: int = 4
-    heads_item: int = 4
-    head_dim: int = 64
+class IntTowerConfig(ModelConfig):
+    """IntTower: Light-SE field re-weighting, BatchNorm MLP towers, FE-Block MaxSim over heads.
+
+    ``user_hidden`` sets the number of user FE layers (one head per layer, on its input) and the
+    widths before the last; ``item_hidden`` the item tower, whose last output feeds the item
+    head. Heads default to 4 x 64 (the MindSpore port's FE size) rather than the ML-1M script's
+    32 x 64: a pair costs ``len(user_hidden) * heads_user * heads_item * head_dim`` multiply-adds,
+    64x fewer, which keeps listwise training with tens to hundreds of negatives affordable on CPU.
+    ``cir_weight`` 0 turns CIR off (as the released code at HEAD).
+    """
+
+    name: Literal["inttower"] = "inttower"
+    embedding_dim: int = Field(32, ge=1)
+    user_hidden: list[int] = Field(default_factory=lambda: [300, 300, 128], min_length=1)
+    item_hidden: list[int] = Field(default_factory=lambda: [300, 300, 128], min_length=1)
+    heads_user: int = Field(4, ge=1)
+    heads_item: int = Field(4, ge=1)
+    head_dim: int = Field(64, ge=1)
     light_se: bool = True
-    user_fields: list[str] | None = None  # None: every user field
+    user_fields: list[str] | None = None  # None: every user field (under P2/P3 all but user_id)
     item_fields: list[str] | None = None
-    use_history: bool = True  # False under P3 (the evaluated users have no history)
-    dropout: float = 0.3
-    cir_weight: float = 0.0
-    cir_temperature: float = 0.07
-    item_bias: bool = False  # a learned per-item prior added to the score (not in the paper)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    cir_weight: float = Field(0.0, ge=0)
+    cir_temperature: float = Field(0.07, gt=0)
+    item_bias: bool = False  # a learned per-item prior beside the FE score (the towers' item bias)
+
+    def build(self, dataset: Dataset, context: BuildContext) -> IntTower:
+        return IntTower(dataset, self, context)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -147,36 +161,21 @@ def fe_score_pairs(user_heads: torch.Tensor, item_heads: torch.Tensor) -> torch.
     return torch.einsum("bad,bckd->bcak", user_heads, item_heads).amax(-1).sum(-1)
 
 
-def info_nce(z_users: torch.Tensor, z_items: torch.Tensor, items: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CIR: mean over rows ``r`` of ``-log softmax_j(cos(z_u^r, z_i^j) / tau)[r]``.
-
-    ``z_users``, ``z_items`` are ``[P, d]`` (normalised here) for ``P`` positive pairs; ``items``
-    ``[P]`` are their item ids, and a column ``j != r`` with row ``r``'s item is dropped (the
-    same item is not a negative of itself). Zero when ``P < 2``.
-    """
-    if len(items) < 2:
-        return z_users.sum() * 0.0  # keeps the graph (and the device) of the inputs
-    logits = F.normalize(z_users, dim=-1) @ F.normalize(z_items, dim=-1).T / temperature
-    same = items[:, None] == items[None, :]
-    same.fill_diagonal_(False)
-    logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(items), device=logits.device))
-
-
 # ------------------------------------------------------------------------------------ model
 
 
 class IntTower(Recommender):
-    def __init__(self, dataset: Dataset, settings: IntTowerSettings):
+    def __init__(self, dataset: Dataset, config: IntTowerConfig, context: BuildContext = BuildContext()):
         super().__init__(dataset.num_items)
-        s = self.settings = settings
+        s = self.config = config
+        self.use_history = context.users_have_history  # False under P3 (the evaluated users have none)
         d = s.embedding_dim
         if not s.user_hidden or not s.item_hidden:
             raise ConfigError("model: IntTower needs at least one hidden layer per tower (user_hidden, item_hidden)")
         self.item_fields = FieldEmbedder(dataset.items.select(s.item_fields), d)
-        user_table = dataset.users.select(s.user_fields)
+        user_table = dataset.users.select(context.user_fields(s.user_fields, dataset))
         self.user_fields = FieldEmbedder(user_table, d) if user_table.fields else None
-        num_user_fields = (self.user_fields.num_fields if self.user_fields else 0) + int(s.use_history)
+        num_user_fields = (self.user_fields.num_fields if self.user_fields else 0) + int(self.use_history)
         if num_user_fields == 0:
             raise ConfigError("model: IntTower's user side has no field (no history and no user field besides user_id)")
         num_item_fields = self.item_fields.num_fields
@@ -209,12 +208,11 @@ class IntTower(Recommender):
 
     def user_tokens(self, user: UserInput) -> torch.Tensor:
         """``[B, F_u, d]``: the user field tokens, then the mean-history token (zeros if empty)."""
-        s = self.settings
-        return user_field_tokens(self.user_fields, self.item_fields, user, s.use_history, s.embedding_dim)
+        return user_field_tokens(self.user_fields, self.item_fields, user, self.use_history, self.config.embedding_dim)
 
     def user_layer_heads(self, user: UserInput) -> torch.Tensor:
         """``P^u [B, L, H_u, d_h]``: layer ``l``'s heads, read from that layer's input."""
-        s = self.settings
+        s = self.config
         tokens = self.user_tokens(user)
         if self.user_se is not None:
             tokens = self.user_se(tokens)
@@ -233,7 +231,7 @@ class IntTower(Recommender):
 
     def encode_item_heads(self, items: torch.Tensor) -> torch.Tensor:
         """``P^i [N, H_i, d_h]`` of items ``[N]``: one head on the item tower's last hidden layer."""
-        s = self.settings
+        s = self.config
         tokens = self.item_fields(items)
         if self.item_se is not None:
             tokens = self.item_se(tokens)
@@ -299,12 +297,11 @@ class IntTower(Recommender):
         :func:`info_nce` normalises)."""
         return layer_heads[:, -1].mean(1), item_heads.mean(-2)
 
-    def cir(self, z_users: torch.Tensor, z_items: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return info_nce(z_users, z_items, items, self.settings.cir_temperature)
-
-    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sampled softmax of each row's positive against its sampled (and in-batch) negatives,
-        plus ``cir_weight`` times CIR over the rows' positive pairs."""
+    def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
+        """FE scores of each row's candidates (plus bias and item prior). States (always: CIR
+        reads them): ``cir_users`` and ``cir_items``, the CIR vectors of the rows' positive pairs;
+        with ``with_states`` also ``user_heads [B, L * H_u, d_h]`` and the candidates'
+        ``item_heads [B, 1 + K, H_i, d_h]``."""
         layer_heads = self.user_layer_heads(batch.user)
         user_heads = layer_heads.flatten(1, 2)
         candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)
@@ -313,25 +310,26 @@ class IntTower(Recommender):
         in_batch = None
         if batch.in_batch_mask is not None:
             in_batch = fe_score(user_heads, item_heads[:, 0]) + self.bias + self._prior(batch.positives)
-        negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch)
-        softmax = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
-        parts = {"softmax": float(softmax.detach())}
-        total = softmax
-        if self.settings.cir_weight > 0:
-            cir = self.cir(*self.cir_vectors(layer_heads, item_heads[:, 0]), batch.positives)
-            total = total + self.settings.cir_weight * cir
-            parts["cir"] = float(cir.detach())
-        return total, parts
+        z_users, z_items = self.cir_vectors(layer_heads, item_heads[:, 0])
+        states = {"cir_users": z_users, "cir_items": z_items}
+        if with_states:
+            states.update(user_heads=user_heads, item_heads=item_heads)
+        return batch.logits(logits[:, 0], logits[:, 1:], in_batch, states)
 
-    def pointwise_loss(self, batch: PointwiseBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean BCE of the pair logits, plus ``cir_weight`` times CIR over the rows labelled 1."""
+    def pair_logits(self, batch: PointwiseBatch, with_states: bool = False) -> PairLogits:
+        """The pair logits, with the CIR vectors ``cir_users`` / ``cir_items`` of every row."""
         logits, z_users, z_items = self._pairs(batch.user, batch.items)
-        bce = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        parts = {"bce": float(bce.detach())}
-        total = bce
-        if self.settings.cir_weight > 0:
+        return PairLogits(logits, {"cir_users": z_users, "cir_items": z_items})
+
+    def extra_losses(self, batch: TrainBatch | PointwiseBatch, logits: CandidateLogits | PairLogits) -> LossTerms:
+        """``cir_weight`` times CIR over the batch's positive pairs: every row's positive in
+        listwise training, the rows labelled 1 in pointwise training (none with weight 0)."""
+        if self.config.cir_weight <= 0:
+            return {}
+        z_users, z_items = logits.states["cir_users"], logits.states["cir_items"]
+        if isinstance(batch, PointwiseBatch):
             positive = batch.labels > 0.5
-            cir = self.cir(z_users[positive], z_items[positive], batch.items[positive])
-            total = total + self.settings.cir_weight * cir
-            parts["cir"] = float(cir.detach())
-        return total, parts
+            z_users, z_items, items = z_users[positive], z_items[positive], batch.items[positive]
+        else:
+            items = batch.positives
+        return {"cir": (info_nce(z_users, z_items, items, self.config.cir_temperature), self.config.cir_weight)}

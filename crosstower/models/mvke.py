@@ -31,31 +31,41 @@ is a dot product (the code's choice, not the paper's cosine).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from crosstower.config import ModelConfig
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
-from crosstower.models.base import EmbeddingRecommender
+from crosstower.models.base import BuildContext, EmbeddingRecommender
 from crosstower.nn.fields import MLP, FieldEmbedder
 from crosstower.nn.tokenizers import user_field_tokens
 
 KERNEL_INIT_STD = 0.01  # the released code's N(0, 0.01) for the kernels and the Q/K/V maps
 
 
-@dataclass
-class MVKESettings:
-    kernels: int = 3
-    dim: int = 64
-    expert_hidden: list[int] = field(default_factory=lambda: [128])
-    item_hidden: list[int] = field(default_factory=lambda: [128])
-    user_fields: list[str] | None = None  # None: every user field
+class MVKEConfig(ModelConfig):
+    """MVKE: K virtual kernels attend over the user fields, one expert per kernel, item-gated.
+
+    One ``dim`` serves the field tokens, the kernels and both towers' outputs: the item gate
+    dots the item vector with the raw kernels, so the two must have the same size.
+    """
+
+    name: Literal["mvke"] = "mvke"
+    kernels: int = Field(3, ge=1)
+    dim: int = Field(64, ge=1)
+    expert_hidden: list[int] = Field(default_factory=lambda: [128])
+    item_hidden: list[int] = Field(default_factory=lambda: [128])
+    user_fields: list[str] | None = None  # None: every user field (under P2/P3 all but user_id)
     item_fields: list[str] | None = None
-    use_history: bool = True  # False under P3 (the evaluated users have no history)
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    def build(self, dataset: Dataset, context: BuildContext) -> MVKE:
+        return MVKE(dataset, self, context)
 
 
 class KernelAttention(nn.Module):
@@ -83,13 +93,14 @@ class KernelAttention(nn.Module):
 
 
 class MVKE(EmbeddingRecommender):
-    def __init__(self, dataset: Dataset, settings: MVKESettings):
+    def __init__(self, dataset: Dataset, config: MVKEConfig, context: BuildContext = BuildContext()):
         super().__init__(dataset.num_items)
-        s = self.settings = settings
+        s = self.config = config
+        self.use_history = context.users_have_history  # False under P3 (the evaluated users have none)
         self.item_fields = FieldEmbedder(dataset.items.select(s.item_fields), s.dim)
-        user_table = dataset.users.select(s.user_fields)
+        user_table = dataset.users.select(context.user_fields(s.user_fields, dataset))
         self.user_fields = FieldEmbedder(user_table, s.dim) if user_table.fields else None
-        num_fields = (self.user_fields.num_fields if self.user_fields else 0) + int(s.use_history)
+        num_fields = (self.user_fields.num_fields if self.user_fields else 0) + int(self.use_history)
         if num_fields == 0:
             raise ConfigError("model: MVKE's user side has no field (no history and no user field besides user_id)")
         self.attention = KernelAttention(s.kernels, s.dim)
@@ -102,7 +113,7 @@ class MVKE(EmbeddingRecommender):
 
     def user_tokens(self, user: UserInput) -> torch.Tensor:
         """``[B, F, d]``: the user field tokens, then the mean-history token (zeros if empty)."""
-        return user_field_tokens(self.user_fields, self.item_fields, user, self.settings.use_history, self.settings.dim)
+        return user_field_tokens(self.user_fields, self.item_fields, user, self.use_history, self.config.dim)
 
     def expert_vectors(self, user: UserInput) -> torch.Tensor:
         """``[B, K, d]``: expert ``k`` reads kernel ``k``'s re-weighted copy of every field."""

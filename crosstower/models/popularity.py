@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import numpy as np
 import torch
 
+from crosstower.config import ModelConfig
 from crosstower.data.batching import UserInput
-from crosstower.models.base import Recommender
+from crosstower.data.dataset import Dataset
+from crosstower.models.base import BuildContext, Recommender
+
+
+class PopularityConfig(ModelConfig):
+    name: Literal["popularity"] = "popularity"
+    trains: ClassVar[bool] = False
+
+    def build(self, dataset: Dataset, context: BuildContext) -> Popularity:
+        return Popularity(dataset.num_items)
 
 
 class Popularity(Recommender):
+    """Not trained by gradient: :meth:`fit` counts the training interactions."""
+
     trainable = False
 
     def __init__(self, num_items: int):
         super().__init__(num_items)
         self.register_buffer("log_counts", torch.zeros(num_items))
 
-    def fit_counts(self, train_items: np.ndarray) -> None:
+    def fit(self, train_items: np.ndarray) -> None:
         counts = np.bincount(train_items, minlength=self.num_items)
         self.log_counts.copy_(torch.log1p(torch.as_tensor(counts, dtype=torch.float32)))
 

@@ -35,21 +35,24 @@ starts; seeding the codebooks from the first batch of an untrained tokenizer ins
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosstower.config import MAX_ENUMERATED_CODES
+from pydantic import Field, model_validator
+
+from crosstower.config import ModelConfig, Strict
 from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
-from crosstower.errors import ConfigError
-from crosstower.losses import sampled_softmax
-from crosstower.models.base import Recommender, item_prior
-from crosstower.nn.fields import MLP, FieldEmbedder
+from crosstower.index import CodeQueries, SparseCodeIndex
+from crosstower.losses import CandidateLogits
+from crosstower.models.base import BuildContext, LossTerms, Recommender, item_prior
+from crosstower.nn.fields import FieldEmbedder
+from crosstower.nn.interaction import InteractionMaxSim, InteractionMLP, InteractionSA
+from crosstower.nn.quantizer import ProductQuantizer, ResidualQuantizer
 from crosstower.nn.late_towers import LateItemTokenizer, LateTowers, LateUserTokenizer
 from crosstower.nn.tokenizers import DNNTokenizer, ItemTokenizer, SATokenizer
 
@@ -59,189 +62,251 @@ log = logging.getLogger("crosstower.sparcode")
 SCORE_SLICE = 256  # items per encoder call in exhaustive scoring
 
 
-@dataclass
-class SparCodeSettings:
-    tokenizer: str = "dnn"  # "dnn", "sa" or "late"
-    dim: int = 64
-    projection_dim: int = 32  # "late" only: the size of every token vector
-    item_layers: int = 1  # "late" only
-    expansion_tokens: int = 0  # "late" only
-    user_tokens: int = 4
-    user_tokens_from: str = "summary"  # "summary" or "history" (one token per recent history item)
-    item_tokens: int = 4
+# The most codes ``index.codes: all`` enumerates (2^26 = 8,192^2, about 406^3): a product
+# quantiser's id space grows as N^M, and beyond this its code table alone takes gigabytes.
+MAX_ENUMERATED_CODES = 2**26
+
+
+class TokenizerConfig(ModelConfig):
+    """What the tokenizer-based models (SparCode, all-to-all, tokenizer two-tower) share."""
+
+    # "dnn", "sa" or (SparCode and all-to-all only) "late": late interaction's user tower, one
+    # normalised ``projection_dim`` vector per user field, history item and expansion token.
+    tokenizer: Literal["dnn", "sa", "late"] = "dnn"
+    dim: int = Field(64, ge=1)
     user_fields: list[str] | None = None
     item_fields: list[str] | None = None
-    tokenizer_hidden: list[int] = field(default_factory=lambda: [256])
-    item_hidden: list[int] = field(default_factory=lambda: [128])
-    max_history: int = 50
-    sa_layers: int = 2
-    sa_heads: int = 2
-    interaction: str = "mlp"  # "mlp", "sa" or "maxsim"
-    maxsim_temperature: float = 1.0
-    interaction_hidden: list[int] = field(default_factory=lambda: [128, 64])
-    interaction_products: bool = False
-    quantize: bool = True
-    quantizer: str = "product"  # "product" or "residual"
-    num_codebooks: int = 2
-    codebook_size: int = 256
-    commitment: float = 0.25
-    vq_weight: float = 1.0
-    vq_warmup_epochs: int = 0
-    vq_dead_threshold: float = 0.1
-    kmeans_examples: int = 8192
-    sparsity_bias: float = 0.0
-    sparsity_weight: float = 0.0
-    sparsity_ramp_steps: int = 0
+    tokenizer_hidden: list[int] = Field(default_factory=lambda: [256])
+    item_hidden: list[int] = Field(default_factory=lambda: [128])
+    sa_layers: int = Field(2, ge=1)
+    sa_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # A learned per-item prior added to every score. SparCode serves it as a dense vector beside
+    # the posting lists, so popularity need not fill every code's posting list; the two-tower
+    # model serves it as one more item-vector dimension (against a constant 1 on the user side).
     item_bias: bool = False
-    average_codebooks: bool = False  # with train.ema_decay: average the codebooks with the weights
-    dropout: float = 0.0
+
+
+class IndexBudget(Strict):
+    """A sparse code index's size budget, shared among the codes by use (``UsageBudget``)."""
+
+    share: float = Field(gt=0, le=1)
+    usage_exponent: float = Field(0.5, ge=0)
+
+
+class QuantizerConfig(Strict):
+    """How user tokens become codes."""
+
+    # "product": each codebook snaps its own dim / num_codebooks slice of a token; "residual":
+    # each codebook snaps the whole token's residual after the codebooks before it.
+    kind: Literal["product", "residual"] = "product"
+    num_codebooks: int = Field(2, ge=1)
+    codebook_size: int = Field(256, ge=2)
+    commitment: float = Field(0.25, ge=0)
+    weight: float = Field(1.0, ge=0)  # of the quantiser's loss in the total
+    # Epochs trained unquantised before the codebooks are set by k-means on the learned tokens
+    # (of ``kmeans_examples`` training examples) and quantisation starts; 0 quantises from the
+    # first batch. Warm-up epochs are never selected as the best epoch.
+    warmup_epochs: int = Field(0, ge=0)
+    kmeans_examples: int = Field(8192, ge=1)
+    # A codebook entry whose EMA count (sub-vectors assigned per batch) falls below this is moved
+    # onto a random token of the batch. 0.1 restarts an entry a few hundred steps after its last
+    # win; the quantiser's own default (1e-3) waits about 700 steps at decay 0.99, longer than an
+    # epoch of the synthetic default.
+    dead_threshold: float = Field(0.1, ge=0)
+    # With train.ema_decay, average the codebooks with the weights (from the first quantised
+    # step), so the validated and indexed model's codes match its averaged towers. Off, the
+    # averaged towers meet the live codebooks (as the runs before this key measured).
+    average_codebooks: bool = False
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook_size**self.num_codebooks
+
+
+class SparsityConfig(Strict):
+    """What makes the (code, item) score table sparse: the bias inside the ReLU and an L1 penalty."""
+
+    bias: float = 0.0
+    # Weight of the L1 penalty on sampled negatives' per-token scores (0: none), applied once
+    # quantisation is on; larger weights leave fewer non-zero (code, item) scores to index.
+    weight: float = Field(0.0, ge=0)
+    # Training steps over which that weight grows from 0, quadratically, once quantisation is on
+    # (0: full weight at once). At full weight from the first quantised step, L1 1.0 drove a
+    # second seed's scores below 0 for good (positive share 0.03, validation at popularity level).
+    ramp_steps: int = Field(0, ge=0)
+
+
+class SparseCodeIndexConfig(Strict):
+    """Which (code, item) scores the served index keeps, and for which codes."""
+
+    # "nonzero", the top-L per code (an int), the scores above a threshold (a float >= 0), or
+    # {share, usage_exponent}: about that share of the table, each code's top entries in
+    # proportion to its use (index.keep_rules.UsageBudget).
+    keep: Union[Literal["nonzero"], int, float, IndexBudget] = "nonzero"
+    # "observed": the codes the training users' tokens take (a test user's unseen code falls back
+    # to the nearest of them); "all": every N^M tuple (none falls back; at most 2^26 codes).
+    codes: Literal["observed", "all"] = "observed"
+    workers: int = Field(1, ge=1)  # processes that score code chunks
+
+    def keep_rule(self) -> Any:
+        """``keep`` as :meth:`SparseCodeIndex.build` takes it (a budget as a plain mapping)."""
+        return self.keep.model_dump() if isinstance(self.keep, IndexBudget) else self.keep
+
+
+# Flat keys of configs written before the quantiser, sparsity and index blocks: old -> (block, key).
+_MOVED_KEYS = {
+    "num_codebooks": ("quantizer", "num_codebooks"), "codebook_size": ("quantizer", "codebook_size"),
+    "commitment": ("quantizer", "commitment"), "vq_weight": ("quantizer", "weight"),
+    "vq_warmup_epochs": ("quantizer", "warmup_epochs"), "kmeans_examples": ("quantizer", "kmeans_examples"),
+    "vq_dead_threshold": ("quantizer", "dead_threshold"), "average_codebooks": ("quantizer", "average_codebooks"),
+    "sparsity_bias": ("sparsity", "bias"), "sparsity_weight": ("sparsity", "weight"),
+    "sparsity_ramp_steps": ("sparsity", "ramp_steps"),
+    "index_keep": ("index", "keep"), "index_codes": ("index", "codes"), "index_workers": ("index", "workers"),
+}
+
+
+class SparCodeConfig(TokenizerConfig):
+    """SparCode; ``name: alltoall`` is the same model unquantised (the exhaustive upper bound)."""
+
+    name: Literal["sparcode", "alltoall"] = "sparcode"
+    # "maxsim": E(token, item) = max over the item's tokens of their inner product with the
+    # token, / maxsim_temperature (late interaction's per-token term; no parameters).
+    interaction: Literal["mlp", "sa", "maxsim"] = "mlp"
+    maxsim_temperature: float = Field(1.0, gt=0)
+    # The "late" tokenizer's towers: the substrate and encoders are ``dim`` wide, every token
+    # vector (what is quantised and what MaxSim reads) ``projection_dim``; the item tower has
+    # ``item_layers`` layers, the user tower ``sa_layers``, and ``expansion_tokens`` learned
+    # user tokens join each user.
+    projection_dim: int = Field(32, ge=1)
+    item_layers: int = Field(1, ge=1)
+    expansion_tokens: int = Field(0, ge=0)
+    user_tokens: int = Field(4, ge=1)
+    # "summary": K_u tokens that each summarise the user (the tokenizer's heads or query
+    # tokens); "history": one token per item of the last K_u history items, read in the user's
+    # context (users with a shorter history have fewer tokens).
+    user_tokens_from: Literal["summary", "history"] = "summary"
+    item_tokens: int = Field(4, ge=1)
+    interaction_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    # MLP encoder only: add a factorised bilinear term (A token) * (B item) to its first layer.
+    interaction_products: bool = False
+    quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)  # unused by alltoall
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    index: SparseCodeIndexConfig = Field(default_factory=SparseCodeIndexConfig)  # unused by alltoall
+
+    @property
+    def quantize(self) -> bool:
+        return self.name == "sparcode"
 
     @property
     def token_dim(self) -> int:
-        """The size of a user token vector (what is quantised) and of an item token vector."""
+        """The size of a user token vector: what the quantiser snaps."""
         return self.projection_dim if self.tokenizer == "late" else self.dim
 
+    @classmethod
+    def upgrade(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Configs written before the ``quantizer``, ``sparsity`` and ``index`` blocks had their
+        keys flat (``codebook_size``, ``vq_warmup_epochs``, ``sparsity_weight``, ``index_keep``,
+        ``quantizer: residual``, ...): they are moved into the blocks, so old configs, run
+        folders and ``--set`` overrides keep working."""
+        if isinstance(raw.get("quantizer"), str):
+            raw["quantizer"] = {"kind": raw["quantizer"]}
+        for old, (block, key) in _MOVED_KEYS.items():
+            if old not in raw:
+                continue
+            value, section = raw.pop(old), raw.get(block) or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"{block}: expected a mapping, got {section!r}")
+            if key in section and section[key] != value:
+                raise ValueError(f"{old} is {block}.{key} now, and both are set (to {value!r} and {section[key]!r})")
+            raw[block] = {**section, key: value}
+        return raw
 
-class InteractionMLP(nn.Module):
-    """``E(token, item) = MLP([token; item tokens])``, optionally with a multiplicative term.
+    def build(self, dataset: Dataset, context: BuildContext) -> SparCode:
+        return SparCode(dataset, self, context)
 
-    The first layer is split by input part. ``W [t; v] = W_t t + W_v v``: projecting tokens and
-    items separately and adding them is the same function as the MLP on the concatenation, but
-    scores all T x N pairs without ever building T x N concatenated inputs.
+    def check_run(self, run: Any) -> None:
+        if self.user_tokens_from == "history" and self.user_tokens > run.train.history_length:
+            raise ValueError(f"model.user_tokens: {self.user_tokens} history tokens need train.history_length >= "
+                             f"{self.user_tokens}, got {run.train.history_length}")
+        warmup = self.quantizer.warmup_epochs
+        if self.quantize and warmup >= run.train.epochs:
+            raise ValueError(f"model.quantizer.warmup_epochs: {warmup} leaves no quantised epoch in train.epochs "
+                             f"{run.train.epochs}")
 
-    With ``products``, the first layer also adds ``(A t) * (B v)`` (element-wise): a factorised
-    bilinear term. An MLP over a plain concatenation learns multiplicative interactions (a
-    similarity, a conjunction such as "the token's cluster is the item's cluster") only slowly
-    and approximately (Rendle et al., RecSys 2020); with this term an inner product of the token
-    and the item is one layer away, and per pair it costs one more element-wise product of the
-    two projections, not a matrix product.
-    """
+    @model_validator(mode="after")
+    def _codebooks_divide_dim(self):
+        q = self.quantizer
+        if self.quantize and q.kind == "product" and self.token_dim % q.num_codebooks:
+            what = "projection_dim" if self.tokenizer == "late" else "dim"
+            raise ValueError(f"{what} {self.token_dim} is not divisible by quantizer.num_codebooks {q.num_codebooks}")
+        return self
 
-    def __init__(self, dim: int, item_tokens: int, hidden: list[int], dropout: float = 0.0, products: bool = False):
-        super().__init__()
-        self.token_in = nn.Linear(dim, hidden[0])
-        self.item_in = nn.Linear(item_tokens * dim, hidden[0], bias=False)
-        self.token_gate = nn.Linear(dim, hidden[0], bias=False) if products else None
-        self.item_gate = nn.Linear(item_tokens * dim, hidden[0], bias=False) if products else None
-        self.rest = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), MLP([*hidden, 1], dropout))
-        # Start every (token, item) score positive: a ReLU'd score that starts <= 0 everywhere
-        # has no gradient and never recovers. Training then pushes negatives' scores to exact 0.
-        nn.init.constant_(self.rest[-1][-1].bias, 1.0)
+    @model_validator(mode="after")
+    def _late_tokens_are_fixed(self):
+        """The late tokenizer's token counts are the substrate's: one per user field, history
+        slot and expansion token, one per item field."""
+        fixed = [name for name in ("user_tokens", "user_tokens_from", "item_tokens")
+                 if getattr(self, name) != type(self).model_fields[name].default]  # a saved run writes defaults
+        if self.tokenizer == "late" and fixed:
+            raise ValueError(f"tokenizer 'late' takes its token counts from the substrate; drop {fixed}")
+        return self
 
-    def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``tokens [..., T, D]`` x ``items [..., N, K_i, D]`` -> scores ``[..., T, N]``."""
-        items = items.flatten(-2)
-        hidden = self.token_in(tokens).unsqueeze(-2) + self.item_in(items).unsqueeze(-3)  # [..., T, N, H]
-        if self.token_gate is not None:
-            hidden = hidden + self.token_gate(tokens).unsqueeze(-2) * self.item_gate(items).unsqueeze(-3)
-        return self.rest(hidden).squeeze(-1)
+    @model_validator(mode="after")
+    def _enumerable_codes(self):
+        """Refused when the config is read, not after training, when the index is built."""
+        codes = self.quantizer.num_codes
+        if self.index.codes == "all" and codes > MAX_ENUMERATED_CODES:
+            raise ValueError(f"index.codes 'all' would enumerate codebook_size^num_codebooks = {codes:,} codes, "
+                             f"more than {MAX_ENUMERATED_CODES:,}; use 'observed'")
+        return self
+
+    @model_validator(mode="after")
+    def _late_needs_an_encoder_for_any_item_token_count(self):
+        """The MLP encoder reads a fixed number of item tokens; the late tokenizer's item token
+        count follows the item fields, so it is refused here, when the config is read, rather
+        than when the model is built."""
+        if self.tokenizer == "late" and self.interaction == "mlp":
+            raise ValueError("tokenizer 'late' needs interaction 'maxsim' or 'sa' (the MLP encoder reads a "
+                             "fixed number of item tokens)")
+        return self
 
 
 def build_tokenizers(
-    dataset: Dataset, s: SparCodeSettings, user_tokens: int, item_tokens: int
+    dataset: Dataset, config: TokenizerConfig, context: BuildContext, user_tokens: int, item_tokens: int,
+    from_history: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """The user tokenizer (DNN or SA) and the item tokenizer, sharing the item field embeddings
     between the history (user side) and the item side (``late``: both towers share a substrate
-    and a projection)."""
+    and a projection). ``from_history``: one user token per recent history item."""
+    s = config
+    user_field_names = context.user_fields(s.user_fields, dataset)
     if s.tokenizer == "late":
-        towers = LateTowers(dataset, s.dim, s.projection_dim, s.max_history, s.sa_layers, s.item_layers, s.sa_heads,
-                            s.dropout, s.user_fields, s.item_fields, s.expansion_tokens)
+        towers = LateTowers(dataset, s.dim, s.projection_dim, context.history_length, s.sa_layers, s.item_layers,
+                            s.sa_heads, s.dropout, user_field_names, s.item_fields, s.expansion_tokens)
         return LateUserTokenizer(towers), LateItemTokenizer(towers)
     item_fields = FieldEmbedder(dataset.items.select(s.item_fields), s.dim)
-    user_table = dataset.users.select(s.user_fields)
+    user_table = dataset.users.select(user_field_names)
     user_fields = FieldEmbedder(user_table, s.dim) if user_table.fields else None
-    from_history = s.user_tokens_from == "history"
     if s.tokenizer == "dnn":
         tokenizer = DNNTokenizer(user_fields, item_fields, s.dim, user_tokens, s.tokenizer_hidden, s.dropout, from_history)
     else:
         tokenizer = SATokenizer(
-            user_fields, item_fields, s.dim, user_tokens, s.max_history, s.sa_layers, s.sa_heads, s.dropout, from_history
+            user_fields, item_fields, s.dim, user_tokens, context.history_length, s.sa_layers, s.sa_heads, s.dropout,
+            from_history,
         )
     return tokenizer, ItemTokenizer(item_fields, s.dim, item_tokens, s.item_hidden, s.dropout)
 
 
-class InteractionSA(nn.Module):
-    """``E(token, item)``: one pre-norm transformer layer over ``[token; item tokens]``, scored
-    from the first position.
-
-    Only the first position's output is scored, so only its row of attention is computed: the
-    token's query against the keys of the token and of the ``K_i`` item tokens. The result is
-    exactly that of a full layer over the ``1 + K_i`` tokens (tested against one), at the cost of
-    one attention row per (token, item) pair.
-    """
-
-    def __init__(self, dim: int, heads: int, hidden: list[int], dropout: float = 0.0):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by {heads} heads")
-        self.heads, self.head_dim = heads, dim // heads
-        self.norm_in, self.norm_mid, self.norm_out = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.attn_out = nn.Linear(dim, dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, hidden[0]), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden[0], dim))
-        self.score_head = nn.Linear(dim, 1)
-        nn.init.constant_(self.score_head.bias, 1.0)  # start positive, as in InteractionMLP
-
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(self.norm_in(x)).chunk(3, dim=-1)
-        shape = (*x.shape[:-1], self.heads, self.head_dim)
-        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
-
-    def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``tokens [B, T, D]`` x ``items [N, K_i, D]`` or ``[B, N, K_i, D]`` -> ``[B, T, N]``;
-        ``tokens [T, D]`` (codes to index) x ``items [N, K_i, D]`` -> ``[T, N]``."""
-        if tokens.dim() == 2:
-            return self.forward(tokens.unsqueeze(0), items)[0]
-        if items.dim() == 3:
-            items = items.unsqueeze(0)
-        q, k_t, v_t = self._split(tokens)  # [B, T, H, dh]
-        _, k_i, v_i = self._split(items)  # [Bi, N, K_i, H, dh]
-        scale = self.head_dim**-0.5
-        self_logit = (q * k_t).sum(-1)[:, :, None, None, :] * scale  # [B, T, 1, 1, H]
-        item_logit = (q[:, :, None, None] * k_i[:, None]).sum(-1) * scale  # [B, T, N, K_i, H]
-        weights = torch.softmax(torch.cat([self_logit.expand(-1, -1, item_logit.shape[2], -1, -1), item_logit], 3), 3)
-        mixed = weights[..., :1, :, None] * v_t[:, :, None, None] + (weights[..., 1:, :, None] * v_i[:, None]).sum(
-            3, keepdim=True
-        )  # [B, T, N, 1, H, dh]
-        x = tokens[:, :, None] + self.attn_out(mixed.squeeze(3).flatten(-2))  # [B, T, N, D]
-        x = x + self.ffn(self.norm_mid(x))
-        return self.score_head(self.norm_out(x)).squeeze(-1)
-
-
-class InteractionMaxSim(nn.Module):
-    """``E(token, item) = max_b <token, d_b> / tau``: late interaction's per-token term.
-
-    ColBERT's MaxSim is ``sum_a max_b q_a . d_b``; inside SparCode each user token's max becomes
-    one (code, item) score, so ``y(u, i) = sum_a ReLU(max_b q_a . d_b / tau + b)`` is MaxSim with
-    the sparsity control. No parameters: the towers learn what the scores say. Not an all-to-all
-    encoder (the token meets each item token alone, by one inner product), so it cannot learn
-    what the MLP and SA encoders can in principle; it is the scorer under which a user tower
-    without the item already beat the towers on the synthetic default (issue 4).
-    """
-
-    def __init__(self, temperature: float = 1.0):
-        super().__init__()
-        self.temperature = temperature
-
-    def forward(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``tokens [..., T, D]`` x ``items [..., N, K_i, D]`` -> ``[..., T, N]`` (leading dims
-        broadcast: ``[B, T, D]`` x ``[N, K_i, D]`` scores every item, x ``[B, N, K_i, D]`` each
-        user's own candidates; ``[C, D]`` codes x ``[N, K_i, D]`` gives ``[C, N]``)."""
-        n, k = items.shape[-3], items.shape[-2]
-        similarity = tokens @ items.flatten(-3, -2).transpose(-1, -2)  # [..., T, N * K_i]
-        return similarity.unflatten(-1, (n, k)).amax(-1) / self.temperature
-
-
 class SparCode(Recommender):
-    def __init__(self, dataset: Dataset, settings: SparCodeSettings):
+    def __init__(self, dataset: Dataset, config: SparCodeConfig, context: BuildContext = BuildContext()):
         super().__init__(dataset.num_items)
-        s = self.settings = settings
-        self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, s, s.user_tokens, s.item_tokens)
+        s = self.config = config
+        self.tokenizer, self.item_tokenizer = build_tokenizers(
+            dataset, s, context, s.user_tokens, s.item_tokens, from_history=s.user_tokens_from == "history"
+        )
         d = s.token_dim
-        if s.interaction == "mlp":
-            if s.tokenizer == "late":
-                raise ConfigError("model: the 'late' tokenizer's item token count follows the item fields; use "
-                                  "interaction 'maxsim' or 'sa' with it")
+        if s.interaction == "mlp":  # (never with the late tokenizer: SparCodeConfig refuses it)
             self.interaction = InteractionMLP(d, s.item_tokens, s.interaction_hidden, s.dropout, s.interaction_products)
         elif s.interaction == "maxsim":
             self.interaction = InteractionMaxSim(s.maxsim_temperature)
@@ -249,17 +314,15 @@ class SparCode(Recommender):
             self.interaction = InteractionSA(d, s.sa_heads, s.interaction_hidden, s.dropout)
         self.quantizer = None
         if s.quantize:
-            from crosstower.nn.quantizer import ProductQuantizer, ResidualQuantizer
-
-            quantizer_class = ResidualQuantizer if s.quantizer == "residual" else ProductQuantizer
+            q = s.quantizer
+            quantizer_class = ResidualQuantizer if q.kind == "residual" else ProductQuantizer
             self.quantizer = quantizer_class(
-                d, s.num_codebooks, s.codebook_size, commitment=s.commitment, dead_threshold=s.vq_dead_threshold
+                d, q.num_codebooks, q.codebook_size, commitment=q.commitment, dead_threshold=q.dead_threshold
             )
-            self.warmup_epochs = s.vq_warmup_epochs
+            self.warmup_epochs = q.warmup_epochs
         # Whether tokens are quantised now: never without a quantiser, off during the warm-up
         # epochs. A buffer, so that a checkpoint resumes in the right phase.
         self.register_buffer("quantizing", torch.tensor(self.quantizer is not None and self.warmup_epochs == 0))
-        self.last_vq_loss = torch.zeros(())
         # Training steps taken with the L1 penalty on (it ramps up over sparsity_ramp_steps); a
         # buffer, so that a resumed run continues the ramp where it stopped.
         self.register_buffer("sparsity_steps", torch.zeros((), dtype=torch.int64))
@@ -278,7 +341,7 @@ class SparCode(Recommender):
         """At the end of the warm-up: k-means codebooks from the tokens learned so far, then quantise."""
         if self.quantizer is None or bool(self.quantizing) or epoch < self.warmup_epochs:
             return
-        sample = torch.randperm(len(examples))[: self.settings.kmeans_examples].numpy()
+        sample = torch.randperm(len(examples))[: self.config.quantizer.kmeans_examples].numpy()
         blocks = np.array_split(sample, -(-len(sample) // 1024))
         self.eval()
         tokens = torch.cat([_real_tokens(*self.tokenizer.tokenize(examples.user_input(block).to(self.device)))
@@ -291,24 +354,27 @@ class SparCode(Recommender):
         """With ``average_codebooks``, the codebooks follow the averaged weights, so that the
         validated, saved and indexed model snaps its tokens to codes that match its item tower
         (see :mod:`crosstower.train.averaging`)."""
-        return ["quantizer.codebooks"] if self.quantizer is not None and self.settings.average_codebooks else []
+        return ["quantizer.codebooks"] if self.quantizer is not None and self.config.quantizer.average_codebooks else []
 
     # ---- the pieces the index needs -------------------------------------------------------
     def user_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Quantised user tokens ``[B, K_u, D]``, their codes ``[B, K_u, M]`` (None unquantised)
         and which tokens are real ``[B, K_u]`` (None: all). A token that is not real (a history
         slot without an item) is neither quantised nor scored: its vector is 0, its code -1."""
+        return self._quantized_tokens(user)[:3]
+
+    def _quantized_tokens(self, user: UserInput) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                           torch.Tensor]:
+        """:meth:`user_tokens` and the quantiser's loss (0 unquantised)."""
         tokens, mask = self.tokenizer.tokenize(user)
         if not bool(self.quantizing):
-            self.last_vq_loss = tokens.new_zeros(())
-            return tokens, None, mask
+            return tokens, None, mask, tokens.new_zeros(())
         real = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
         out = self.quantizer(tokens[real])  # the codebooks learn from real tokens only
-        self.last_vq_loss = out.loss
         quantized = tokens.new_zeros(tokens.shape).masked_scatter(real.unsqueeze(-1), out.quantized)
         codes = out.codes.new_full((*real.shape, out.codes.shape[-1]), -1)
         codes[real] = out.codes
-        return quantized, codes, mask
+        return quantized, codes, mask, out.loss
 
     def user_scores(self, user: UserInput, item_tokens: torch.Tensor) -> torch.Tensor:
         """``y(u, i)``: the sum over the user's real tokens of their sparsified scores."""
@@ -317,7 +383,7 @@ class SparCode(Recommender):
 
     def token_scores(self, tokens: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
         """Sparsified per-token scores ``ReLU(E(token, item) + b)``: ``[..., T, N]``."""
-        return F.relu(self.interaction(tokens, item_tokens) + self.settings.sparsity_bias)
+        return F.relu(self.interaction(tokens, item_tokens) + self.config.sparsity.bias)
 
     def sliced_token_scores(self, tokens: torch.Tensor, item_tokens: torch.Tensor) -> torch.Tensor:
         """:meth:`token_scores` against a whole catalogue, a slice of items at a time, because the
@@ -372,9 +438,19 @@ class SparCode(Recommender):
             blocks.append(_real_tokens(codes, mask))
         return torch.unique(torch.cat(blocks), dim=0, return_counts=True)
 
+    def build_index(self, training_users: UserInput) -> SparseCodeIndex | None:
+        """The sparse code index of the training users' codes, kept and built as ``index``
+        configures; None for the unquantised all-to-all model (served by exhaustive scoring)."""
+        if self.quantizer is None:
+            return None
+        settings = self.config.index
+        log.info("building the sparse code index from %d training users", len(training_users))
+        return self.build_code_index(training_users, keep=settings.keep_rule(), workers=settings.workers,
+                                     codes=settings.codes)
+
     @torch.no_grad()
-    def build_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1,
-                    codes: Literal["observed", "all"] = "observed"):
+    def build_code_index(self, users: UserInput, keep="nonzero", code_chunk: int = 256, workers: int = 1,
+                         codes: Literal["observed", "all"] = "observed") -> SparseCodeIndex:
         """The sparse (code -> item, score) index, with how many of ``users``' tokens took each
         code (for a :class:`UsageBudget`).
 
@@ -383,8 +459,6 @@ class SparCode(Recommender):
         no user's code ever falls back to its nearest indexed code (the table is then N^M x items
         scores to score and prune). ``workers > 1`` scores code chunks in that many processes.
         """
-        from crosstower.index import SparseCodeIndex
-
         distinct, usage = self.code_usage(users)
         if codes == "all":
             distinct, usage = self._every_code(distinct, usage)
@@ -394,7 +468,7 @@ class SparCode(Recommender):
         prior = self.item_bias(catalogue) if self.bias is not None else None
         return SparseCodeIndex.build(
             CodeScorer(self, self.item_tokenizer(catalogue)), distinct, self.quantizer.lookup(distinct),
-            self.num_items, self.settings.codebook_size, keep=keep, code_chunk=code_chunk, workers=workers,
+            self.num_items, self.config.quantizer.codebook_size, keep=keep, code_chunk=code_chunk, workers=workers,
             item_prior=prior, code_usage=usage,
         )
 
@@ -402,9 +476,9 @@ class SparCode(Recommender):
         """All N^M code tuples in id order, and their usage (0 for the codes no token took)."""
         from crosstower.index import encode_code_ids, every_code
 
-        n, m = self.settings.codebook_size, self.settings.num_codebooks
+        n, m = self.config.quantizer.codebook_size, self.config.quantizer.num_codebooks
         if n**m > MAX_ENUMERATED_CODES:
-            raise ValueError(f"model.index_codes 'all' would enumerate {n}^{m} = {n**m:,} codes, more than "
+            raise ValueError(f"model.index.codes 'all' would enumerate {n}^{m} = {n**m:,} codes, more than "
                              f"{MAX_ENUMERATED_CODES:,}; index the observed codes instead")
         log.info("enumerating all %d^%d = %d codes for the index", n, m, n**m)
         every = every_code(n, m).to(observed.device)
@@ -413,11 +487,11 @@ class SparCode(Recommender):
         return every, counts
 
     @torch.no_grad()
-    def code_queries(self, user: UserInput):
+    def index_query(self, user: UserInput) -> CodeQueries:
         """The index query of a user batch: its token codes (-1 for a token that is not real) and
         quantised token vectors."""
-        from crosstower.index import CodeQueries
-
+        if self.quantizer is None:
+            raise NotImplementedError("the all-to-all model (unquantised) is served by exhaustive scoring, not an index")
         vectors, codes, _ = self.user_tokens(user)
         return CodeQueries(codes, vectors)
 
@@ -436,50 +510,65 @@ class SparCode(Recommender):
 
         return scorer
 
-    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sampled softmax over the positive and its negatives, plus the quantiser's loss."""
-        tokens, _, real = self.user_tokens(batch.user)  # [B, K_u, D], which are real [B, K_u]
+    def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
+        """``y(u, i)`` of each row's positive, sampled and (optionally) in-batch candidates. States
+        (always: the extra losses read them): ``token_scores [B, K_u, 1 + K]`` (per user token,
+        the positive first), ``real`` tokens ``[B, K_u]`` (None: all) and ``vq_loss``; with
+        ``with_states`` also the quantised user ``tokens`` and the candidates' ``item_tokens``."""
+        tokens, _, real, vq_loss = self._quantized_tokens(batch.user)  # [B, K_u, D], which are real [B, K_u]
         candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)  # [B, 1 + K]
         unique, inverse = torch.unique(candidates, return_inverse=True)
         flat = self.item_tokenizer(unique).flatten(1)
-        item_tokens = F.embedding(inverse, flat).view(*candidates.shape, -1, self.settings.token_dim)
+        item_tokens = F.embedding(inverse, flat).view(*candidates.shape, -1, self.config.token_dim)
         token_scores = self.token_scores(tokens, item_tokens)  # [B, K_u, 1 + K]
-        with torch.no_grad():  # device tensors, read once an epoch: no sync on the training step
-            positive = token_scores > 0 if real is None else (token_scores > 0) & real.unsqueeze(-1)
-            scored = token_scores[..., 0].numel() if real is None else real.sum()
-            counts = torch.stack([positive.sum(), torch.as_tensor(scored, device=positive.device) * token_scores.shape[-1]])
-            self._score_counts = self._score_counts.to(counts.device) + counts
+        if self.training:
+            self._count_positive_scores(token_scores, real)
         logits = _sum_real(token_scores, real) + self.item_bias(candidates)
         in_batch_logits = None
         if batch.in_batch_mask is not None:
             # every user against every row's positive: [B, K_u, D] x [B, K_i, D] -> [B, B]
             in_batch_logits = _sum_real(self.token_scores(tokens, item_tokens[:, 0]), real)
             in_batch_logits = in_batch_logits + self.item_bias(batch.positives)[None, :]
-        negative_logits, mask, log_q = batch.candidate_logits(logits[:, 0], logits[:, 1:], in_batch_logits)
-        softmax = sampled_softmax(logits[:, 0], negative_logits, mask, batch.positive_log_q, log_q)
-        # L1 on the sampled negatives' (code, item) scores: pushes them to exact zeros, which is
-        # what lets the index keep few entries per code (the FLOPS-style regulariser of learned
-        # sparse retrieval, e.g. SPLADE, applied to SparCode's score table). Only once quantised:
-        # from the first step it drove every score of the synthetic default to zero, where the
-        # ReLU passes no gradient and training cannot recover.
+        states = {"token_scores": token_scores, "real": real, "vq_loss": vq_loss}
+        if with_states:
+            states.update(tokens=tokens, item_tokens=item_tokens)
+        return batch.logits(logits[:, 0], logits[:, 1:], in_batch_logits, states)
+
+    @torch.no_grad()
+    def _count_positive_scores(self, token_scores: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Adds the batch's (positive, all) real per-token scores to the epoch's counts (device
+        tensors, read once an epoch: no sync on the training step)."""
+        positive = token_scores > 0 if real is None else (token_scores > 0) & real.unsqueeze(-1)
+        scored = token_scores[..., 0].numel() if real is None else real.sum()
+        counts = torch.stack([positive.sum(), torch.as_tensor(scored, device=positive.device) * token_scores.shape[-1]])
+        self._score_counts = self._score_counts.to(counts.device) + counts
+
+    def extra_losses(self, batch: TrainBatch, logits: CandidateLogits) -> LossTerms:
+        """The quantiser's loss and an L1 penalty on the sampled negatives' (code, item) scores.
+
+        The L1 pushes them to exact zeros, which is what lets the index keep few entries per code
+        (the FLOPS-style regulariser of learned sparse retrieval, e.g. SPLADE, applied to
+        SparCode's score table). Only once quantised: from the first step it drove every score of
+        the synthetic default to zero, where the ReLU passes no gradient and training cannot
+        recover.
+        """
+        token_scores, real = logits.states["token_scores"], logits.states["real"]
         sparsity = token_scores.new_zeros(())
         if bool(self.quantizing) and batch.negatives.shape[1]:
             sparsity = _real_tokens(token_scores[..., 1:], real).mean()
-        weight = self._sparsity_weight()
-        total = softmax + self.settings.vq_weight * self.last_vq_loss + weight * sparsity
-        return total, {"softmax": float(softmax.detach()), "vq": float(self.last_vq_loss.detach()),
-                       "sparsity": float(sparsity.detach()), "sparsity_weight": float(weight)}
+        return {"vq": (logits.states["vq_loss"], self.config.quantizer.weight),
+                "sparsity": (sparsity, self._sparsity_weight())}
 
     def _sparsity_weight(self) -> torch.Tensor:
         """The L1 weight of this step, ``sparsity_weight * min(1, (t / ramp)^2)`` after ``t``
         quantised training steps (SPLADE's quadratic warm-up of its regulariser); counts the step."""
-        s = self.settings
+        s = self.config.sparsity
         ramp = torch.ones((), device=self.sparsity_steps.device)
-        if s.sparsity_ramp_steps:
-            ramp = (self.sparsity_steps.float() / s.sparsity_ramp_steps).square().clamp(max=1.0)
+        if s.ramp_steps:
+            ramp = (self.sparsity_steps.float() / s.ramp_steps).square().clamp(max=1.0)
         if self.training and bool(self.quantizing):
             self.sparsity_steps += 1
-        return s.sparsity_weight * ramp
+        return s.weight * ramp
 
 
 def _count_from_zero_if_absent(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

@@ -9,19 +9,39 @@ equal means of expressing popularity; it stays servable by MIPS (``[u; 1] . [i; 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import model_validator
+
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
-from crosstower.models.base import EmbeddingRecommender, item_prior
-from crosstower.models.sparcode import SparCodeSettings, build_tokenizers
+from crosstower.models.base import BuildContext, EmbeddingRecommender, item_prior
+from crosstower.models.sparcode import TokenizerConfig, build_tokenizers
+
+
+class TokenTwoTowerConfig(TokenizerConfig):
+    """A two-tower model over SparCode's tokenizers: one user token, one item token, a dot product."""
+
+    name: Literal["twotower"] = "twotower"
+
+    @model_validator(mode="after")
+    def _one_token_tokenizer(self):
+        if self.tokenizer == "late":
+            raise ValueError("tokenizer 'late' emits one vector per user token; its two-tower model is "
+                             "late interaction itself (model name 'colbert')")
+        return self
+
+    def build(self, dataset: Dataset, context: BuildContext) -> TokenTwoTower:
+        return TokenTwoTower(dataset, self, context)
 
 
 class TokenTwoTower(EmbeddingRecommender):
-    def __init__(self, dataset: Dataset, settings: SparCodeSettings):
+    def __init__(self, dataset: Dataset, config: TokenTwoTowerConfig, context: BuildContext = BuildContext()):
         super().__init__(dataset.num_items)
-        self.settings = settings
-        self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, settings, user_tokens=1, item_tokens=1)
-        self.bias = item_prior(dataset.num_items, settings.item_bias)
+        self.config = config
+        self.tokenizer, self.item_tokenizer = build_tokenizers(dataset, config, context, user_tokens=1, item_tokens=1)
+        self.bias = item_prior(dataset.num_items, config.item_bias)
 
     def encode_users(self, user: UserInput) -> torch.Tensor:
         return self._user_with_prior(self.tokenizer(user)[:, 0])

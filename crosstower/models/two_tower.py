@@ -13,48 +13,75 @@ folded in as one extra coordinate), so the same vectors serve through MIPS.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
+from crosstower.config import ModelConfig
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
-from crosstower.models.base import EmbeddingRecommender, item_prior
+from crosstower.models.base import BuildContext, EmbeddingRecommender, item_prior
 from crosstower.nn.fields import MLP, FieldEmbedder, masked_mean
 from crosstower.nn.tokenizers import embed_history
 
 
-@dataclass
-class TwoTowerSettings:
-    embedding_dim: int = 64
-    output_dim: int = 64
-    user_hidden: list[int] = field(default_factory=lambda: [128])
-    item_hidden: list[int] = field(default_factory=lambda: [128])
-    item_mlp: bool = True  # False: the item vector is the sum of its field embeddings
-    user_fields: list[str] | None = None  # None: every user field
+class TwoTowerConfig(ModelConfig):
+    """What DSSM and YouTubeDNN share; each preset sets its own defaults."""
+
+    embedding_dim: int = Field(64, ge=1)
+    output_dim: int = Field(64, ge=1)
+    user_hidden: list[int] = Field(default_factory=lambda: [128])
+    item_hidden: list[int] = Field(default_factory=lambda: [128])
+    user_fields: list[str] | None = None  # None: every user field (under P2/P3 all but user_id)
     item_fields: list[str] | None = None
-    use_history: bool = True
-    use_example_age: bool = False
-    similarity: str = "cosine"  # "cosine" or "dot"
-    temperature: float = 0.05  # logits = similarity / temperature
+    use_history: bool = True  # off under P3 whatever is set (the evaluated users have none)
+    item_mlp: bool = True  # False: the item vector is the sum of its field embeddings
+    use_example_age: bool = False  # off where the data set has no time stamps
+    similarity: Literal["cosine", "dot"] = "cosine"
+    temperature: float = Field(0.05, gt=0)  # logits = similarity / temperature
     learn_temperature: bool = False
     item_bias: bool = False
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _item_side_fits(self):
+        if not self.item_mlp and self.embedding_dim != self.output_dim:
+            raise ValueError("item_mlp false needs embedding_dim == output_dim (the item vector is its embedding)")
+        return self
+
+    def build(self, dataset: Dataset, context: BuildContext) -> TwoTower:
+        return TwoTower(dataset, self, context)
+
+
+class DSSMConfig(TwoTowerConfig):
+    name: Literal["dssm"] = "dssm"
+
+
+class YouTubeDNNConfig(TwoTowerConfig):
+    name: Literal["youtubednn"] = "youtubednn"
+    item_mlp: bool = False
+    item_hidden: list[int] = Field(default_factory=list)
+    use_example_age: bool = True
+    similarity: Literal["cosine", "dot"] = "dot"
+    temperature: float = Field(1.0, gt=0)
 
 
 class TwoTower(EmbeddingRecommender):
-    def __init__(self, dataset: Dataset, settings: TwoTowerSettings):
+    def __init__(self, dataset: Dataset, config: TwoTowerConfig, context: BuildContext = BuildContext()):
         super().__init__(dataset.num_items)
-        s = self.settings = settings
+        s = self.config = config
+        self.use_history = s.use_history and context.users_have_history
+        self.use_example_age = s.use_example_age and dataset.has_time  # no time stamps: age carries nothing
         d = s.embedding_dim
         self.item_fields = FieldEmbedder(dataset.items.select(s.item_fields), d)
-        user_table = dataset.users.select(s.user_fields)
+        user_table = dataset.users.select(context.user_fields(s.user_fields, dataset))
         self.user_fields = FieldEmbedder(user_table, d) if user_table.fields else None
-        user_in = (self.user_fields.num_fields * d if self.user_fields else 0) + (d if s.use_history else 0)
-        user_in += 1 if s.use_example_age else 0
+        user_in = (self.user_fields.num_fields * d if self.user_fields else 0) + (d if self.use_history else 0)
+        user_in += 1 if self.use_example_age else 0
         if user_in == 0:
             raise ConfigError("model: the user tower has no input (no history and no user field besides user_id)")
         self.user_tower = MLP([user_in, *s.user_hidden, s.output_dim], s.dropout)
@@ -70,9 +97,9 @@ class TwoTower(EmbeddingRecommender):
         parts = []
         if self.user_fields is not None:
             parts.append(self.user_fields(user.users).flatten(1))
-        if self.settings.use_history:
+        if self.use_history:
             parts.append(self._history_vector(user))
-        if self.settings.use_example_age:
+        if self.use_example_age:
             age = user.example_age if user.example_age is not None else torch.zeros(len(user), device=user.users.device)
             parts.append(age.unsqueeze(-1))
         vector = self._similarity_space(self.user_tower(torch.cat(parts, dim=-1))) * self.log_scale.exp()
@@ -80,8 +107,8 @@ class TwoTower(EmbeddingRecommender):
 
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
         tokens = self.item_fields(items)
-        vector = self.item_tower(tokens.flatten(1)) if self.settings.item_mlp else tokens.sum(1)
+        vector = self.item_tower(tokens.flatten(1)) if self.config.item_mlp else tokens.sum(1)
         return self._item_with_prior(self._similarity_space(vector), items)
 
     def _similarity_space(self, vector: torch.Tensor) -> torch.Tensor:
-        return F.normalize(vector, dim=-1) if self.settings.similarity == "cosine" else vector
+        return F.normalize(vector, dim=-1) if self.config.similarity == "cosine" else vector
