@@ -88,11 +88,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out" / "serving.json"
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 
-# The project's default tower sizes (TwoTowerSettings.user_hidden, SparCodeSettings.tokenizer_hidden).
+# The project's default tower sizes (DSSMConfig.user_hidden, SparCodeConfig.tokenizer_hidden).
 TWO_TOWER_HIDDEN = [128]
 TOKENIZER_HIDDEN = [256]
 USER_VOCAB = 1_000  # values of the one user field (think age x region); Zipf-distributed
-HISTORY = 50  # history items per user (SparCodeSettings.max_history)
+HISTORY = 50  # history items per user (train.history_length of the configs)
 SCORE_RANK = 16  # rank of the synthetic code x item score model
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 DENSE_BUDGET = 1 << 26  # floats per dense block when building the index or its reference (256 MB)
@@ -190,7 +190,7 @@ class CodeTokenizer(nn.Module):
         return self.mlp(self.inputs(users)).view(len(users), self.tokens, self.dim)
 
     def forward(self, users: Users) -> CodeQueries:
-        out = self.quantizer(self.tokenize(users))  # as SparCode.code_queries: codes and quantised vectors
+        out = self.quantizer(self.tokenize(users))  # as SparCode.index_query: codes and quantised vectors
         return CodeQueries(out.codes, out.quantized)
 
 

@@ -25,7 +25,7 @@ R="--set train.epochs=${EPOCHS:-100} --set train.patience=6 --set train.max_minu
    --set train.negatives.in_batch=true --set train.negatives.logq=true --set train.ema_decay=0.999
    --set model.item_bias=true ${EXTRA:-}"
 DATASETS=${DATASETS:-synthetic ml100k}
-L1="--set model.sparsity_weight=1.0 --set model.sparsity_ramp_steps=500"
+L1="--set model.sparsity.weight=1.0 --set model.sparsity.ramp_steps=500"
 HIST="--set model.user_tokens=20 --set model.user_tokens_from=history"
 DNN="--set model.tokenizer=dnn --set train.lr=0.005"
 
@@ -48,14 +48,14 @@ if [[ " $DATASETS " == *" synthetic "* ]]; then
 run s-tt-sa synthetic-twotower-sa-p2
 run s-a2a-sa synthetic-alltoall-sa-p2
 run s-sc-sa synthetic-sparcode-sa-p2 $L1
-run s-sc-sa-sb synthetic-sparcode-sa-p2 $L1 --set model.sparsity_bias=0.5
-run s-sc-sa-n1024 synthetic-sparcode-sa-p2 $L1 --set model.codebook_size=1024
+run s-sc-sa-sb synthetic-sparcode-sa-p2 $L1 --set model.sparsity.bias=0.5
+run s-sc-sa-n1024 synthetic-sparcode-sa-p2 $L1 --set model.quantizer.codebook_size=1024
 # Synthetic default: one token per history item (late interaction's user side).
-run s-a2a-sa-h synthetic-alltoall-sa-p2 $HIST --set model.sparsity_bias=0.5
-run s-sc-sa-h synthetic-sparcode-sa-p2 $HIST $L1 --set model.sparsity_bias=0.5
+run s-a2a-sa-h synthetic-alltoall-sa-p2 $HIST --set model.sparsity.bias=0.5
+run s-sc-sa-h synthetic-sparcode-sa-p2 $HIST $L1 --set model.sparsity.bias=0.5
 run s-tt-dnn synthetic-twotower-dnn-p2
-run s-a2a-dnn-h synthetic-alltoall-sa-p2 $DNN $HIST --set model.sparsity_bias=0.5
-run s-sc-dnn-h synthetic-sparcode-dnn-p2 $HIST $L1 --set model.sparsity_bias=0.5
+run s-a2a-dnn-h synthetic-alltoall-sa-p2 $DNN $HIST --set model.sparsity.bias=0.5
+run s-sc-dnn-h synthetic-sparcode-dnn-p2 $HIST $L1 --set model.sparsity.bias=0.5
 fi
 if [[ " $DATASETS " == *" ml100k "* ]]; then
 # MovieLens-100K P2, three training seeds of the bar's pair.

@@ -32,7 +32,7 @@ run s-a2a-ib synthetic-alltoall-sa-p2 $S $IB
 run s-tt-ib synthetic-twotower-sa-p2 $S $IB
 run s-sc synthetic-sparcode-sa-p2 $S
 run s-sc-ib synthetic-sparcode-sa-p2 $S $IB
-run s-sc-ib-l1 synthetic-sparcode-sa-p2 $S $IB --set model.sparsity_weight=0.5
+run s-sc-ib-l1 synthetic-sparcode-sa-p2 $S $IB --set model.sparsity.weight=0.5
 run s-sc-ib-k8 synthetic-sparcode-sa-p2 $S $IB --set model.user_tokens=8
 # Issue 3, MovieLens-100K P2: three training seeds of SparCode-SA and two-tower-SA, in-batch negatives.
 for seed in 0 1 2; do

@@ -19,7 +19,7 @@ RECIPE="--set train.negatives.in_batch=true --set train.negatives.logq=true --se
 declare -A CONFIG=([twotower-dnn]=ml100k-twotower-dnn-p2 [twotower-sa]=ml100k-twotower-sa-p2
   [twotower-sa-recipe]=ml100k-twotower-sa-p2 [sparcode-late]=ml100k-sparcode-late-p2 [sparcode-late-residual]=ml100k-sparcode-late-p2)
 declare -A OVERRIDES=([twotower-dnn]="" [twotower-sa]="" [twotower-sa-recipe]="$RECIPE" [sparcode-late]=""
-  [sparcode-late-residual]="--set model.quantizer=residual")
+  [sparcode-late-residual]="--set model.quantizer.kind=residual")
 VARIANTS=(twotower-dnn twotower-sa twotower-sa-recipe sparcode-late sparcode-late-residual)
 mkdir -p "$OUT"
 for seed in 0 1 2; do

@@ -28,8 +28,7 @@ from crosstower.evaluate.model_eval import evaluate_served
 from crosstower.files import write_json
 from crosstower.index import SparseCodeIndex
 from crosstower.index.keep_rules import UsageBudget
-from crosstower.run import training_users
-from crosstower.run_dir import load_run
+from crosstower.run_dir import load_run, training_users
 
 METRICS = ("recall@50", "ndcg@50", "precision@50")
 

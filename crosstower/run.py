@@ -14,13 +14,10 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from crosstower.config import RunConfig
-from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
-from crosstower.data.ragged import Ragged
 from crosstower.data.run_data import data_fingerprint, load_data
 from crosstower.data.splits import Split
 from crosstower.environment import describe_environment
@@ -29,7 +26,7 @@ from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
 from crosstower.evaluate.pre_ranking import evaluate_labelled
 from crosstower.files import replace_dir
 from crosstower.models import Recommender, build_model
-from crosstower.run_dir import CHECKPOINT, RunFolder, load_run
+from crosstower.run_dir import CHECKPOINT, RunFolder, build_serving_index, load_run
 from crosstower.train.trainer import Trainer, set_seed
 
 log = logging.getLogger("crosstower.run")
@@ -78,22 +75,6 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
         checkpoint.unlink(missing_ok=True)
     replace_dir(partial, out_dir)
     return results
-
-
-def training_users(dataset: Dataset, split: Split, config: RunConfig) -> UserInput:
-    """Every training user with its whole training history (to ``history_length``) as input:
-    the users whose codes a user-side index (SparCode's) holds."""
-    users = np.unique(split.train["user"].to_numpy())
-    history = Ragged.from_groups(split.train["user"].to_numpy(), split.train["item"].to_numpy(), dataset.num_users)
-    return UserInput(torch.from_numpy(users), torch.from_numpy(history.take(users).padded_tail(config.train.history_length)))
-
-
-def build_serving_index(model: Recommender, dataset: Dataset, split: Split, config: RunConfig):
-    """The index that serves ``model``, or None: for models served by exhaustive scoring, and
-    for P4 (pre-ranking) runs, which score given pairs only."""
-    if split.protocol == "p4":
-        return None
-    return model.build_index(training_users(dataset, split, config))
 
 
 def _train_and_evaluate(

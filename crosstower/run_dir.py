@@ -23,13 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from crosstower.config import RunConfig, dump_config, load_config
+from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
+from crosstower.data.ragged import Ragged
 from crosstower.data.run_data import data_fingerprint, load_dataset_of, with_split_features
 from crosstower.data.splits import Split
 from crosstower.errors import ConfigError, DataError
+from crosstower.index import Index
 from crosstower.models import Recommender, build_model
 from crosstower.train.checkpoint import load_checkpoint
 
@@ -100,11 +104,28 @@ class Run:
     model: Recommender
 
     def index(self, mmap: bool = True) -> Any:
-        """The saved serving index, or None where the model is served by exhaustive scoring."""
-        from crosstower.index import Index
-
+        """The serving index: the saved one, or (for a run saved before its model had one) built
+        now; None where the model is served by exhaustive scoring."""
         path = self.folder.file(INDEX)
-        return Index.load(path, mmap=mmap) if path.exists() else None
+        if path.exists():
+            return Index.load(path, mmap=mmap)
+        return build_serving_index(self.model, self.dataset, self.split, self.config)
+
+
+def training_users(dataset: Dataset, split: Split, config: RunConfig) -> UserInput:
+    """Every training user with its whole training history (to ``history_length``) as input:
+    the users whose codes a user-side index (SparCode's) holds."""
+    users = np.unique(split.train["user"].to_numpy())
+    history = Ragged.from_groups(split.train["user"].to_numpy(), split.train["item"].to_numpy(), dataset.num_users)
+    return UserInput(torch.from_numpy(users), torch.from_numpy(history.take(users).padded_tail(config.train.history_length)))
+
+
+def build_serving_index(model: Recommender, dataset: Dataset, split: Split, config: RunConfig) -> Index | None:
+    """The index that serves ``model``, or None: for models served by exhaustive scoring, and
+    for P4 (pre-ranking) runs, which score given pairs only."""
+    if split.protocol == "p4":
+        return None
+    return model.build_index(training_users(dataset, split, config))
 
 
 def load_run(run_dir: Path | str, data_dir: Path | None = None) -> Run:

@@ -26,7 +26,7 @@ from crosstower.evaluate.ranking import topk_items
 from crosstower.index import Index
 from crosstower.losses import listwise_softmax
 from crosstower.models import build_model
-from crosstower.run import training_users
+from crosstower.run_dir import training_users
 from crosstower.train.trainer import Trainer
 from tests.helpers import random_dataset
 

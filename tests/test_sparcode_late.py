@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 from crosstower.config import parse_config
@@ -156,6 +157,13 @@ def test_late_sparcode_run_serves_from_its_index(tmp_path):
     run = load_run(tmp_path / "run")  # the saved config, every default written out, loads
     assert run.config.model.tokenizer == "late" and run.config.model.sparsity.weight == 0.5
     assert run.index().describe()["kept_fraction"] == results["index"]["kept_fraction"]
+    # a run folder written before the quantizer / sparsity / index blocks (flat keys) loads the same
+    old = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    model = old["model"]
+    model.update({"quantizer": model["quantizer"]["kind"], "codebook_size": model["quantizer"]["codebook_size"],
+                  "sparsity_weight": model.pop("sparsity")["weight"], "index_keep": model.pop("index")["keep"]})
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_run(tmp_path / "run").config == run.config
 
 
 @pytest.mark.parametrize("model, message", [

@@ -167,9 +167,11 @@ def test_trained_model_beats_popularity(tmp_path):
 
 
 def test_bf16_training_tracks_fp32_and_evaluates_in_fp32(tmp_path):
-    """The transformer cross encoder, where bf16 pays; parameters and evaluation stay float32."""
+    """The transformer cross encoder, where bf16 pays; parameters and evaluation stay float32.
+    (Sampled negatives only: in-batch ones cost B^2 cross-encoder passes a batch, minutes on a
+    CPU without bfloat16 instructions.)"""
     def config(**train):
-        return parse_config({**tiny_config(epochs=2, history_length=10, **train),
+        return parse_config({**tiny_config(epochs=2, history_length=10, negatives={"num": 20}, **train),
                              "model": {"name": "cross", "dim": 16, "layers": 1, "heads": 2}})
 
     fp32 = run_experiment(config(), tmp_path / "fp32")
@@ -342,3 +344,47 @@ def test_the_average_is_off_by_default_and_its_decay_is_validated(tmp_path, tiny
     assert load_checkpoint(tmp_path / "checkpoint.pt")["average"] is None
     with pytest.raises(ConfigError, match="ema_decay"):
         parse_config(tiny_config(ema_decay=1.0))
+
+
+def test_a_killed_run_survives_a_refused_resume_and_resumes_to_the_uninterrupted_metrics(tmp_path):
+    """Kill a training process (SIGKILL, after its first checkpoint), have a ``--resume`` with a
+    changed config refused, then resume with the right one: the checkpoint survived the refusal,
+    and the resumed run's metrics equal an uninterrupted run's."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    raw = tiny_config(epochs=6)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    checkpoint = tmp_path / ".run.partial" / "checkpoint.pt"
+    process = subprocess.Popen([sys.executable, "-m", "crosstower.cli", "run", str(config_file), "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    assert checkpoint.exists() and not out.exists(), "the run was killed after its first checkpoint"
+    saved = checkpoint.read_bytes()
+
+    with pytest.raises(CheckpointError, match="different config"):
+        run_experiment(parse_config(tiny_config(epochs=6, lr=0.01)), out, resume=True)
+    assert checkpoint.read_bytes() == saved  # refused, and not deleted
+
+    resumed = run_experiment(parse_config(raw), out, resume=True)
+    whole = run_experiment(parse_config(raw), tmp_path / "whole")
+    assert resumed["timing"]["resumed_from_epoch"] >= 1 and resumed["timing"]["epochs"] == 6
+    assert resumed["metrics"] == whole["metrics"]
+    assert not checkpoint.parent.exists()  # finished: the partial folder became the run
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_experiment(parse_config(tiny_config()), tmp_path / "run", resume=True)
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()

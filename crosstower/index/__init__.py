@@ -7,8 +7,9 @@ entry of a run's ``metrics.json``.
 from crosstower.index.base import Index
 from crosstower.index.code_ids import CodeQueries, encode_code_ids, every_code
 from crosstower.index.exact import ExactInnerProductIndex
+from crosstower.index.faiss_inner_product import FaissInnerProductIndex
 from crosstower.index.late_interaction import LateInteractionIndex
 from crosstower.index.sparse_code import SparseCodeIndex
 
-__all__ = ["CodeQueries", "ExactInnerProductIndex", "Index", "LateInteractionIndex", "SparseCodeIndex", "encode_code_ids",
+__all__ = ["CodeQueries", "ExactInnerProductIndex", "FaissInnerProductIndex", "Index", "LateInteractionIndex", "SparseCodeIndex", "encode_code_ids",
            "every_code"]

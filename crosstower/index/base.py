@@ -178,6 +178,30 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def excluded(exclude: Ragged, items: np.ndarray) -> np.ndarray:
+    """Boolean ``items.shape``: is ``items[row, j]`` in row ``row`` of ``exclude``."""
+    width = int(max(items.max(initial=0), exclude.values.max(initial=0))) + 1
+    keys = np.sort(exclude.pair_keys(width))
+    query = np.arange(len(items))[:, None] * width + items
+    if len(keys) == 0:
+        return np.zeros(items.shape, dtype=bool)
+    pos = np.searchsorted(keys, query).clip(max=len(keys) - 1)
+    return (keys[pos] == query) & (items >= 0)
+
+
+def ranked(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` by score, ties to the lower item index; missing slots item -1, score -inf."""
+    b, width = scores.shape
+    if width < k:
+        scores = torch.cat([scores, scores.new_full((b, k - width), float("-inf"))], dim=1)
+        items = torch.cat([items, items.new_full((b, k - width), -1)], dim=1)
+    by_item = torch.argsort(torch.where(items >= 0, items, torch.iinfo(torch.int64).max), dim=1, stable=True)
+    scores, items = scores.gather(1, by_item), items.gather(1, by_item)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    top_scores, top_items = scores.gather(1, order), items.gather(1, order)
+    return top_scores, torch.where(torch.isinf(top_scores) & (top_scores < 0), torch.full_like(top_items, -1), top_items)
+
+
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds``: build times for :meth:`Index.describe`."""
 

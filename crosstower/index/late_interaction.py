@@ -32,26 +32,11 @@ import numpy as np
 import torch
 
 from crosstower.data.ragged import Ragged
-from crosstower.index.base import Index, Timer, as_numpy, as_tensor, check_exclude
+from crosstower.index.base import Index, Timer, as_numpy, as_tensor, check_exclude, excluded, ranked
+from crosstower.index.faiss_inner_product import train_faiss_index
 from crosstower.index.token_store import STORES, Float16Store, ResidualStore
 from crosstower.nn.maxsim import maxsim_pairs
 from crosstower.nn.tokens import TokenSequence
-
-
-def _faiss_index(vectors: np.ndarray, spec: str, seed: int = 0) -> faiss.Index:
-    """A trained and filled faiss index over ``vectors`` (inner-product metric)."""
-    # {auto}: 4 sqrt(n) inverted lists, the usual faiss guidance, but no more than n / 39 so
-    # that k-means has the 39 training points per centroid faiss asks for.
-    lists = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))
-    spec = spec.replace("{auto}", str(lists))
-    index = faiss.index_factory(vectors.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        # 256k training points, or 64 a list where there are more lists (millions of tokens)
-        size = max(256 * 1024, 64 * lists)
-        sample = np.random.default_rng(seed).permutation(len(vectors))[:size]
-        index.train(vectors[sample])
-    index.add(vectors)
-    return index
 
 
 class LateInteractionIndex(Index):
@@ -99,7 +84,7 @@ class LateInteractionIndex(Index):
             encoded = Float16Store.encode(tokens, mask) if store == "float16" else ResidualStore.encode(tokens, mask, nbits)
             # The candidate index sees what re-scoring will see: the stored (decoded) vectors.
             real = encoded.decode(np.arange(len(tokens)))[mask]  # row-major: item by item, token by token
-            index = cls(encoded, mask, bias_array, _faiss_index(real, spec), spec, **search_settings)
+            index = cls(encoded, mask, bias_array, train_faiss_index(real, spec), spec, **search_settings)
         index.build_seconds = timer.seconds
         return index
 
@@ -149,11 +134,11 @@ class LateInteractionIndex(Index):
         )
         with torch.no_grad():
             scores = maxsim_pairs(queries, token_seq) + as_tensor(self.bias[gathered])
-        scores = scores.masked_fill(~torch.from_numpy(valid & ~_excluded(exclude, items)), float("-inf"))
+        scores = scores.masked_fill(~torch.from_numpy(valid & ~excluded(exclude, items)), float("-inf"))
         self.last_scored_fraction = float(valid.sum() / (len(candidates) * self.num_items))
         self._scored_pairs += int(valid.sum())
         self._queries += len(candidates)
-        return _ranked(scores, torch.from_numpy(items), k)
+        return ranked(scores, torch.from_numpy(items), k)
 
     # ---- the index protocol ------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
@@ -217,27 +202,3 @@ def _top_voted(
         scores = np.concatenate([approx[lo:hi], bias[unretrieved]])
         out.append(np.sort(pool[np.argsort(-scores, kind="stable")[:top]]))
     return out
-
-
-def _excluded(exclude: Ragged, items: np.ndarray) -> np.ndarray:
-    """Boolean ``items.shape``: is ``items[row, j]`` in row ``row`` of ``exclude``."""
-    width = int(max(items.max(initial=0), exclude.values.max(initial=0))) + 1
-    keys = np.sort(exclude.pair_keys(width))
-    query = np.arange(len(items))[:, None] * width + items
-    if len(keys) == 0:
-        return np.zeros(items.shape, dtype=bool)
-    pos = np.searchsorted(keys, query).clip(max=len(keys) - 1)
-    return (keys[pos] == query) & (items >= 0)
-
-
-def _ranked(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top ``k`` by score, ties to the lower item index; missing slots item -1, score -inf."""
-    b, width = scores.shape
-    if width < k:
-        scores = torch.cat([scores, scores.new_full((b, k - width), float("-inf"))], dim=1)
-        items = torch.cat([items, items.new_full((b, k - width), -1)], dim=1)
-    by_item = torch.argsort(torch.where(items >= 0, items, torch.iinfo(torch.int64).max), dim=1, stable=True)
-    scores, items = scores.gather(1, by_item), items.gather(1, by_item)
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
-    top_scores, top_items = scores.gather(1, order), items.gather(1, order)
-    return top_scores, torch.where(torch.isinf(top_scores) & (top_scores < 0), torch.full_like(top_items, -1), top_items)

@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from crosstower.config import Strict
 from crosstower.data.batching import PointwiseBatch, TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
-from crosstower.evaluate.ranking import Scorer
 from crosstower.losses import CandidateLogits, PairLogits, binary_cross_entropy, listwise_softmax
+
+if TYPE_CHECKING:
+    from crosstower.evaluate.ranking import Scorer
+    from crosstower.index import Index
 
 ItemRangeScorer = Callable[[UserInput, int, int], torch.Tensor]
 UserBlock = Callable[[np.ndarray], UserInput]
@@ -158,7 +163,7 @@ class Recommender(nn.Module):
         return lambda rows, lo, hi: item_scorer(user_input(rows).to(device), lo, hi)
 
     # ---- serving ----------------------------------------------------------------------------
-    def build_index(self, training_users: UserInput) -> Any:
+    def build_index(self, training_users: UserInput) -> Index | None:
         """The :class:`~crosstower.index.Index` that serves this model, built on the CPU, or
         None where the model is served by exhaustive scoring (:meth:`item_scorer`).
         ``training_users`` (every training user with its training history) is what an index of
@@ -197,8 +202,22 @@ class Recommender(nn.Module):
         return {}
 
 
+class InnerProductIndexConfig(Strict):
+    """How a model whose score is one inner product is served: ``exact`` scores every item
+    (:class:`~crosstower.index.ExactInnerProductIndex`); ``faiss`` searches a faiss index built
+    from ``factory`` (``"HNSW32"``, ``"IVF{auto},Flat"``, ``"IVF{auto},PQ16"``, ...; {auto} = 4
+    sqrt(items) lists) with ``nprobe`` IVF lists or ``ef_search`` HNSW candidates."""
+
+    kind: Literal["exact", "faiss"] = "exact"
+    factory: str = "HNSW32"
+    nprobe: int = Field(16, ge=1)
+    ef_search: int = Field(128, ge=1)
+
+
 class EmbeddingRecommender(Recommender):
     """A model whose score is ``<encode_users(u), encode_items(i)>``: servable by MIPS.
+
+    Its config has an ``index`` (:class:`InnerProductIndexConfig`) that says which MIPS index.
 
     A subclass with an item prior (``self.bias``, from :func:`item_prior`) stays servable by
     MIPS through one more dimension: ``[u; 1] . [i; p_i] = <u, i> + p_i``.
@@ -249,11 +268,15 @@ class EmbeddingRecommender(Recommender):
         item_vectors = self.item_vectors()
         return lambda rows, lo, hi: user_vectors[torch.from_numpy(rows).to(device)] @ item_vectors[lo:hi].T
 
-    def build_index(self, training_users: UserInput) -> Any:
-        """The exact inner-product index of the catalogue's item vectors."""
-        from crosstower.index import ExactInnerProductIndex
+    def build_index(self, training_users: UserInput) -> Index:
+        """The inner-product index of the catalogue's item vectors that the config's ``index``
+        names: exact by default."""
+        from crosstower.index import ExactInnerProductIndex, FaissInnerProductIndex
 
         self.eval()
+        settings = self.config.index
+        if settings.kind == "faiss":
+            return FaissInnerProductIndex.build(self.item_vectors(), settings.factory, settings.nprobe, settings.ef_search)
         return ExactInnerProductIndex(self.item_vectors())
 
     @torch.no_grad()

@@ -41,7 +41,7 @@ from crosstower.config import ModelConfig
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
-from crosstower.models.base import BuildContext, EmbeddingRecommender
+from crosstower.models.base import BuildContext, EmbeddingRecommender, InnerProductIndexConfig
 from crosstower.nn.fields import MLP, FieldEmbedder
 from crosstower.nn.tokenizers import user_field_tokens
 
@@ -63,6 +63,7 @@ class MVKEConfig(ModelConfig):
     user_fields: list[str] | None = None  # None: every user field (under P2/P3 all but user_id)
     item_fields: list[str] | None = None
     dropout: float = Field(0.0, ge=0, lt=1)
+    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
 
     def build(self, dataset: Dataset, context: BuildContext) -> MVKE:
         return MVKE(dataset, self, context)

@@ -12,21 +12,21 @@ exactly zero and need not be stored, so the index of (code -> item, score) is sp
 sums the posting lists of the user's ``K_u`` codes (:mod:`crosstower.index.sparse_code`).
 
 Tokenizers: DNN and SA (:mod:`crosstower.nn.tokenizers`) emit ``K_u`` tokens for an MLP or
-self-attention encoder ``E``; ``late`` is late interaction's user tower
+self-attention encoder ``E`` (:mod:`crosstower.nn.interaction`); ``late`` is late interaction's user tower
 (:mod:`crosstower.nn.late_towers`), one normalised vector per user field, history item and
-expansion token, scored by :class:`InteractionMaxSim` (``E(q, i) = max_b q . d_b / tau``), which
+expansion token, scored by :class:`~crosstower.nn.interaction.InteractionMaxSim` (``E(q, i) = max_b q . d_b / tau``), which
 makes ``y`` ColBERT's MaxSim with the sparsity control and quantised user vectors.
 
-With ``quantize: false`` the same tokenizer and encoder, unquantised and scored exhaustively,
+With ``name: alltoall`` the same tokenizer and encoder, unquantised and scored exhaustively,
 give the all-to-all upper bound the index is measured against. With ``item_bias`` a learned
 per-item prior ``p_i`` is added outside the sum, ``y(u, i) = p_i + sum_k ReLU(...)``, and served
 as one dense vector beside the posting lists (not in the paper; see ``__init__`` for why).
 
 Training: sampled softmax over the candidates (plus in-batch negatives with logQ, optionally),
-the quantiser's commitment loss and, with ``sparsity_weight``, an L1 penalty on the sampled
+the quantiser's commitment loss and, with ``sparsity.weight``, an L1 penalty on the sampled
 negatives' per-token scores (once quantised, its weight optionally grown over
-``sparsity_ramp_steps``) that drives the score table towards exact zeros. With
-``vq_warmup_epochs`` the model first trains unquantised (the all-to-all model), then
+``sparsity.ramp_steps``) that drives the score table towards exact zeros. With
+``quantizer.warmup_epochs`` the model first trains unquantised (the all-to-all model), then
 :meth:`begin_epoch` sets the codebooks by k-means on the tokens it has learned and quantisation
 starts; seeding the codebooks from the first batch of an untrained tokenizer instead collapsed to
 3 of 256 entries in use on the synthetic default.
@@ -47,7 +47,7 @@ from pydantic import Field, model_validator
 from crosstower.config import ModelConfig, Strict
 from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
-from crosstower.index import CodeQueries, SparseCodeIndex
+from crosstower.index import CodeQueries, SparseCodeIndex, encode_code_ids, every_code
 from crosstower.losses import CandidateLogits
 from crosstower.models.base import BuildContext, LossTerms, Recommender, item_prior
 from crosstower.nn.fields import FieldEmbedder
@@ -323,7 +323,7 @@ class SparCode(Recommender):
         # Whether tokens are quantised now: never without a quantiser, off during the warm-up
         # epochs. A buffer, so that a checkpoint resumes in the right phase.
         self.register_buffer("quantizing", torch.tensor(self.quantizer is not None and self.warmup_epochs == 0))
-        # Training steps taken with the L1 penalty on (it ramps up over sparsity_ramp_steps); a
+        # Training steps taken with the L1 penalty on (it ramps up over sparsity.ramp_steps); a
         # buffer, so that a resumed run continues the ramp where it stopped.
         self.register_buffer("sparsity_steps", torch.zeros((), dtype=torch.int64))
         self.register_load_state_dict_pre_hook(_count_from_zero_if_absent)
@@ -418,8 +418,8 @@ class SparCode(Recommender):
         stats = {"positive_share": positive / total} if total else {}
         if total and positive == 0:
             log.warning("every (user token, item) score of this epoch was 0: the ReLU has died and the model "
-                        "cannot recover (only the item prior ranks); try model.sparsity_bias 0.5 (if it died while "
-                        "warming up) and model.sparsity_ramp_steps about one epoch of steps (if it died when "
+                        "cannot recover (only the item prior ranks); try model.sparsity.bias 0.5 (if it died while "
+                        "warming up) and model.sparsity.ramp_steps about one epoch of steps (if it died when "
                         "the L1 penalty came on), or another train.seed")
         if bool(self.quantizing):
             stats.update({f"vq_{k}": v for k, v in self.quantizer.window_stats().items()})
@@ -474,8 +474,6 @@ class SparCode(Recommender):
 
     def _every_code(self, observed: torch.Tensor, usage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All N^M code tuples in id order, and their usage (0 for the codes no token took)."""
-        from crosstower.index import encode_code_ids, every_code
-
         n, m = self.config.quantizer.codebook_size, self.config.quantizer.num_codebooks
         if n**m > MAX_ENUMERATED_CODES:
             raise ValueError(f"model.index.codes 'all' would enumerate {n}^{m} = {n**m:,} codes, more than "

@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
-from crosstower.models.base import BuildContext, EmbeddingRecommender, item_prior
+from crosstower.models.base import BuildContext, EmbeddingRecommender, InnerProductIndexConfig, item_prior
 from crosstower.models.sparcode import TokenizerConfig, build_tokenizers
 
 
@@ -24,6 +24,7 @@ class TokenTwoTowerConfig(TokenizerConfig):
     """A two-tower model over SparCode's tokenizers: one user token, one item token, a dot product."""
 
     name: Literal["twotower"] = "twotower"
+    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
 
     @model_validator(mode="after")
     def _one_token_tokenizer(self):

@@ -24,7 +24,7 @@ from crosstower.config import ModelConfig
 from crosstower.data.batching import UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
-from crosstower.models.base import BuildContext, EmbeddingRecommender, item_prior
+from crosstower.models.base import BuildContext, EmbeddingRecommender, InnerProductIndexConfig, item_prior
 from crosstower.nn.fields import MLP, FieldEmbedder, masked_mean
 from crosstower.nn.tokenizers import embed_history
 
@@ -46,6 +46,7 @@ class TwoTowerConfig(ModelConfig):
     learn_temperature: bool = False
     item_bias: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)
+    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
 
     @model_validator(mode="after")
     def _item_side_fits(self):
