@@ -261,7 +261,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        section = node.get(parts[-1])
+        if isinstance(section, dict) and section and not isinstance(parsed, dict):
+            # Replacing a whole section by a scalar would silently drop every key in it.
+            raise ConfigError(f"--set {item}: '{key.strip()}' is a section ({', '.join(section)}); set one of its keys, "
+                              f"e.g. --set {key.strip()}.{next(iter(section))}=...")
+        node[parts[-1]] = parsed
     return raw
 
 

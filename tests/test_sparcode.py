@@ -515,3 +515,30 @@ def test_time_budget_ending_in_the_warm_up_still_trains_one_quantised_epoch(tmp_
     results = run_experiment(config, tmp_path / "run")
     assert results["timing"]["epochs"] == 3 and results["timing"]["best_epoch"] == 2
     assert results["timing"]["out_of_time"] and "test_served" in results["metrics"]
+
+
+def test_flat_keys_of_earlier_configs_move_into_the_quantizer_sparsity_and_index_blocks():
+    from crosstower.errors import ConfigError
+
+    base = {"dataset": {"name": "synthetic"}, "split": {"protocol": "p2"}}
+    flat = parse_config({**base, "model": {"name": "sparcode", "quantizer": "residual", "codebook_size": 16,
+                                           "vq_warmup_epochs": 1, "sparsity_weight": 0.5, "index_keep": 3}})
+    nested = parse_config({**base, "model": {"name": "sparcode", "quantizer": {"kind": "residual", "codebook_size": 16,
+                                                                                "warmup_epochs": 1},
+                                             "sparsity": {"weight": 0.5}, "index": {"keep": 3}}})
+    assert flat == nested
+    # an old --set on a new config, and a key set both ways with different values
+    overridden = parse_config({**base, "model": {"name": "sparcode", "quantizer": {"codebook_size": 16}}},
+                              overrides=["model.vq_weight=2.0"])
+    assert overridden.model.quantizer.weight == 2.0 and overridden.model.quantizer.codebook_size == 16
+    with pytest.raises(ConfigError, match=r"model: codebook_size is quantizer.codebook_size now, and both are set"):
+        parse_config({**base, "model": {"name": "sparcode", "codebook_size": 8, "quantizer": {"codebook_size": 16}}})
+
+
+def test_setting_a_whole_section_to_a_scalar_is_refused_naming_its_keys():
+    from crosstower.errors import ConfigError
+
+    raw = {"model": {"name": "sparcode", "quantizer": {"codebook_size": 16}}}
+    with pytest.raises(ConfigError, match=r"'model.quantizer' is a section \(codebook_size\); set one of its keys"):
+        parse_config(raw, overrides=["model.quantizer=residual"])
+    assert parse_config(raw, overrides=["model.quantizer.kind=residual"]).model.quantizer.kind == "residual"

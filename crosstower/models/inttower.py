@@ -22,8 +22,8 @@ two-tower pre-ranker whose towers interact only at the top, through a MaxSim ove
 * **CIR** (contrastive interaction regularisation, optional: ``cir_weight`` 0 turns it off).
   ``z_u`` is the mean over heads of the last user FE layer ``P^u_L``, ``z_i`` the mean over heads
   of ``P^i``, both L2-normalised (both ``d_h``-long, whatever ``H_u`` and ``H_i``). Over the
-  batch's positive pairs ``r`` (rows with label 1 in :meth:`IntTower.pointwise_loss`, every row's
-  positive in :meth:`IntTower.loss`),
+  batch's positive pairs ``r`` (rows with label 1 in pointwise training, every row's positive in
+  listwise training; :meth:`IntTower.extra_losses`),
 
       CIR = mean_r -log softmax_j( cos(z_u^r, z_i^j) / tau )[r]
 
