@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from crosstower.config import model_names, parse_config
+from crosstower.data.batching import UserInput
 from crosstower.data.splits import make_split
 from crosstower.evaluate.ranking import topk_items
 from crosstower.index import Index
+from crosstower.index.base import no_exclusions
 from crosstower.losses import listwise_softmax
 from crosstower.models import build_model
 from crosstower.run_dir import training_users
@@ -120,7 +122,7 @@ def test_index_serves_the_exhaustive_top_k(name, data, tmp_path):
         return
     with torch.no_grad():
         scorer = model.ranking_scorer(lambda rows: users_at(users, rows), len(users))
-        exact = topk_items(scorer, len(users), dataset.num_items, empty(len(users)), K)[1]
+        exact = topk_items(scorer, len(users), dataset.num_items, no_exclusions(len(users)), K)[1]
         served = index.search(model.index_query(users), K)[1]
     if index.exact:
         assert torch.equal(served, exact)
@@ -147,14 +149,6 @@ def test_saved_and_loaded_weights_give_the_same_scores(name, data, tmp_path):
         assert torch.equal(loaded.eval().score(batch.user, items), model.score(batch.user, items))
 
 
-def users_at(users, rows: np.ndarray):
-    from crosstower.data.batching import UserInput
-
+def users_at(users: UserInput, rows: np.ndarray) -> UserInput:
     index = torch.from_numpy(rows)
     return UserInput(users.users[index], users.history[index])
-
-
-def empty(num_rows: int):
-    from crosstower.index.base import no_exclusions
-
-    return no_exclusions(num_rows)
