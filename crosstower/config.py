@@ -130,6 +130,16 @@ RANKING_METRICS = ("recall", "ndcg", "precision", "hitrate", "mrr")
 
 # model name -> its configuration class, filled as each model module defines its class
 _MODEL_CONFIGS: dict[str, type[ModelConfig]] = {}
+# distillation method -> its configuration class, filled as each method module defines its class
+_DISTILL_CONFIGS: dict[str, type[DistillConfig]] = {}
+
+
+def _register(cls: type, field: str, registry: dict[str, type]) -> None:
+    """Register ``cls`` under every name its ``field: Literal[...]`` allows."""
+    annotation = cls.model_fields[field].annotation
+    if get_origin(annotation) is Literal:
+        for name in get_args(annotation):
+            registry[name] = cls
 
 
 class ModelConfig(Strict):
@@ -147,10 +157,7 @@ class ModelConfig(Strict):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        annotation = cls.model_fields["name"].annotation
-        if get_origin(annotation) is Literal:
-            for name in get_args(annotation):
-                _MODEL_CONFIGS[name] = cls
+        _register(cls, "name", _MODEL_CONFIGS)
 
     @classmethod
     def upgrade(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +192,96 @@ def _discover_models() -> None:
     import crosstower.models  # noqa: F401  (imports every model module, which registers its config)
 
 
+class TeacherConfig(Strict):
+    """Where a distillation teacher comes from: a finished run folder (``run``), or a config
+    (``config``, with ``overrides`` as ``--set`` gives them) that is trained first, beside the
+    student's run, and reused while its config and data are unchanged."""
+
+    run: str | None = None
+    config: str | None = None
+    overrides: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.run is None) == (self.config is None):
+            raise ValueError("expected exactly one of 'run' (a finished run folder) or 'config' (a config to train)")
+        if self.overrides and self.config is None:
+            raise ValueError("overrides apply to a teacher named by 'config', not to a finished 'run'")
+        return self
+
+
+class DistillConfig(Strict):
+    """Base of every distillation method's configuration (the ``distill`` section).
+
+    The run's ``model`` is the student; the method says how it learns from the teacher. Its
+    objective is a set of named terms, ``terms: {name: weight}`` (a weight of 0 switches a term
+    off and skips computing it), filled from the method's defaults (:attr:`TERMS`), so an
+    ablation is a config change. Like :class:`ModelConfig`, a subclass lives in its method's
+    module and registers under its ``method: Literal[...]`` names.
+    """
+
+    method: str
+    teacher: TeacherConfig | None = None
+    terms: dict[str, float] = Field(default_factory=dict)
+    TERMS: ClassVar[dict[str, float]] = {}  # every term of the method and its default weight
+    TEACHER_TERMS: ClassVar[tuple[str, ...]] = ()  # the terms that read a frozen teacher
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        _register(cls, "method", _DISTILL_CONFIGS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_terms(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        given = data.get("terms") or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"terms: expected a mapping of term name to weight ({', '.join(cls.TERMS)})")
+        unknown = sorted(set(given) - set(cls.TERMS))
+        if unknown:
+            raise ValueError(f"terms: unknown term {unknown[0]!r}; {data.get('method')} has {', '.join(cls.TERMS)}")
+        return {**data, "terms": {**cls.TERMS, **given}}
+
+    @model_validator(mode="after")
+    def _teacher_when_needed(self):
+        reading = [t for t in self.TEACHER_TERMS if self.terms.get(t, 0) != 0]
+        if reading and self.teacher is None:
+            raise ValueError(f"teacher: the terms {', '.join(reading)} read a teacher; give teacher.run (a finished "
+                             f"run folder) or teacher.config (a config to train first)")
+        if any(w < 0 for w in self.terms.values()):
+            raise ValueError("terms: weights must be >= 0")
+        return self
+
+    def uses(self, term: str) -> bool:
+        """Whether ``term`` is on (its weight is not 0)."""
+        return self.terms.get(term, 0) != 0
+
+    def check_run(self, run: RunConfig) -> None:
+        """Raise ValueError where the method's settings disagree with the rest of ``run``."""
+
+    def build(self, student: Any, teacher: Any, context: Any) -> Any:
+        """The :class:`~crosstower.distill.distiller.Distiller` that trains ``student`` with
+        ``teacher`` (None where no term reads one) in ``context`` (a
+        :class:`~crosstower.distill.distiller.DistillContext`)."""
+        raise NotImplementedError
+
+
+def distill_methods() -> list[str]:
+    """Every registered distillation method (importing the method modules registers them)."""
+    import crosstower.distill  # noqa: F401
+
+    return sorted(_DISTILL_CONFIGS)
+
+
+def distill_config_class(method: Any) -> type[DistillConfig]:
+    """The configuration class registered under ``method``; ValueError names the valid ones."""
+    if method not in _DISTILL_CONFIGS and method not in distill_methods():
+        raise ValueError(f"unknown distillation method {method!r}; valid methods: {', '.join(distill_methods())}")
+    return _DISTILL_CONFIGS[method]
+
+
 class RunConfig(Strict):
     name: str | None = None
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -192,6 +289,18 @@ class RunConfig(Strict):
     model: SerializeAsAny[ModelConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    # Train ``model`` as the student of a teacher (crosstower/distill/); None: train it alone.
+    distill: SerializeAsAny[DistillConfig] | None = None
+
+    @field_validator("distill", mode="wrap")
+    @classmethod
+    def _registered_method(cls, value: Any, handler: Any) -> DistillConfig | None:
+        """The ``distill`` section validated by the class registered under its ``method``."""
+        if value is None or isinstance(value, DistillConfig):
+            return value
+        if not isinstance(value, dict) or "method" not in value:
+            raise ValueError(f"expected a mapping with a 'method' (one of {', '.join(distill_methods())})")
+        return distill_config_class(value["method"]).model_validate(value)
 
     @field_validator("model", mode="wrap")
     @classmethod
@@ -241,6 +350,10 @@ class RunConfig(Strict):
         if self.model.trains and not pointwise and not has_negatives:
             raise ValueError("train.negatives: no negatives (set num > 0 with a sampler, or in_batch: true)")
         self.model.check_run(self)
+        if self.distill is not None:
+            if pointwise:
+                raise ValueError("distill: distillation trains on sampled candidates; protocol p4 is not supported")
+            self.distill.check_run(self)
         return self
 
     @property

@@ -20,6 +20,7 @@ from crosstower.config import RunConfig
 from crosstower.data.dataset import Dataset
 from crosstower.data.run_data import data_fingerprint, load_data
 from crosstower.data.splits import Split
+from crosstower.distill import build_distiller
 from crosstower.environment import describe_environment
 from crosstower.errors import ConfigError, CrosstowerError
 from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
@@ -66,7 +67,7 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
     if resume and kept.exists() and not checkpoint.exists():
         shutil.copy2(kept, checkpoint)
     try:
-        results = _train_and_evaluate(config, dataset, split, model, folder, resume)
+        results = _train_and_evaluate(config, dataset, split, model, folder, resume, data_dir)
     except CrosstowerError:
         if created:  # never delete a partial run (and its checkpoint) that this call did not create
             shutil.rmtree(partial, ignore_errors=True)
@@ -78,15 +79,21 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
 
 
 def _train_and_evaluate(
-    config: RunConfig, dataset: Dataset, split: Split, model: Recommender, folder: RunFolder, resume: bool
+    config: RunConfig, dataset: Dataset, split: Split, model: Recommender, folder: RunFolder, resume: bool,
+    data_dir: Path | None,
 ) -> dict:
     fingerprint = data_fingerprint(dataset)
-    report = None
+    report, distiller = None, None
+    if config.distill is not None:
+        # The student trains inside its distiller; the run evaluates, serves and saves the student.
+        distiller = build_distiller(config, model, dataset, split, folder.path, folder.partial, data_dir)
     if model.trainable:
-        report = Trainer(model, dataset, split, config, folder.partial, fingerprint).fit(resume=resume)
+        report = Trainer(distiller or model, dataset, split, config, folder.partial, fingerprint).fit(resume=resume)
     else:
         model.fit(split.train["item"].to_numpy())
     metrics, timing = {}, {"train_seconds": report.seconds if report else 0.0}
+    if distiller is not None and distiller.teacher is not None:
+        timing["teacher_train_seconds"] = distiller.teacher.train_seconds
     for part in ("val", "test"):
         metrics[part], timing[f"{part}_eval_seconds"] = evaluate_part(
             model, dataset, split, part, config, progress=True

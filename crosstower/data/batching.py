@@ -63,6 +63,9 @@ class TrainBatch:
     positive_log_q: torch.Tensor | None  # float [B], subtracted from positive logits
     negative_log_q: torch.Tensor | None  # float [B, K]
     in_batch_mask: torch.Tensor | None = None  # bool [B, B]; None: no in-batch negatives
+    # int64 [B]: each row's position in TrainExamples, so that what was computed once per
+    # training example (a teacher's cached output, privileged features) can be looked up
+    examples: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "TrainBatch":
         """The same batch on ``device``: batches are built on the CPU and trained on ``train.device``."""

@@ -156,7 +156,8 @@ class Trainer:
                 len(index),
             )
             positive_log_q, negative_log_q = pool.log_expected_count(positives), pool.log_expected_count(negatives)
-        return TrainBatch(user, positives, negatives, mask, positive_log_q, negative_log_q, in_batch_mask)
+        return TrainBatch(user, positives, negatives, mask, positive_log_q, negative_log_q, in_batch_mask,
+                          torch.from_numpy(index))
 
     # ---- loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainReport:
@@ -180,7 +181,7 @@ class Trainer:
                 break
             if average is None:
                 average = self._start_average(epoch)
-            loss = self._train_epoch(epoch, optimizer, average)
+            loss, terms = self._train_epoch(epoch, optimizer, average)
             # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
             selectable = epoch >= self.model.warmup_epochs
             with average.swapped_in() if average is not None else contextlib.nullcontext():
@@ -191,10 +192,10 @@ class Trainer:
                     best_state = copy.deepcopy(self.model.state_dict())
             stats = self.model.training_stats()
             lr = optimizer.param_groups[0]["lr"]
-            report.history.append({"epoch": epoch, "loss": loss, "lr": lr, **stats,
+            report.history.append({"epoch": epoch, "loss": loss, "lr": lr, **terms, **stats,
                                    **{f"val_{k}": v for k, v in metrics.items()}})
             report.epochs_run = epoch + 1
-            extra = "".join(f" {k} {v:.3g}" for k, v in stats.items())
+            extra = "".join(f" {k} {v:.3g}" for k, v in {**terms, **stats}.items() if not k.endswith("_weight"))
             log.info("epoch %d loss %.4f val %s %.4f lr %.3g%s", epoch, loss, metric, value, lr, extra)
             if improved:
                 report.best_value, report.best_epoch, bad_epochs = value, epoch, 0
@@ -281,7 +282,11 @@ class Trainer:
         log.info("resumed from %s after epoch %d", path, report.epochs_run)
         return report, state["best_state"], state["bad_epochs"], average
 
-    def _train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, average: WeightAverage | None) -> float:
+    def _train_epoch(
+        self, epoch: int, optimizer: torch.optim.Optimizer, average: WeightAverage | None
+    ) -> tuple[float, dict[str, float]]:
+        """One epoch: its mean loss and the mean of every named loss term (``loss_NAME``; a
+        term's weight as ``loss_NAME_weight``), so each term of a composite objective is logged."""
         cfg = self.train_cfg
         size = len(self.train_rows) if self.pointwise else len(self.examples)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(size)
@@ -291,6 +296,7 @@ class Trainer:
         self.model.begin_epoch(epoch, self.examples)
         self.model.train()
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        terms: dict[str, float] = {}
         total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
         device = self.model.device
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -299,7 +305,7 @@ class Trainer:
             batch = batch.to(device)
             rows = row_values(self.model, batch.row_values()) if self.pointwise else contextlib.nullcontext()
             with autocast, rows:
-                loss, _ = self.model.pointwise_loss(batch) if self.pointwise else self.model.loss(batch)
+                loss, parts = self.model.pointwise_loss(batch) if self.pointwise else self.model.loss(batch)
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr (now {cfg.lr})")
             optimizer.zero_grad(set_to_none=True)
@@ -308,4 +314,7 @@ class Trainer:
             if average is not None:
                 average.update()
             total += float(loss.detach()) * len(index)
-        return total / max(1, len(order))
+            for name, value in parts.items():
+                terms[name] = terms.get(name, 0.0) + value * len(index)
+        size = max(1, len(order))
+        return total / size, {f"loss_{name}": value / size for name, value in terms.items()}

@@ -1,0 +1,131 @@
+"""What trains a student: the student, its teacher and the method's weighted loss terms.
+
+A :class:`Distiller` is the model the trainer sees while a student learns: its loss is the
+method's terms, weighted as ``distill.terms`` says; everything else (validation, scoring,
+serving) is the student's, so the student is selected, evaluated and indexed exactly like an
+undistilled model. The teacher is held outside the module tree (never trained, saved or put in
+training mode); what the method trains besides the student (PFD's joint teacher, ERNIE-Search's
+late-interaction head, a projection) are submodules, kept in the training checkpoint so a run
+resumes, and dropped when the run saves its model: the run folder holds the student alone and
+loads without the teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crosstower.config import DistillConfig, RunConfig
+from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
+from crosstower.data.dataset import Dataset
+from crosstower.data.splits import Split
+from crosstower.errors import ConfigError
+from crosstower.losses import CandidateLogits, listwise_softmax
+from crosstower.models.base import EmbeddingRecommender, ItemRangeScorer, Recommender, UserBlock
+from crosstower.distill.teacher import Teacher, load_teacher
+
+
+@dataclass(frozen=True)
+class DistillContext:
+    """What a method is built from besides the student and the teacher."""
+
+    dataset: Dataset
+    split: Split
+    run: RunConfig
+    workdir: Path  # the run's partial folder: what a method computes once is cached there
+
+
+class Distiller(Recommender):
+    """Base of every method: ``loss`` is ``sum_t weight_t * term_t``, the rest is the student's."""
+
+    def __init__(self, student: EmbeddingRecommender, config: DistillConfig, teacher: Teacher | None):
+        super().__init__(student.num_items)
+        self.student = student
+        self.config = config
+        # Not a submodule: frozen, never in the checkpoint, never switched to training mode.
+        self.__dict__["teacher"] = teacher
+
+    teacher: Teacher | None
+
+    # ---- the objective ---------------------------------------------------------------------
+    def terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The value of every term that is on (:meth:`DistillConfig.uses`)."""
+        raise NotImplementedError
+
+    def weight(self, term: str) -> float:
+        """The weight of ``term`` now (a method may schedule it, as PFD's warm-up does)."""
+        return self.config.terms[term]
+
+    def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        total, parts = None, {}
+        for name, value in self.terms(batch).items():
+            weight = self.weight(name)
+            total = weight * value if total is None else total + weight * value
+            parts[name], parts[f"{name}_weight"] = float(value.detach()), weight
+        if total is None:
+            raise ConfigError("distill.terms: every term has weight 0; nothing to train")
+        return total, parts
+
+    def supervised(self, batch: TrainBatch, logits: CandidateLogits) -> torch.Tensor:
+        """The student's own objective on ``logits``: the listwise softmax plus the student's
+        extra terms (what the undistilled student minimises)."""
+        total = listwise_softmax(logits)
+        for value, weight in self.student.extra_losses(batch, logits).values():
+            total = total + weight * value
+        return total
+
+    # ---- the student's, for everything but the loss -------------------------------------------
+    def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        return self.student.score(user, items)
+
+    def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        return self.student.score_pairs(user, items)
+
+    def item_scorer(self) -> ItemRangeScorer:
+        return self.student.item_scorer()
+
+    def ranking_scorer(self, user_input: UserBlock, num_users: int) -> Any:
+        return self.student.ranking_scorer(user_input, num_users)
+
+    def build_index(self, training_users: UserInput) -> Any:
+        return self.student.build_index(training_users)
+
+    def index_query(self, user: UserInput) -> Any:
+        return self.student.index_query(user)
+
+    @property
+    def warmup_epochs(self) -> int:  # type: ignore[override]
+        return self.student.warmup_epochs
+
+    def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:
+        self.student.begin_epoch(epoch, examples)
+
+    def averaged_buffers(self) -> list[str]:
+        return [f"student.{name}" for name in self.student.averaged_buffers()]
+
+    def training_stats(self) -> dict[str, float]:
+        return self.student.training_stats()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Distiller:
+        """Moving the distiller (``.to(device)``) moves the teacher with it."""
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher.model._apply(fn, *args, **kwargs)
+        return self
+
+
+def build_distiller(config: RunConfig, student: Recommender, dataset: Dataset, split: Split, out_dir: Path,
+                    workdir: Path, data_dir: Path | None) -> Distiller:
+    """The distiller of ``config.distill`` around ``student``, its teacher loaded (or trained
+    beside ``out_dir``); ``workdir`` is where the run is being written."""
+    settings = config.distill
+    if not isinstance(student, EmbeddingRecommender):
+        raise ConfigError(f"model: a distillation student is an inner-product model (served like DSSM); "
+                          f"{config.model.name} is not one")
+    teacher = None
+    if settings.teacher is not None:
+        teacher = load_teacher(settings.teacher, config, dataset, split, out_dir, data_dir)
+    return settings.build(student, teacher, DistillContext(dataset, split, config, workdir))

@@ -1,0 +1,145 @@
+"""The frozen teacher: a finished run, or a config trained first and kept beside the student.
+
+A teacher is loaded from its run folder with its own config and weights, frozen (no gradient,
+eval mode, never saved with the student) and checked against the student's data and split: a
+teacher that saw the student's test interactions would make any distilled number a leak. It
+reads the student's batches through :meth:`Teacher.adapt`, which cuts each history to the
+length the teacher was trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from crosstower.config import RunConfig, TeacherConfig, dump_config, load_config
+from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.dataset import Dataset
+from crosstower.data.run_data import data_fingerprint
+from crosstower.data.splits import Split
+from crosstower.errors import ConfigError, CrosstowerError
+from crosstower.losses import CandidateLogits
+from crosstower.models import Recommender
+from crosstower.run_dir import RunFolder, load_run
+
+log = logging.getLogger("crosstower.distill")
+
+# Settings a reused teacher may differ in: where and how fast it ran, not what it learnt.
+_RUNTIME_KEYS = ("threads", "device")
+
+
+@dataclass
+class Teacher:
+    """A frozen model and the history length it was trained with."""
+
+    model: Recommender
+    history_length: int
+    source: Path
+    name: str
+    train_seconds: float = 0.0  # what training the teacher cost (its run's timing)
+
+    def __post_init__(self) -> None:
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def adapt(self, user: UserInput) -> UserInput:
+        """``user`` with each history cut to the teacher's length (its most recent items)."""
+        if user.history.shape[1] <= self.history_length:
+            return user
+        tail = user.history[:, user.history.shape[1] - self.history_length:]
+        return UserInput(user.users, tail, user.example_age)
+
+    @torch.no_grad()
+    def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
+        """The teacher's logits on exactly the student's candidates (positive, sampled, in-batch)."""
+        adapted = TrainBatch(self.adapt(batch.user), batch.positives, batch.negatives, batch.negative_mask,
+                             batch.positive_log_q, batch.negative_log_q, batch.in_batch_mask, batch.examples)
+        return self.model.candidate_logits(adapted, with_states=with_states)
+
+    @torch.no_grad()
+    def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, len(items)]``."""
+        return self.model.score(self.adapt(user), items)
+
+    @torch.no_grad()
+    def score_candidates(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, C]`` of each user against its own candidates ``items [B, C]``."""
+        b, c = items.shape
+        users = UserInput(user.users.repeat_interleave(c), user.history.repeat_interleave(c, dim=0),
+                          None if user.example_age is None else user.example_age.repeat_interleave(c))
+        return self.model.score_pairs(self.adapt(users), items.reshape(-1)).view(b, c)
+
+
+def load_teacher(settings: TeacherConfig, student: RunConfig, dataset: Dataset, split: Split, student_out: Path,
+                 data_dir: Path | None) -> Teacher:
+    """The teacher ``settings`` name, trained first when it is named by a config."""
+    if settings.run is not None:
+        folder = Path(settings.run)
+        where = "distill.teacher.run"
+    else:
+        folder = _trained_teacher(settings, student_out, data_dir)
+        where = "distill.teacher.config"
+    try:
+        run = load_run(folder, data_dir)
+    except CrosstowerError as exc:
+        raise ConfigError(f"{where} {folder}: cannot load the teacher ({exc})") from None
+    _check_compatible(run.config, run.split, student, split, dataset, run.metrics.get("data"), f"{where} {folder}")
+    log.info("teacher: %s from %s (test %s)", run.config.model.name, folder, _headline(run.metrics))
+    seconds = float(run.metrics.get("timing", {}).get("train_seconds", 0.0))
+    return Teacher(run.model, run.config.train.history_length, folder, run.config.model.name, seconds)
+
+
+def teacher_folder(settings: TeacherConfig, student_out: Path) -> Path:
+    """Where a teacher named by its config is trained: beside the student's run, under the
+    teacher run's own name, so students of one teacher share it."""
+    config = load_config(Path(settings.config), settings.overrides)
+    return Path(student_out).parent / config.run_name
+
+
+def _trained_teacher(settings: TeacherConfig, student_out: Path, data_dir: Path | None) -> Path:
+    """Train the teacher config into :func:`teacher_folder` unless an equal run is there."""
+    from crosstower.run import run_experiment  # the run module builds distillers: import late
+
+    config = load_config(Path(settings.config), settings.overrides)
+    folder = RunFolder(teacher_folder(settings, student_out))
+    if folder.file("metrics.json").exists():
+        if _comparable(folder.read_config()) != _comparable(config):
+            raise ConfigError(f"distill.teacher.config {settings.config}: {folder.path} holds a different run; "
+                              f"remove it, or name that run with distill.teacher.run")
+        log.info("teacher: reusing %s", folder.path)
+        return folder.path
+    resume = any(path.exists() for path in folder.checkpoints)
+    log.info("teacher: training %s into %s%s", settings.config, folder.path, " (resumed)" if resume else "")
+    run_experiment(config, folder.path, data_dir, resume=resume)
+    return folder.path
+
+
+def _comparable(config: RunConfig) -> str:
+    raw = config.model_dump(mode="json")
+    raw["train"] = {k: v for k, v in raw["train"].items() if k not in _RUNTIME_KEYS}
+    return dump_config(RunConfig.model_validate(raw))
+
+
+def _check_compatible(teacher: RunConfig, teacher_split: Split, student: RunConfig, split: Split, dataset: Dataset,
+                      teacher_data: dict | None, where: str) -> None:
+    """The teacher must have trained on the student's data, protocol and training interactions,
+    and read no longer a history than the student's batches hold."""
+    if teacher_data != data_fingerprint(dataset) or teacher.dataset != student.dataset:
+        raise ConfigError(f"{where}: trained on another data set ({teacher.dataset.name}) than the student "
+                          f"({student.dataset.name})")
+    if teacher.split != student.split or not teacher_split.train.equals(split.train):
+        raise ConfigError(f"{where}: trained on another split (protocol {teacher.split.protocol}, seed "
+                          f"{teacher.split.seed}) than the student (protocol {student.split.protocol}, seed "
+                          f"{student.split.seed}); its scores could leak the student's test interactions")
+    if teacher.train.history_length > student.train.history_length:
+        raise ConfigError(f"{where}: reads {teacher.train.history_length} history items but the student's batches "
+                          f"hold {student.train.history_length}; set train.history_length >= "
+                          f"{teacher.train.history_length}")
+
+
+def _headline(metrics: dict) -> str:
+    test = metrics.get("metrics", {}).get("test", {})
+    return ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k.startswith("recall")) or "no test metrics"
