@@ -4,6 +4,7 @@ every method from its config, students that load, evaluate and serve without the
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ MODELS = {
     "dssm": {"name": "dssm", "embedding_dim": 16, "output_dim": 16, "user_hidden": [32], "item_hidden": [32]},
     "colbert": {"name": "colbert", "dim": 16, "projection_dim": 8, "user_layers": 1, "item_layers": 1},
     "cross": {"name": "cross", "dim": 16, "layers": 1, "heads": 2},
-    "dual": {"name": "dual", "dim": 16, "layers": 1, "heads": 2, "output_dim": 16},
+    "dual": {"name": "dual", "dim": 16, "user_layers": 1, "heads": 2, "output_dim": 16},
 }
 
 
@@ -138,3 +139,58 @@ def test_the_frozen_teacher_gets_no_gradient(teachers, tmp_path):
     assert all(p.grad is None for p in distiller.teacher.model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert not any(k.startswith("teacher") for k in distiller.state_dict())
+
+
+@pytest.mark.parametrize("model, distill", [
+    ("dssm", {"method": "endx", "kernel": "pkt"}),
+    ("dssm", {"method": "endx"}),
+    ("dssm", {"method": "pfd"}),
+    ("youtubednn", {"method": "pfd", "variant": "pointwise", "warmup_epochs": 0}),
+    ("dual", {"method": "ernie"}),
+    ("dual", {"method": "ernie", "terms": {"cross_to_colbert": 0, "cross_to_dual": 0, "attention": 0}}),
+])
+def test_every_method_trains_end_to_end(teachers, tmp_path, model, distill):
+    if distill["method"] in ("endx", "ernie") and "terms" not in distill:
+        distill = {**distill, "teacher": {"run": str(teachers / "cross")}}
+    raw = config("dssm" if model == "youtubednn" else model, distill)
+    if model == "youtubednn":
+        raw["model"]["name"] = "youtubednn"
+        raw["model"].pop("item_hidden")
+    results = run_experiment(parse_config(raw), tmp_path / "run")
+    history = results["training_history"]
+    for term, weight in parse_config(raw).distill.terms.items():
+        if weight:
+            assert all(math.isfinite(epoch[f"loss_{term}"]) for epoch in history), term
+    assert results["metrics"]["test_served"]["recall@50"] == pytest.approx(
+        results["metrics"]["test"]["recall@50"], abs=1e-9)
+    assert load_run(tmp_path / "run").model.config.name == raw["model"]["name"]
+
+
+def test_pfd_warm_up_moves_the_kd_weight_to_the_supervised_term(tmp_path):
+    results = run_experiment(parse_config(config("dssm", {"method": "pfd", "warmup_epochs": 1})), tmp_path / "run")
+    first, second = results["training_history"][:2]
+    assert first["loss_kd_weight"] == 0 and first["loss_supervised_weight"] == 1.0
+    assert second["loss_kd_weight"] == 0.5 and second["loss_supervised_weight"] == 0.5
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_pfd_kd_term_reaches_the_joint_teacher_only_without_detach(tmp_path, detach):
+    distiller, batch = distiller_and_batch(
+        config("dssm", {"method": "pfd", "warmup_epochs": 0, "detach_teacher": detach,
+                        "terms": {"supervised": 0, "teacher": 0}}), tmp_path)
+    loss, _ = distiller.loss(batch)
+    loss.backward()
+    teacher_grad = sum(float(p.grad.abs().sum()) for p in distiller.joint_teacher.parameters() if p.grad is not None)
+    assert (teacher_grad == 0) == detach
+
+
+def test_ernie_attention_term_needs_aligned_token_sequences(teachers, tmp_path):
+    raw = config("dual", {"method": "ernie", "teacher": {"run": str(teachers / "cross")}}, history_length=12)
+    with pytest.raises(ConfigError, match="token sequences"):
+        run_experiment(parse_config(raw), tmp_path / "run")
+
+
+def test_endx_refuses_a_teacher_without_joint_states(teachers, tmp_path):
+    raw = config("dssm", {"method": "endx", "teacher": {"run": str(teachers / "colbert")}})
+    with pytest.raises(ConfigError, match="cross encoder"):
+        run_experiment(parse_config(raw), tmp_path / "run")

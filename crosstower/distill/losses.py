@@ -28,11 +28,13 @@ def candidate_matrix(logits: CandidateLogits) -> tuple[torch.Tensor, torch.Tenso
 
 
 def listwise_kd(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor | None = None,
-                temperature: float = 1.0) -> torch.Tensor:
+                temperature: float = 1.0, detach: bool = True) -> torch.Tensor:
     """``tau^2 KL(sg(p_T) || p_S)`` averaged over rows, both softmaxes over a row's candidates
     at temperature ``tau`` (methods.md §0.3 KD_list). ``teacher``, ``student`` are ``[B, C]``;
-    ``mask`` (True = drop) removes the same candidates from both distributions."""
-    teacher, student = teacher.detach() / temperature, student / temperature
+    ``mask`` (True = drop) removes the same candidates from both distributions. ``detach``
+    False lets the term's gradient reach the teacher too (PFD's flag)."""
+    teacher = (teacher.detach() if detach else teacher) / temperature
+    student = student / temperature
     if mask is not None:
         teacher = teacher.masked_fill(mask, float("-inf"))
         student = student.masked_fill(mask, float("-inf"))
@@ -50,11 +52,13 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor, drop: torch.Tensor | None
     return (log_p.exp() * difference).sum(-1)
 
 
-def pointwise_kd(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def pointwise_kd(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor | None = None,
+                 detach: bool = True) -> torch.Tensor:
     """``BCE(sigma(s_S), sg(sigma(s_T)))``: the student's logits against the teacher's
     probabilities as soft labels (methods.md §0.3 KD_pt, PFD's loss), averaged over the kept
-    candidates (``mask`` True = drop)."""
-    loss = F.binary_cross_entropy_with_logits(student.float(), torch.sigmoid(teacher.detach().float()), reduction="none")
+    candidates (``mask`` True = drop); ``detach`` as in :func:`listwise_kd`."""
+    target = torch.sigmoid((teacher.detach() if detach else teacher).float())
+    loss = F.binary_cross_entropy_with_logits(student.float(), target, reduction="none")
     if mask is None:
         return loss.mean()
     keep = ~mask

@@ -65,6 +65,16 @@ class Teacher:
         return self.model.score(self.adapt(user), items)
 
     @torch.no_grad()
+    def cross_embeddings(self, user: UserInput, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (user, item) pair's user and item embeddings from the teacher's joint encoding."""
+        return self.model.cross_embeddings(self.adapt(user), items)
+
+    @torch.no_grad()
+    def cross_attention(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        """Each pair's last-layer user->item attention ``[P, L_u, L_i]``, averaged over heads."""
+        return self.model.cross_attention(self.adapt(user), items)
+
+    @torch.no_grad()
     def score_candidates(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, C]`` of each user against its own candidates ``items [B, C]``."""
         b, c = items.shape

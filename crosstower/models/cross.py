@@ -28,6 +28,7 @@ from crosstower.data.batching import TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.losses import CandidateLogits
 from crosstower.models.base import BuildContext, Recommender
+from crosstower.nn.fields import masked_mean
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
 from crosstower.nn.transformer import LayerTrace, TransformerEncoder
 
@@ -136,6 +137,21 @@ class CrossEncoder(Recommender):
         )
         pairs_items = TokenSequence(item_tokens, item_seq.mask[inverse])
         return self.forward_pairs(pairs_users, pairs_items, return_traces)
+
+    def cross_embeddings(self, user: UserInput, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pair's user and item embeddings read from the joint encoding (ENDX's
+        cross-embeddings): the mean of the final states over the user positions and over the
+        item positions, ``[P, d]`` each."""
+        out = self.forward_pairs(self.substrate.users(user), self.substrate.items(items))
+        u = out.user_length
+        return masked_mean(out.hidden[:, :u], out.mask[:, :u]), masked_mean(out.hidden[:, u:], out.mask[:, u:])
+
+    def cross_attention(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
+        """Each pair's last-layer attention from the user tokens to the item tokens, averaged over
+        heads: ``[P, L_u, L_i]`` (rows sum to the share of attention a user token pays to the
+        item side). What ERNIE-Search's token-level term distils."""
+        out = self.forward_pairs(self.substrate.users(user), self.substrate.items(items), return_traces=True)
+        return out.block(out.traces[-1].attention, "ui").mean(1)
 
     # ---- the model contract ------------------------------------------------------------------
     def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,7 @@ class TwoTower(EmbeddingRecommender):
         user_in += 1 if self.use_example_age else 0
         if user_in == 0:
             raise ConfigError("model: the user tower has no input (no history and no user field besides user_id)")
+        self.user_input_dim, self.item_input_dim = user_in, self.item_fields.num_fields * d
         self.user_tower = MLP([user_in, *s.user_hidden, s.output_dim], s.dropout)
         if s.item_mlp:
             self.item_tower = MLP([self.item_fields.num_fields * d, *s.item_hidden, s.output_dim], s.dropout)
@@ -94,7 +95,9 @@ class TwoTower(EmbeddingRecommender):
     def _history_vector(self, user: UserInput) -> torch.Tensor:
         return masked_mean(embed_history(self.item_fields, user.history), user.history_mask)
 
-    def encode_users(self, user: UserInput) -> torch.Tensor:
+    def user_inputs(self, user: UserInput) -> torch.Tensor:
+        """``[B, user_in]``: what the user tower reads (field embeddings, the mean history
+        embedding, the example age), the embeddings a PFD teacher shares."""
         parts = []
         if self.user_fields is not None:
             parts.append(self.user_fields(user.users).flatten(1))
@@ -103,12 +106,21 @@ class TwoTower(EmbeddingRecommender):
         if self.use_example_age:
             age = user.example_age if user.example_age is not None else torch.zeros(len(user), device=user.users.device)
             parts.append(age.unsqueeze(-1))
-        vector = self._similarity_space(self.user_tower(torch.cat(parts, dim=-1))) * self.log_scale.exp()
+        return torch.cat(parts, dim=-1)
+
+    def item_inputs(self, items: torch.Tensor) -> torch.Tensor:
+        """``[N, item_in]``: the item's field embeddings, what the item tower reads."""
+        return self.item_fields(items).flatten(1)
+
+    def encode_users(self, user: UserInput) -> torch.Tensor:
+        vector = self._similarity_space(self.user_tower(self.user_inputs(user))) * self.log_scale.exp()
         return self._user_with_prior(vector)
 
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
-        tokens = self.item_fields(items)
-        vector = self.item_tower(tokens.flatten(1)) if self.config.item_mlp else tokens.sum(1)
+        if self.config.item_mlp:
+            vector = self.item_tower(self.item_inputs(items))
+        else:
+            vector = self.item_fields(items).sum(1)
         return self._item_with_prior(self._similarity_space(vector), items)
 
     def _similarity_space(self, vector: torch.Tensor) -> torch.Tensor:

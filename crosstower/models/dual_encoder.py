@@ -1,0 +1,113 @@
+"""The transformer dual encoder (methods.md §0.3 "Towers"): the student that shows its tokens.
+
+Each side's substrate tokens (:class:`~crosstower.nn.tokens.TokenSubstrate`, the very sequences
+the cross encoder concatenates) go through that side's transformer; the pooled vectors are
+``e_u = W_u h_u[CLS]`` and ``e_i = W_i h_i[CLS]``, scored by their inner product (or cosine over
+a temperature), so it is served by MIPS like DSSM. Unlike DSSM it keeps every token state, and
+with ``with_states`` its candidate logits return them: what a distiller reads from its student
+(ERNIE-Search's late-interaction head over the same tower pass; attention distillation's
+queries and keys, layer by layer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from crosstower.config import ModelConfig
+from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.dataset import Dataset
+from crosstower.losses import CandidateLogits
+from crosstower.models.base import BuildContext, EmbeddingRecommender, InnerProductIndexConfig, item_prior
+from crosstower.nn.tokens import TokenSequence, TokenSubstrate
+from crosstower.nn.transformer import TransformerEncoder
+
+
+class DualEncoderConfig(ModelConfig):
+    """Two transformer towers over the substrate's tokens, pooled at [CLS], one inner product."""
+
+    name: Literal["dual"] = "dual"
+    dim: int = Field(64, ge=1)
+    output_dim: int = Field(64, ge=1)  # D, the served vector
+    user_layers: int = Field(2, ge=1)
+    item_layers: int = Field(1, ge=1)
+    heads: int = Field(2, ge=1)
+    user_fields: list[str] | None = None
+    item_fields: list[str] | None = None
+    similarity: Literal["cosine", "dot"] = "cosine"
+    temperature: float = Field(0.05, gt=0)  # logits = similarity / temperature
+    item_bias: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+    def build(self, dataset: Dataset, context: BuildContext) -> DualEncoder:
+        return DualEncoder(dataset, self, context)
+
+
+class DualEncoder(EmbeddingRecommender):
+    def __init__(self, dataset: Dataset, config: DualEncoderConfig, context: BuildContext = BuildContext()):
+        super().__init__(dataset.num_items)
+        s = self.config = config
+        self.substrate = TokenSubstrate(dataset, s.dim, context.history_length,
+                                        context.user_fields(s.user_fields, dataset), s.item_fields)
+        self.user_encoder = TransformerEncoder(s.dim, s.user_layers, s.heads, s.dropout)
+        self.item_encoder = TransformerEncoder(s.dim, s.item_layers, s.heads, s.dropout)
+        self.user_head = nn.Linear(s.dim, s.output_dim)
+        self.item_head = nn.Linear(s.dim, s.output_dim)
+        self.scale = 1.0 / s.temperature
+        self.bias = item_prior(dataset.num_items, s.item_bias)
+
+    # ---- token states ------------------------------------------------------------------------
+    def user_states(self, user: UserInput) -> TokenSequence:
+        """The user tower's final token states ``[B, L_u, dim]`` ([CLS_U] first) and mask."""
+        seq = self.substrate.users(user)
+        return TokenSequence(self.user_encoder(seq.tokens, seq.mask), seq.mask)
+
+    def item_states(self, items: torch.Tensor) -> TokenSequence:
+        """The item tower's final token states ``[N, L_i, dim]`` ([CLS_I] first) and mask."""
+        seq = self.substrate.items(items)
+        return TokenSequence(self.item_encoder(seq.tokens, seq.mask), seq.mask)
+
+    def _pool(self, head: nn.Linear, states: TokenSequence) -> torch.Tensor:
+        vector = head(states.tokens[:, 0])
+        if self.config.similarity == "cosine":
+            vector = F.normalize(vector, dim=-1)
+        return vector * math.sqrt(self.scale)  # the scale split over both sides: <u, i> = sim / tau
+
+    # ---- the model contract ------------------------------------------------------------------
+    def encode_users(self, user: UserInput) -> torch.Tensor:
+        return self._user_with_prior(self._pool(self.user_head, self.user_states(user)))
+
+    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
+        return self._item_with_prior(self._pool(self.item_head, self.item_states(items)), items)
+
+    def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
+        """As every inner-product model's; ``with_states`` adds the token states: ``user_states``
+        (a TokenSequence ``[B, L_u, dim]``) and the candidates' ``item_states`` ``[B, 1 + K,
+        L_i, dim]`` with ``item_mask``, the positive first."""
+        if not with_states:
+            return super().candidate_logits(batch)
+        user_seq = self.user_states(batch.user)
+        users = self._user_with_prior(self._pool(self.user_head, user_seq))
+        candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)
+        unique, inverse = torch.unique(candidates.reshape(-1), return_inverse=True)
+        item_seq = self.item_states(unique)
+        vectors = F.embedding(inverse, self._item_with_prior(self._pool(self.item_head, item_seq), unique))
+        vectors = vectors.view(*candidates.shape, -1)
+        logits = torch.einsum("bd,bcd->bc", users, vectors)
+        in_batch = users @ vectors[:, 0].T if batch.in_batch_mask is not None else None
+        tokens = F.embedding(inverse, item_seq.tokens.flatten(1)).view(*candidates.shape, *item_seq.tokens.shape[1:])
+        states = {"user_vectors": users, "item_vectors": vectors, "user_states": user_seq,
+                  "item_states": tokens, "item_mask": item_seq.mask[inverse].view(*candidates.shape, -1)}
+        return batch.logits(logits[:, 0], logits[:, 1:], in_batch, states)
