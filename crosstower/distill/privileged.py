@@ -11,8 +11,8 @@ window, slots at time t or later masked out):
 * ``category_recency``: how many steps ago u last touched one of j's categories, over the window
   length (1 when never), and ``category_never`` (1 when never);
 * ``item_count``: how often u interacted with j itself (log1p);
-* ``category_rating`` (data sets with ratings): u's mean rating of those items, centred on the
-  training mean (0 when none).
+* ``category_rating`` (data sets with ratings): u's mean rating of those items minus u's mean
+  rating of all its past items (0 when none).
 
 Defined for sampled negatives too, and read only from the past, so none of them copies the
 label; post-event features (a rating of j itself) are not among them. Everything is gathered
@@ -63,8 +63,7 @@ class PrivilegedFeatures(nn.Module):
         self.register_buffer("times", torch.as_tensor(frame[TIME].to_numpy(np.float64)), persistent=False)
         self.with_rating = RATING in frame.columns
         ratings = frame[RATING].to_numpy(np.float32) if self.with_rating else np.zeros(len(frame), np.float32)
-        centred = ratings - (ratings.mean() if len(ratings) else 0.0)
-        self.register_buffer("ratings", torch.as_tensor(centred), persistent=False)
+        self.register_buffer("ratings", torch.as_tensor(ratings), persistent=False)
 
     @property
     def num_features(self) -> int:
@@ -105,5 +104,6 @@ class PrivilegedFeatures(nn.Module):
             sums = torch.zeros(b, self.num_categories, device=past.device).scatter_add_(
                 1, flat, (real * ratings[..., None]).reshape(b, -1))
             rating_sum = (sums.gather(1, gathered).view_as(valid) * valid).sum(-1) / per_value
-            features.append(rating_sum / count.clamp_min(1e-6) * (count > 0))
+            user_mean = ratings.sum(-1, keepdim=True) / n_past.clamp_min(1.0)
+            features.append((rating_sum / count.clamp_min(1e-6) - user_mean) * (count > 0))
         return torch.stack(features, dim=-1)
