@@ -60,10 +60,10 @@ class PrivilegedFeatures(nn.Module):
         values = torch.as_tensor(dataset.items.values[field]).long()
         self.register_buffer("categories", values[:, None] if values.dim() == 1 else values, persistent=False)
         self.num_categories = dataset.items.fields[field].vocab_size
-        self.register_buffer("times", torch.as_tensor(frame[TIME].to_numpy(np.float64)), persistent=False)
+        self.register_buffer("times", torch.tensor(frame[TIME].to_numpy(np.float64)), persistent=False)
         self.with_rating = RATING in frame.columns
         ratings = frame[RATING].to_numpy(np.float32) if self.with_rating else np.zeros(len(frame), np.float32)
-        self.register_buffer("ratings", torch.as_tensor(ratings), persistent=False)
+        self.register_buffer("ratings", torch.tensor(ratings), persistent=False)
 
     @property
     def num_features(self) -> int:
