@@ -9,6 +9,7 @@ length the teacher was trained with.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +56,7 @@ class Teacher:
     @torch.no_grad()
     def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
         """The teacher's logits on exactly the student's candidates (positive, sampled, in-batch)."""
-        adapted = TrainBatch(self.adapt(batch.user), batch.positives, batch.negatives, batch.negative_mask,
-                             batch.positive_log_q, batch.negative_log_q, batch.in_batch_mask, batch.examples)
-        return self.model.candidate_logits(adapted, with_states=with_states)
+        return self.model.candidate_logits(dataclasses.replace(batch, user=self.adapt(batch.user)), with_states)
 
     @torch.no_grad()
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:

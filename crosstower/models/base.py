@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from crosstower.config import Strict
+from crosstower.config import ModelConfig, Strict
 from crosstower.data.batching import PointwiseBatch, TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.errors import ConfigError
@@ -200,6 +200,19 @@ class Recommender(nn.Module):
     def training_stats(self) -> dict[str, float]:
         """Model-specific numbers worth logging after an epoch (e.g. codebook usage)."""
         return {}
+
+
+class AttentionModelConfig(ModelConfig):
+    """What the config of every transformer model shares: its width and heads (which divide it)."""
+
+    dim: int = Field(64, ge=1)
+    heads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
 
 
 class InnerProductIndexConfig(Strict):

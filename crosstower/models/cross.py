@@ -20,14 +20,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from crosstower.config import ModelConfig, Strict
+from crosstower.config import Strict
 from crosstower.data.batching import TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.losses import CandidateLogits
-from crosstower.models.base import BuildContext, Recommender
+from crosstower.models.base import AttentionModelConfig, BuildContext, Recommender
 from crosstower.nn.fields import masked_mean
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
 from crosstower.nn.transformer import LayerTrace, TransformerEncoder
@@ -44,24 +44,16 @@ class AttentionBlocksConfig(Strict):
     ii: bool = True  # item tokens attend to item tokens
 
 
-class CrossConfig(ModelConfig):
+class CrossConfig(AttentionModelConfig):
     """The all-to-all cross encoder: one transformer over [user tokens; item tokens]."""
 
     name: Literal["cross"] = "cross"
-    dim: int = Field(64, ge=1)
     layers: int = Field(2, ge=1)
-    heads: int = Field(2, ge=1)
     user_fields: list[str] | None = None
     item_fields: list[str] | None = None
     blocks: AttentionBlocksConfig = Field(default_factory=AttentionBlocksConfig)
     dropout: float = Field(0.0, ge=0, lt=1)
     pair_chunk: int = Field(4096, ge=1)  # (user, item) pairs per transformer call in exhaustive scoring
-
-    @model_validator(mode="after")
-    def _heads_divide_dim(self):
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        return self
 
     def build(self, dataset: Dataset, context: BuildContext) -> CrossEncoder:
         return CrossEncoder(dataset, self, context)

@@ -16,27 +16,30 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from crosstower.config import ModelConfig
 from crosstower.data.batching import TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.losses import CandidateLogits
-from crosstower.models.base import BuildContext, EmbeddingRecommender, InnerProductIndexConfig, item_prior
+from crosstower.models.base import (
+    AttentionModelConfig,
+    BuildContext,
+    EmbeddingRecommender,
+    InnerProductIndexConfig,
+    item_prior,
+)
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
 from crosstower.nn.transformer import TransformerEncoder
 
 
-class DualEncoderConfig(ModelConfig):
+class DualEncoderConfig(AttentionModelConfig):
     """Two transformer towers over the substrate's tokens, pooled at [CLS], one inner product."""
 
     name: Literal["dual"] = "dual"
-    dim: int = Field(64, ge=1)
     output_dim: int = Field(64, ge=1)  # D, the served vector
     user_layers: int = Field(2, ge=1)
     item_layers: int = Field(1, ge=1)
-    heads: int = Field(2, ge=1)
     user_fields: list[str] | None = None
     item_fields: list[str] | None = None
     similarity: Literal["cosine", "dot"] = "cosine"
@@ -44,12 +47,6 @@ class DualEncoderConfig(ModelConfig):
     item_bias: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)
     index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
-
-    @model_validator(mode="after")
-    def _heads_divide_dim(self):
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        return self
 
     def build(self, dataset: Dataset, context: BuildContext) -> DualEncoder:
         return DualEncoder(dataset, self, context)

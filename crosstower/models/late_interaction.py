@@ -22,15 +22,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from crosstower.config import ModelConfig, Strict
+from crosstower.config import Strict
 from crosstower.data.batching import TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.index import LateInteractionIndex
 from crosstower.losses import CandidateLogits
-from crosstower.models.base import BuildContext, ItemRangeScorer, Recommender, item_prior
+from crosstower.models.base import AttentionModelConfig, BuildContext, ItemRangeScorer, Recommender, item_prior
 from crosstower.nn.late_towers import LateTowers
 from crosstower.nn.maxsim import maxsim, maxsim_pairs
 from crosstower.nn.tokens import TokenSequence
@@ -54,15 +54,13 @@ class LateInteractionIndexConfig(Strict):
     nbits: Literal[1, 2, 4, 8] = 4  # residual bits per dimension (store: residual)
 
 
-class LateInteractionConfig(ModelConfig):
+class LateInteractionConfig(AttentionModelConfig):
     """ColBERT-style late interaction (MaxSim) on the substrate's two token towers."""
 
     name: Literal["colbert"] = "colbert"
-    dim: int = Field(64, ge=1)
     projection_dim: int = Field(32, ge=1)  # m: the stored size of every token vector
     user_layers: int = Field(2, ge=1)
     item_layers: int = Field(1, ge=1)
-    heads: int = Field(2, ge=1)
     user_fields: list[str] | None = None
     item_fields: list[str] | None = None
     expansion_tokens: int = Field(0, ge=0)  # learned extra user tokens (ColBERT's [MASK] augmentation)
@@ -71,12 +69,6 @@ class LateInteractionConfig(ModelConfig):
     item_bias: bool = False  # a learned per-item term added to MaxSim (popularity)
     index: LateInteractionIndexConfig = Field(default_factory=LateInteractionIndexConfig)
     dropout: float = Field(0.0, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _heads_divide_dim(self):
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        return self
 
     def build(self, dataset: Dataset, context: BuildContext) -> LateInteraction:
         return LateInteraction(dataset, self, context)

@@ -1,0 +1,81 @@
+"""Print the distillation tables of docs/results.md from finished run folders.
+
+    python benchmarks/distill_table.py runs/distill/ml100k-*        # one row per run
+    python benchmarks/distill_table.py --seeds runs/distill/ml100k-*  # mean +- std over seeds
+
+A row is a run: its student, method and teacher, test Recall@20 / Recall@50 / NDCG@50, served
+Recall@50 (the run's index), the student's training seconds and the teacher's (a teacher shared
+by several students is counted in each), epochs, and the student's scoring cost per (user, item)
+pair: the multiply-adds of one inner product. With ``--seeds`` runs whose configs differ only in
+``train.seed`` are one row: mean +- sample standard deviation, and the number of seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+METRICS = (("test", "recall@20"), ("test", "recall@50"), ("test", "ndcg@50"), ("test_served", "recall@50"))
+HEAD = ["dataset", "protocol", "student", "method", "teacher", "Recall@20", "Recall@50", "NDCG@50",
+        "served Recall@50", "student train s", "teacher train s", "epochs", "MACs / pair", "seeds", "command"]
+
+
+def describe(run_dir: Path) -> dict:
+    r = json.loads((run_dir / "metrics.json").read_text())
+    config, timing = r["config"], r["timing"]
+    distill = config.get("distill") or {}
+    teacher = distill.get("teacher") or {}
+    model = config["model"]
+    width = model.get("output_dim", model.get("embedding_dim", 0)) + (1 if model.get("item_bias") else 0)
+    seedless = {**config, "train": {k: v for k, v in config["train"].items() if k not in ("seed", "threads")}}
+    return {
+        "key": json.dumps(seedless, sort_keys=True),
+        "cells": [r["dataset"], r["protocol"].upper(), r["model"], distill.get("method", "none"),
+                  Path(teacher.get("config") or teacher.get("run") or "-").stem],
+        "values": [r["metrics"].get(part, {}).get(metric) for part, metric in METRICS],
+        "train": timing["train_seconds"], "teacher": timing.get("teacher_train_seconds", 0.0),
+        "epochs": timing.get("epochs", 0), "macs": width, "name": config.get("name") or run_dir.name,
+        "seed": config["train"]["seed"],
+    }
+
+
+def _cell(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def rows(runs: list[dict], by_seed: bool) -> list[list[str]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[run["key"] if by_seed else f"{run['key']}{run['seed']}{id(run)}"].append(run)
+    out = []
+    for group in groups.values():
+        first = group[0]
+        seeds = sorted(r["seed"] for r in group)
+        command = f"`crosstower run configs/{first['name']}.yaml`"
+        if seeds != [0]:
+            command = f"{command} with `--set train.seed=S`, S in {', '.join(map(str, seeds))}"
+        out.append([*first["cells"], *(_cell([r["values"][i] for r in group]) for i in range(len(METRICS))),
+                    f"{statistics.mean(r['train'] for r in group):.0f}", f"{first['teacher']:.0f}",
+                    "/".join(str(r["epochs"]) for r in group), str(first["macs"]), str(len(group)), command])
+    return out
+
+
+def main(argv: list[str]) -> None:
+    by_seed = "--seeds" in argv
+    runs = [describe(Path(p)) for p in argv if p != "--seeds" and (Path(p) / "metrics.json").exists()]
+    print("| " + " | ".join(HEAD) + " |")
+    print("|" + "---|" * len(HEAD))
+    for cells in rows(runs, by_seed):
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
