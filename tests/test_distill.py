@@ -20,6 +20,7 @@ from crosstower.models import build_model
 from crosstower.run import run_experiment
 from crosstower.run_dir import load_run
 from crosstower.train.trainer import Trainer
+from tests.helpers import rated_frames
 
 TINY = {"num_users": 300, "num_items": 150, "num_clusters": 6, "num_segments": 4, "seed": 3}
 TRAIN = {"epochs": 2, "batch_size": 128, "patience": 5, "threads": 1, "history_length": 10,
@@ -194,3 +195,24 @@ def test_endx_refuses_a_teacher_without_joint_states(teachers, tmp_path):
     raw = config("dssm", {"method": "endx", "teacher": {"run": str(teachers / "colbert")}})
     with pytest.raises(ConfigError, match="cross encoder"):
         run_experiment(parse_config(raw), tmp_path / "run")
+
+
+def test_a_teacher_on_rated_interactions_is_accepted(tmp_path):
+    """A saved split keeps user, item and time but not the ratings: the teacher's split still
+    matches the student's; PFD reads the ratings of the past (its category_rating feature)."""
+    frame, _, items = rated_frames(num_users=80, num_items=60, rows=2500)
+    frame.to_csv(tmp_path / "log.csv", index=False)
+    items.reset_index().to_csv(tmp_path / "items.csv", index=False)
+    dataset = {"name": "generic", "path": str(tmp_path), "options": {
+        "interactions": "log.csv", "columns": {"rating": "rating"},
+        "item_features": {"file": "items.csv", "id_column": "item_id", "fields": [{"column": "genre", "kind": "categorical"}]}}}
+
+    def rated(model, distill=None):
+        raw = {**config(model, distill), "dataset": dataset, "split": {"protocol": "p1"}}
+        raw["model"].pop("user_fields", None)
+        return parse_config(raw)
+
+    run_experiment(rated("colbert"), tmp_path / "teacher")
+    kd = run_experiment(rated("dssm", {"method": "kd", "teacher": {"run": str(tmp_path / "teacher")}}), tmp_path / "kd")
+    pfd = run_experiment(rated("dssm", {"method": "pfd", "category_field": "genre"}), tmp_path / "pfd")
+    assert kd["training_history"][0]["loss_kd"] > 0 and pfd["training_history"][0]["loss_teacher"] > 0

@@ -18,7 +18,7 @@ import torch
 
 from crosstower.config import RunConfig, TeacherConfig, dump_config, load_config
 from crosstower.data.batching import TrainBatch, UserInput
-from crosstower.data.dataset import Dataset
+from crosstower.data.dataset import ITEM, TIME, USER, Dataset
 from crosstower.data.run_data import data_fingerprint
 from crosstower.data.splits import Split
 from crosstower.errors import ConfigError, CrosstowerError
@@ -139,7 +139,7 @@ def _check_compatible(teacher: RunConfig, teacher_split: Split, student: RunConf
     if teacher_data != data_fingerprint(dataset) or teacher.dataset != student.dataset:
         raise ConfigError(f"{where}: trained on another data set ({teacher.dataset.name}) than the student "
                           f"({student.dataset.name})")
-    if teacher.split != student.split or not teacher_split.train.equals(split.train):
+    if teacher.split != student.split or not _same_interactions(teacher_split, split):
         raise ConfigError(f"{where}: trained on another split (protocol {teacher.split.protocol}, seed "
                           f"{teacher.split.seed}) than the student (protocol {student.split.protocol}, seed "
                           f"{student.split.seed}); its scores could leak the student's test interactions")
@@ -147,6 +147,13 @@ def _check_compatible(teacher: RunConfig, teacher_split: Split, student: RunConf
         raise ConfigError(f"{where}: reads {teacher.train.history_length} history items but the student's batches "
                           f"hold {student.train.history_length}; set train.history_length >= "
                           f"{teacher.train.history_length}")
+
+
+def _same_interactions(a: Split, b: Split) -> bool:
+    """Whether two splits train on the same interactions (a saved split keeps user, item and
+    time, not the ratings)."""
+    columns = [USER, ITEM, TIME]
+    return a.train[columns].reset_index(drop=True).equals(b.train[columns].reset_index(drop=True))
 
 
 def _headline(metrics: dict) -> str:
