@@ -21,6 +21,7 @@ from crosstower.run import run_experiment
 from crosstower.run_dir import load_run
 from crosstower.train.trainer import Trainer
 from tests.helpers import rated_frames
+from tests.test_cli import assert_one_line_error, run_cli
 
 TINY = {"num_users": 300, "num_items": 150, "num_clusters": 6, "num_segments": 4, "seed": 3}
 TRAIN = {"epochs": 2, "batch_size": 128, "patience": 5, "threads": 1, "history_length": 10,
@@ -94,10 +95,12 @@ def test_teacher_of_another_split_is_refused(teachers, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_missing_teacher_run_is_one_clear_error(tmp_path):
+def test_missing_teacher_run_is_one_error_line_and_exit_2(tmp_path):
     raw = config("dssm", {"method": "kd", "teacher": {"run": str(tmp_path / "nothing")}})
-    with pytest.raises(ConfigError, match="distill.teacher.run .*nothing"):
-        run_experiment(parse_config(raw), tmp_path / "s")
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(raw))
+    result = run_cli(["run", "kd.yaml", "--out", "out"], tmp_path)
+    assert_one_line_error(result, "distill.teacher.run", "nothing", "not a finished run")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("distill, fragment", [
