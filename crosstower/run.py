@@ -92,8 +92,10 @@ def _train_and_evaluate(
     else:
         model.fit(split.train["item"].to_numpy())
     metrics, timing = {}, {"train_seconds": report.seconds if report else 0.0}
-    if distiller is not None and distiller.teacher is not None:
-        timing["teacher_train_seconds"] = distiller.teacher.train_seconds
+    if distiller is not None:
+        timing["distill_setup_seconds"] = distiller.setup_seconds
+        if distiller.teacher is not None:
+            timing["teacher_train_seconds"] = distiller.teacher.train_seconds
     for part in ("val", "test"):
         metrics[part], timing[f"{part}_eval_seconds"] = evaluate_part(
             model, dataset, split, part, config, progress=True
