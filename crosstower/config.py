@@ -252,6 +252,8 @@ class DistillConfig(Strict):
                              f"run folder) or teacher.config (a config to train first)")
         if any(w < 0 for w in self.terms.values()):
             raise ValueError("terms: weights must be >= 0")
+        if not any(self.terms.values()):
+            raise ValueError("terms: every weight is 0; nothing to train")
         return self
 
     def uses(self, term: str) -> bool:

@@ -108,6 +108,8 @@ def test_missing_teacher_run_is_one_error_line_and_exit_2(tmp_path):
     ({"method": "kd", "terms": {"nosuch": 1}}, "unknown term 'nosuch'"),
     ({"method": "nosuch"}, "unknown distillation method"),
     ({"method": "kd", "teacher": {"run": "a", "config": "b"}}, "exactly one"),
+    ({"method": "kd", "teacher": {"run": "a"}, "terms": {"supervised": 0, "kd": 0}}, "every weight is 0"),
+    ({"method": "pfd", "teacher": {"run": "a"}}, "trains its teacher jointly"),
 ])
 def test_bad_distill_sections(distill, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -62,13 +62,11 @@ class Distiller(Recommender):
         return self.config.terms[term]
 
     def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        total, parts = None, {}
+        total, parts = 0.0, {}
         for name, value in self.terms(batch).items():
             weight = self.weight(name)
-            total = weight * value if total is None else total + weight * value
+            total = total + weight * value
             parts[name], parts[f"{name}_weight"] = float(value.detach()), weight
-        if total is None:
-            raise ConfigError("distill.terms: every term has weight 0; nothing to train")
         return total, parts
 
     def supervised(self, batch: TrainBatch, logits: CandidateLogits) -> torch.Tensor:
