@@ -50,7 +50,7 @@ class PFDConfig(DistillConfig):
     detach_teacher: bool = True  # the kd term does not train the teacher
     temperature: float = Field(1.0, gt=0)  # tau of the listwise kd term
     category_field: str | None = None  # the item field privileged features count; None: the first categorical one
-    hidden: list[int] = Field(default_factory=lambda: [256, 128])  # the teacher MLP's hidden widths
+    hidden: list[int] = Field(default_factory=lambda: [128, 64])  # the teacher MLP's hidden widths
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -78,9 +78,13 @@ class PrivilegedTeacher(nn.Module):
         self.privileged_part = nn.Linear(privileged_dim, hidden[0], bias=False)
         self.rest = nn.Sequential(nn.ReLU(), MLP([*hidden, 1], dropout))
 
-    def forward(self, user: torch.Tensor, items: torch.Tensor, privileged: torch.Tensor) -> torch.Tensor:
-        """``user [B, Du]``, ``items [B, C, Di]``, ``privileged [B, C, F]`` -> logits ``[B, C]``."""
-        first = self.user_part(user)[:, None] + self.item_part(items) + self.privileged_part(privileged)
+    def forward(self, user: torch.Tensor, items: torch.Tensor, candidates: torch.Tensor,
+                privileged: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C]`` from ``user [B, Du]``, the inputs ``items [U, Di]`` of the distinct
+        candidates, each row's candidates as positions in them ``candidates [B, C]``, and
+        ``privileged [B, C, F]``. The item part is computed once per distinct item."""
+        item_part = F.embedding(candidates, self.item_part(items))
+        first = self.user_part(user)[:, None] + item_part + self.privileged_part(privileged)
         return self.rest(first).squeeze(-1)
 
 
@@ -115,9 +119,8 @@ class PFD(Distiller):
 
     def _score(self, batch: TrainBatch, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(candidates, return_inverse=True)
-        items = F.embedding(inverse, self.student.item_inputs(unique))
         privileged = self.privileged(batch.user, batch.examples, candidates)
-        return self.joint_teacher(user, items, privileged)
+        return self.joint_teacher(user, self.student.item_inputs(unique), inverse, privileged)
 
     def terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         if batch.examples is None:
