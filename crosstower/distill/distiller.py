@@ -126,7 +126,8 @@ def build_distiller(config: RunConfig, student: Recommender, dataset: Dataset, s
         raise ConfigError(f"model: a distillation student is an inner-product model (served like DSSM); "
                           f"{config.model.name} is not one")
     teacher = None
-    if settings.teacher is not None:
+    if settings.teacher is not None and any(settings.uses(term) for term in settings.TEACHER_TERMS):
+        # an ablation that switches every teacher term off neither trains nor loads the teacher
         teacher = load_teacher(settings.teacher, config, dataset, split, out_dir, data_dir)
     started = time.perf_counter()
     distiller = settings.build(student, teacher, DistillContext(dataset, split, config, workdir))
