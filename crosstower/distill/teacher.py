@@ -24,7 +24,7 @@ from crosstower.data.splits import Split
 from crosstower.errors import ConfigError, CrosstowerError
 from crosstower.losses import CandidateLogits
 from crosstower.models import Recommender
-from crosstower.run_dir import RunFolder, load_run
+from crosstower.run_dir import METRICS, RunFolder, load_run
 
 log = logging.getLogger("crosstower.distill")
 
@@ -57,11 +57,6 @@ class Teacher:
     def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
         """The teacher's logits on exactly the student's candidates (positive, sampled, in-batch)."""
         return self.model.candidate_logits(dataclasses.replace(batch, user=self.adapt(batch.user)), with_states)
-
-    @torch.no_grad()
-    def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
-        """Scores ``[B, len(items)]``."""
-        return self.model.score(self.adapt(user), items)
 
     @torch.no_grad()
     def cross_embeddings(self, user: UserInput, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,20 +96,14 @@ def load_teacher(settings: TeacherConfig, student: RunConfig, dataset: Dataset, 
     return Teacher(run.model, run.config.train.history_length, folder, run.config.model.name, seconds)
 
 
-def teacher_folder(settings: TeacherConfig, student_out: Path) -> Path:
-    """Where a teacher named by its config is trained: beside the student's run, under the
-    teacher run's own name, so students of one teacher share it."""
-    config = load_config(Path(settings.config), settings.overrides)
-    return Path(student_out).parent / config.run_name
-
-
 def _trained_teacher(settings: TeacherConfig, student_out: Path, data_dir: Path | None) -> Path:
-    """Train the teacher config into :func:`teacher_folder` unless an equal run is there."""
+    """The run of the teacher config: trained beside the student's run, under the teacher run's
+    own name (so students of one teacher share it), unless an equal run is already there."""
     from crosstower.run import run_experiment  # the run module builds distillers: import late
 
     config = load_config(Path(settings.config), settings.overrides)
-    folder = RunFolder(teacher_folder(settings, student_out))
-    if folder.file("metrics.json").exists():
+    folder = RunFolder(Path(student_out).parent / config.run_name)
+    if folder.file(METRICS).exists():
         if _comparable(folder.read_config()) != _comparable(config):
             raise ConfigError(f"distill.teacher.config {settings.config}: {folder.path} holds a different run; "
                               f"remove it, or name that run with distill.teacher.run")
