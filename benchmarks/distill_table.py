@@ -62,7 +62,9 @@ def rows(runs: list[dict], by_seed: bool) -> list[list[str]]:
         first = group[0]
         seeds = sorted(r["seed"] for r in group)
         command = f"`crosstower run configs/{first['name']}.yaml`"
-        if seeds != [0]:
+        if len(seeds) == 1 and seeds != [0]:
+            command = f"`crosstower run configs/{first['name']}.yaml --set train.seed={seeds[0]}`"
+        elif len(seeds) > 1:
             command = f"{command} with `--set train.seed=S`, S in {', '.join(map(str, seeds))}"
         out.append([*first["cells"], *(_cell([r["values"][i] for r in group]) for i in range(len(METRICS))),
                     f"{statistics.mean(r['train'] for r in group):.0f}", f"{first['teacher']:.0f}",
