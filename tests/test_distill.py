@@ -12,13 +12,14 @@ import torch
 import yaml
 
 from crosstower.config import parse_config
+from crosstower.data.batching import UserInput
 from crosstower.data.run_data import load_data
 from crosstower.distill import build_distiller
 from crosstower.errors import ConfigError
 from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
 from crosstower.models import build_model
 from crosstower.run import run_experiment
-from crosstower.run_dir import load_run
+from crosstower.run_dir import load_run, training_users
 from crosstower.train.trainer import Trainer
 from tests.helpers import rated_frames
 from tests.test_cli import assert_one_line_error, run_cli
@@ -28,6 +29,7 @@ TRAIN = {"epochs": 2, "batch_size": 128, "patience": 5, "threads": 1, "history_l
          "negatives": {"num": 10, "in_batch": True}}
 MODELS = {
     "dssm": {"name": "dssm", "embedding_dim": 16, "output_dim": 16, "user_hidden": [32], "item_hidden": [32]},
+    "youtubednn": {"name": "youtubednn", "embedding_dim": 16, "output_dim": 16, "user_hidden": [32]},
     "colbert": {"name": "colbert", "dim": 16, "projection_dim": 8, "user_layers": 1, "item_layers": 1},
     "cross": {"name": "cross", "dim": 16, "layers": 1, "heads": 2},
     "dual": {"name": "dual", "dim": 16, "user_layers": 1, "heads": 2, "output_dim": 16},
@@ -122,6 +124,15 @@ def test_score_kd_with_cached_teacher_scores(teachers, tmp_path):
     assert results["training_history"][-1]["loss_kd"] > 0
     cache = torch.load(tmp_path / "cached" / "teacher_scores.pt", weights_only=True)
     assert cache["items"].shape[1] == 20 and cache["scores"].shape == cache["items"].shape
+    assert all(len(set(row.tolist())) == 20 for row in cache["items"])  # distinct candidates per user
+    # each cached score is the teacher's own score of that (user, item), from the user's training history
+    teacher = load_run(teachers / "cross")
+    users = training_users(teacher.dataset, teacher.split, teacher.config)
+    with torch.no_grad():
+        for row in (0, 7):
+            one = UserInput(users.users[row:row + 1], users.history[row:row + 1])
+            expected = teacher.model.score(one, cache["items"][row])[0]
+            assert torch.allclose(cache["scores"][row], expected, atol=1e-4)
 
 
 def distiller_and_batch(raw: dict, tmp_path):
@@ -160,10 +171,7 @@ def test_the_frozen_teacher_gets_no_gradient(teachers, tmp_path):
 def test_every_method_trains_end_to_end(teachers, tmp_path, model, distill):
     if distill["method"] in ("endx", "ernie") and "terms" not in distill:
         distill = {**distill, "teacher": {"run": str(teachers / "cross")}}
-    raw = config("dssm" if model == "youtubednn" else model, distill)
-    if model == "youtubednn":
-        raw["model"]["name"] = "youtubednn"
-        raw["model"].pop("item_hidden")
+    raw = config(model, distill)
     results = run_experiment(parse_config(raw), tmp_path / "run")
     history = results["training_history"]
     for term, weight in parse_config(raw).distill.terms.items():
