@@ -35,7 +35,9 @@ def describe(run_dir: Path) -> dict:
     return {
         "key": json.dumps(seedless, sort_keys=True),
         "cells": [r["dataset"], r["protocol"].upper(), r["model"], distill.get("method", "none"),
-                  Path(teacher.get("config") or teacher.get("run") or "-").stem],
+                  # a teacher named but never read (every teacher term off) was not loaded
+                  Path(teacher.get("config") or teacher.get("run") or "-").stem
+                  if "teacher_train_seconds" in timing else "-"],
         "values": [r["metrics"].get(part, {}).get(metric) for part, metric in METRICS],
         "train": timing["train_seconds"] + timing.get("distill_setup_seconds", 0.0),
         "teacher": timing.get("teacher_train_seconds", 0.0),
