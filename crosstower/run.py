@@ -27,7 +27,7 @@ from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
 from crosstower.evaluate.pre_ranking import evaluate_labelled
 from crosstower.files import replace_dir
 from crosstower.models import Recommender, build_model
-from crosstower.run_dir import CHECKPOINT, RunFolder, build_serving_index, load_run
+from crosstower.run_dir import CHECKPOINT, RunFolder, build_serving_index, open_run
 from crosstower.train.trainer import Trainer, set_seed
 
 log = logging.getLogger("crosstower.run")
@@ -133,7 +133,7 @@ def _train_and_evaluate(
 def reevaluate(run_dir: Path, data_dir: Path | None = None) -> dict:
     """Recompute the metrics of a finished run from its saved config, split and model; a model
     with its own index is served again from an index rebuilt by the current code."""
-    run = load_run(run_dir, data_dir)
+    run = open_run(run_dir, data_dir)
     config, dataset, split, model = run.config, run.dataset, run.split, run.model
     metrics = {part: evaluate_part(model, dataset, split, part, config)[0] for part in ("val", "test")}
     index = build_serving_index(model, dataset, split, config)

@@ -12,7 +12,7 @@
 
 A run is written into the hidden ``.DIR.partial`` beside ``DIR`` (which also holds the training
 checkpoint while it trains) and renamed into place at the end, so ``DIR`` is always a finished
-run or absent. :func:`load_run` opens a finished run with its data, split, model and index; this
+run or absent. :func:`open_run` opens a finished run with its data, split, model and index; this
 module is the only one that knows the file names.
 """
 
@@ -128,7 +128,7 @@ def build_serving_index(model: Recommender, dataset: Dataset, split: Split, conf
     return model.build_index(training_users(dataset, split, config))
 
 
-def load_run(run_dir: Path | str, data_dir: Path | None = None) -> Run:
+def open_run(run_dir: Path | str, data_dir: Path | None = None) -> Run:
     """A finished run's config, saved results, data set (checked against the one it was trained
     on), split and trained model (in eval mode), ready to evaluate or serve."""
     folder = RunFolder(run_dir)

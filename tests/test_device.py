@@ -16,7 +16,7 @@ from crosstower.models import build_model
 from crosstower.evaluate.pre_ranking import evaluate_rows, part_rows
 from crosstower.data.run_data import with_split_features
 from crosstower.run import run_experiment
-from crosstower.run_dir import load_run
+from crosstower.run_dir import open_run
 from crosstower.train.trainer import Trainer
 from tests.helpers import rated_dataset
 
@@ -82,7 +82,7 @@ def test_a_run_trained_on_cuda_serves_and_loads_on_the_cpu(tmp_path, name):
     results = run_experiment(config(MODELS[name], "cuda"), tmp_path / name)
     assert results["timing"]["epochs"] == 2
     assert 0.0 <= results["metrics"]["test"]["recall@10"] <= 1.0
-    assert load_run(tmp_path / name).model.device.type == "cpu"
+    assert open_run(tmp_path / name).model.device.type == "cpu"
 
 
 @CUDA

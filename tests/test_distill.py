@@ -19,7 +19,7 @@ from crosstower.errors import ConfigError
 from crosstower.evaluate.model_eval import evaluate_served, evaluate_split
 from crosstower.models import build_model
 from crosstower.run import run_experiment
-from crosstower.run_dir import load_run, training_users
+from crosstower.run_dir import open_run, training_users
 from crosstower.train.trainer import Trainer
 from tests.helpers import rated_frames
 from tests.test_cli import assert_one_line_error, run_cli
@@ -64,7 +64,7 @@ def test_score_kd_from_a_teacher_run_saves_a_plain_student(teachers, tmp_path):
     # The folder holds the student alone, loads and serves like any DSSM run.
     saved = torch.load(out / "model.pt", weights_only=True)["model"]
     assert not any(k.startswith(("student.", "teacher.")) for k in saved)
-    run = load_run(out)
+    run = open_run(out)
     assert type(run.model).__name__ == "TwoTower"
     served = evaluate_served(run.model, run.index(), run.split.test, run.dataset.num_items, run.config)[0]
     exhaustive = evaluate_split(run.model, run.split.test, run.dataset.num_items, run.config)[0]
@@ -126,7 +126,7 @@ def test_score_kd_with_cached_teacher_scores(teachers, tmp_path):
     assert cache["items"].shape[1] == 20 and cache["scores"].shape == cache["items"].shape
     assert all(len(set(row.tolist())) == 20 for row in cache["items"])  # distinct candidates per user
     # each cached score is the teacher's own score of that (user, item), from the user's training history
-    teacher = load_run(teachers / "cross")
+    teacher = open_run(teachers / "cross")
     users = training_users(teacher.dataset, teacher.split, teacher.config)
     with torch.no_grad():
         for row in (0, 7):
@@ -179,7 +179,7 @@ def test_every_method_trains_end_to_end(teachers, tmp_path, model, distill):
             assert all(math.isfinite(epoch[f"loss_{term}"]) for epoch in history), term
     assert results["metrics"]["test_served"]["recall@50"] == pytest.approx(
         results["metrics"]["test"]["recall@50"], abs=1e-9)
-    assert load_run(tmp_path / "run").model.config.name == raw["model"]["name"]
+    assert open_run(tmp_path / "run").model.config.name == raw["model"]["name"]
 
 
 def test_pfd_warm_up_moves_the_kd_weight_to_the_supervised_term(tmp_path):

@@ -140,7 +140,7 @@ def test_late_sparcode_index_serves_the_exhaustive_scores(item_bias):
 
 def test_late_sparcode_run_serves_from_its_index(tmp_path):
     from crosstower.run import run_experiment
-    from crosstower.run_dir import load_run
+    from crosstower.run_dir import open_run
     from tests.test_training import TINY
 
     config = parse_config({
@@ -154,7 +154,7 @@ def test_late_sparcode_run_serves_from_its_index(tmp_path):
     results = run_experiment(config, tmp_path / "run")
     served, exhaustive = results["metrics"]["test_served"]["recall@50"], results["metrics"]["test"]["recall@50"]
     assert 0 < results["index"]["kept_fraction"] <= 1 and served == pytest.approx(exhaustive, abs=0.02)
-    run = load_run(tmp_path / "run")  # the saved config, every default written out, loads
+    run = open_run(tmp_path / "run")  # the saved config, every default written out, loads
     assert run.config.model.tokenizer == "late" and run.config.model.sparsity.weight == 0.5
     assert run.index().describe()["kept_fraction"] == results["index"]["kept_fraction"]
     # a run folder written before the quantizer / sparsity / index blocks (flat keys) loads the same
@@ -163,7 +163,7 @@ def test_late_sparcode_run_serves_from_its_index(tmp_path):
     model.update({"quantizer": model["quantizer"]["kind"], "codebook_size": model["quantizer"]["codebook_size"],
                   "sparsity_weight": model.pop("sparsity")["weight"], "index_keep": model.pop("index")["keep"]})
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
-    assert load_run(tmp_path / "run").config == run.config
+    assert open_run(tmp_path / "run").config == run.config
 
 
 @pytest.mark.parametrize("model, message", [

@@ -24,7 +24,7 @@ from crosstower.data.splits import Split
 from crosstower.errors import ConfigError, CrosstowerError
 from crosstower.losses import CandidateLogits
 from crosstower.models import Recommender
-from crosstower.run_dir import METRICS, RunFolder, load_run
+from crosstower.run_dir import METRICS, RunFolder, open_run
 
 log = logging.getLogger("crosstower.distill")
 
@@ -87,7 +87,7 @@ def load_teacher(settings: TeacherConfig, student: RunConfig, dataset: Dataset, 
         folder = _trained_teacher(settings, student_out, data_dir)
         where = "distill.teacher.config"
     try:
-        run = load_run(folder, data_dir)
+        run = open_run(folder, data_dir)
     except CrosstowerError as exc:
         raise ConfigError(f"{where} {folder}: cannot load the teacher ({exc})") from None
     _check_compatible(run.config, run.split, student, split, dataset, run.metrics.get("data"), f"{where} {folder}")
