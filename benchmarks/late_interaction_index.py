@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosstower.evaluate.model_eval import evaluate_served, evaluate_split  # noqa: E402
 from crosstower.files import write_json  # noqa: E402
-from crosstower.run_dir import load_run  # noqa: E402
+from crosstower.run_dir import open_run  # noqa: E402
 
 # (tokens per user token, IVF lists probed, candidates re-scored exactly per user)
 GRID = [(16, 8, 150), (32, 8, 300), (64, 16, 300), (128, 16, 250), (128, 16, 300), (256, 32, 300)]
@@ -30,7 +30,7 @@ STORES = [("float16", 16), ("residual", 8), ("residual", 4), ("residual", 2)]
 
 
 def sweep(run_dir: Path, data_dir: Path | None, spec: str, stores: list[tuple[str, int]]) -> list[dict]:
-    run = load_run(run_dir, data_dir)
+    run = open_run(run_dir, data_dir)
     config, dataset, split, model = run.config, run.dataset, run.split, run.model
     exhaustive, _ = evaluate_split(model, split.test, dataset.num_items, config)
     rows = [{"run": run_dir.name, "setting": "exhaustive", "recall@50": exhaustive["recall@50"],

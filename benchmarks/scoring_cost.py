@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from crosstower.data.batching import eval_user_input  # noqa: E402
 from crosstower.files import write_json  # noqa: E402
 from crosstower.models.base import EmbeddingRecommender  # noqa: E402
-from crosstower.run_dir import load_run  # noqa: E402
+from crosstower.run_dir import open_run  # noqa: E402
 
 USERS = 8
 
@@ -69,7 +69,7 @@ def stored_bytes_per_item(model, saved: dict) -> float:
 
 
 def measure(run_dir: Path, data_dir: Path | None) -> dict:
-    run = load_run(run_dir, data_dir)
+    run = open_run(run_dir, data_dir)
     config, saved, dataset, split, model = run.config, run.metrics, run.dataset, run.split, run.model
     user = eval_user_input(split.test, np.arange(min(USERS, len(split.test))), config.train.history_length)
     test = saved["metrics"]["test"]

@@ -28,14 +28,14 @@ from crosstower.evaluate.model_eval import evaluate_served
 from crosstower.files import write_json
 from crosstower.index import SparseCodeIndex
 from crosstower.index.keep_rules import UsageBudget
-from crosstower.run_dir import load_run, training_users
+from crosstower.run_dir import open_run, training_users
 
 METRICS = ("recall@50", "ndcg@50", "precision@50")
 
 
 def tradeoff(run_dir: Path, fractions: list[float], data_dir: Path | None, usage_exponent: float,
              part: str = "test") -> dict:
-    run = load_run(run_dir, data_dir)
+    run = open_run(run_dir, data_dir)
     config, saved, dataset, split, model = run.config, run.metrics, run.dataset, run.split, run.model
     full = run.index()
     if "code_usage" not in full.arrays():
