@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from crosstower.errors import CrosstowerError
+from crosstower.tables import text_table
 
 TABLE_COLUMNS = ("recall@20", "recall@50", "ndcg@50", "precision@50")
 POINTWISE_COLUMNS = ("auc", "gauc", "logloss")  # protocol P4 (pre-ranking)
@@ -50,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    recommend = commands.add_parser("recommend", help="print the top items of a user, or of a history, from a finished run")
+    recommend.add_argument("run_dir", type=Path, help="a folder written by `crosstower run`")
+    who = recommend.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user id of the run's data set (the user's known items are the history)")
+    who.add_argument("--history", help="comma-separated item ids, oldest first: a user the run has never seen")
+    recommend.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--include-seen", action="store_true", help="do not remove the items of the history")
+    recommend.add_argument("--json", action="store_true", help="print the answer as JSON")
+    recommend.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+
     evaluate = commands.add_parser("evaluate", help="recompute the metrics of a finished run")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--data-dir", type=Path)
@@ -76,6 +87,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "recommend":
+        return _recommend(args)
     return _data(args)
 
 
@@ -110,7 +123,7 @@ def format_table(rows: list[dict]) -> str:
     if any(r["protocol"] == "p4" for r in rows):
         columns += POINTWISE_COLUMNS
     header = ["model", "dataset", "protocol", *columns, "train s", "test eval s"]
-    lines = [header]
+    lines = []
     for r in rows:
         test = r["metrics"]["test"]
         lines.append([
@@ -118,10 +131,7 @@ def format_table(rows: list[dict]) -> str:
             *(f"{test[c]:.4f}" if c in test else "-" for c in columns),
             f"{r['timing']['train_seconds']:.1f}", f"{r['timing']['test_eval_seconds']:.2f}",
         ])
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    text = [" | ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in lines]
-    text.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(text)
+    return text_table(header, lines)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -131,6 +141,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     saved = RunFolder(args.run_dir).read_metrics()
     metrics = reevaluate(args.run_dir, args.data_dir)
     print(json.dumps({"run": str(args.run_dir), "metrics": metrics, "saved": saved["metrics"]}, indent=2))
+    return 0
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from crosstower.recommend import format_recommendation, load_run
+
+    retriever = load_run(args.run_dir, args.data_dir)
+    if args.user is not None:
+        answer = retriever.recommend(users=[args.user], k=args.k, exclude_seen=not args.include_seen)[0]
+    else:
+        history = [item.strip() for item in args.history.split(",") if item.strip()]
+        answer = retriever.recommend(histories=[history], k=args.k, exclude_seen=not args.include_seen)[0]
+    if args.json:
+        print(json.dumps({**answer.as_dict(), "served_by": retriever.served_by}, indent=2))
+        return 0
+    info = retriever.describe()
+    who = f"user {answer.user}" if answer.user is not None else f"a history of {len(history)} items"
+    print(f"{info['model']} on {info['dataset']} ({info['protocol']}), served by {info['served_by']}: "
+          f"top {len(answer.items)} for {who}")
+    print(format_recommendation(retriever, answer))
     return 0
 
 

@@ -34,6 +34,7 @@ from crosstower.index import Index
 from crosstower.models.base import ENCODE_BLOCK
 from crosstower.nn.fields import row_values
 from crosstower.run_dir import Run, open_run
+from crosstower.tables import text_table
 
 RawId = str | int
 
@@ -100,6 +101,24 @@ class Retriever:
             "index": run.metrics.get("index", {}),
             "metrics": run.metrics.get("metrics", {}),
         }
+
+    def item_details(self, items: Sequence[RawId]) -> list[dict[str, Any]]:
+        """What the data set says about each item (its title or name, its categorical fields as
+        the files spell them), for showing recommendations; numeric fields, standardised when
+        read, are left out."""
+        dataset = self.run.dataset
+        rows = self._indices(items, self._item_index, "item")
+        shown = {name: spec for name, spec in dataset.items.fields.items() if spec.vocabulary}
+        details = []
+        for row in rows:
+            info: dict[str, Any] = {}
+            if dataset.item_names is not None and dataset.item_names[row] is not None:
+                info["title"] = dataset.item_names[row]
+            for name, spec in shown.items():
+                ids = np.atleast_1d(dataset.items.values[name][row])
+                info[name] = ", ".join(str(spec.vocabulary[i - 1]) for i in ids if i > 0)
+            details.append(info)
+        return details
 
     # ---------------------------------------------------------------------------- answers
 
@@ -190,6 +209,20 @@ class Retriever:
                                                    dtype=torch.as_tensor(table.values[name][:0]).dtype))
                    for name in table.fields}
         return row_values(self.model, missing)
+
+
+def format_recommendation(retriever: Retriever, answer: Recommendation) -> str:
+    """An answer as a terminal table: rank, item, score and what the data set says of the item."""
+    details = retriever.item_details(answer.items)
+    columns = list(dict.fromkeys(key for info in details for key in info))
+    rows = [[rank, item, f"{score:.4f}", *(_clip(info.get(c, "")) for c in columns)]
+            for rank, (item, score, info) in enumerate(zip(answer.items, answer.scores, details), start=1)]
+    return text_table(["rank", "item", "score", *columns], rows)
+
+
+def _clip(text: object, width: int = 48) -> str:
+    text = str(text)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def load_run(run_dir: Path | str, data_dir: Path | None = None, mmap: bool = True) -> Retriever:

@@ -4,6 +4,7 @@ search, to exhaustive top-k where that index is exact, and bounded against it wh
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from crosstower.evaluate.ranking import topk_items
 from crosstower.recommend import RequestError
 from crosstower.run import run_experiment
 from tests.helpers import rated_frames
+from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_distill import MODELS, config
 
 SPARCODE = {"name": "sparcode", "dim": 8, "user_tokens": 2, "item_tokens": 2, "tokenizer_hidden": [16],
@@ -193,3 +195,22 @@ def test_a_pre_ranking_run_is_refused(tmp_path):
     run_experiment(parse_config(raw), tmp_path / "p4")
     with pytest.raises(CrosstowerError, match="P4 \\(pre-ranking\\) run scores given pairs only"):
         crosstower.load_run(tmp_path / "p4")
+
+
+def test_the_recommend_command_prints_a_table_or_json_and_refuses_unknown_ids(runs, tmp_path):
+    retriever = crosstower.load_run(runs / "dssm")
+    user = str(retriever.run.dataset.user_ids[4])
+    expected = retriever.recommend(users=[user], k=5)[0]
+    table = run_cli(["recommend", str(runs / "dssm"), "--user", user, "-k", "5"], tmp_path)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert "served by exact_inner_product index (exact)" in lines[0] and f"user {user}" in lines[0]
+    assert [cell.strip() for cell in lines[1].split(" | ")][:3] == ["rank", "item", "score"]
+    assert [line.split(" | ")[1].strip() for line in lines[3:]] == [str(i) for i in expected.items]
+    answer = run_cli(["recommend", str(runs / "dssm"), "--history", "3, 5,8", "--json"], tmp_path)
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["items"] == retriever.recommend(histories=[["3", "5", "8"]], k=10)[0].items
+    assert_one_line_error(run_cli(["recommend", str(runs / "dssm"), "--user", "nobody"], tmp_path),
+                          "unknown user id: 'nobody'")
+    assert_one_line_error(run_cli(["recommend", str(tmp_path / "missing"), "--user", user], tmp_path),
+                          "not a finished run")

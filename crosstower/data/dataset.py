@@ -57,6 +57,9 @@ class Dataset:
     item_ids: np.ndarray
     has_time: bool = True
     metadata: dict = field(default_factory=dict)
+    # Each item's title or name where the item features have a "title" or "name" column (shown
+    # beside recommendations), else None.
+    item_names: np.ndarray | None = None
 
     @property
     def num_users(self) -> int:
@@ -122,7 +125,16 @@ def build_dataset(
     item_ids = np.asarray(item_ids)
     users = _encode_side("user", user_ids, user_features, list(user_specs))
     items = _encode_side("item", item_ids, item_features, list(item_specs))
-    return Dataset(name, out, users, items, user_ids, item_ids, has_time)
+    return Dataset(name, out, users, items, user_ids, item_ids, has_time, item_names=_item_names(item_ids, item_features))
+
+
+def _item_names(ids: np.ndarray, frame: pd.DataFrame | None) -> np.ndarray | None:
+    """The items' "title" (or "name") column, aligned with ``ids``; None where there is none."""
+    column = next((c for c in ("title", "name") if frame is not None and c in frame.columns), None)
+    if column is None:
+        return None
+    names = frame.loc[~frame.index.duplicated(keep="first"), column].reindex(ids)
+    return names.where(names.notna(), None).to_numpy(dtype=object)
 
 
 def _encode_side(
@@ -149,7 +161,8 @@ def _encode_field(spec: FieldSpec, frame: pd.DataFrame) -> tuple[Field, np.ndarr
     name = spec.field_name
     if spec.kind == FieldKind.CATEGORICAL:
         codes, uniques = pd.factorize(frame[spec.column], sort=True)
-        return Field(name, spec.kind, vocab_size=len(uniques) + 1), codes.astype(np.int64) + 1
+        return (Field(name, spec.kind, vocab_size=len(uniques) + 1, vocabulary=tuple(pd.Index(uniques).tolist())),
+                codes.astype(np.int64) + 1)
     if spec.kind == FieldKind.MULTI_CATEGORICAL:
         return _encode_multi(spec, frame[spec.column])
     if spec.kind == FieldKind.NUMERIC:
@@ -192,7 +205,8 @@ def _encode_multi(spec: FieldSpec, column: pd.Series) -> tuple[Field, np.ndarray
     for r in np.nonzero(lengths)[0]:  # one slice per row; rows are entities, not interactions
         keep = codes[starts[r] : starts[r] + min(lengths[r], max_len)] + 1
         out[r, : len(keep)] = keep
-    return Field(spec.field_name, FieldKind.MULTI_CATEGORICAL, vocab_size=len(uniques) + 1, dim=max_len), out
+    return Field(spec.field_name, FieldKind.MULTI_CATEGORICAL, vocab_size=len(uniques) + 1, dim=max_len,
+                 vocabulary=tuple(pd.Index(uniques).tolist())), out
 
 
 def _dense_matrix(spec: FieldSpec, frame: pd.DataFrame) -> np.ndarray:

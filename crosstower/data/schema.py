@@ -42,6 +42,9 @@ class Field:
     kind: FieldKind
     vocab_size: int = 0
     dim: int = 1
+    # The raw value of each id from 1 on (categorical kinds read from a file), so that what a
+    # model recommends can be shown as the data set spells it; empty where there is none.
+    vocabulary: tuple = field(default=(), compare=False, repr=False)
 
 
 @dataclass
