@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--json", action="store_true", help="print the answer as JSON")
     recommend.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
 
+    serve = commands.add_parser("serve", help="serve a finished run over HTTP (POST /recommend, GET /health, /info, /docs)")
+    serve.add_argument("run_dir", type=Path, help="a folder written by `crosstower run`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+
     evaluate = commands.add_parser("evaluate", help="recompute the metrics of a finished run")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--data-dir", type=Path)
@@ -89,6 +95,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _evaluate(args)
     if args.command == "recommend":
         return _recommend(args)
+    if args.command == "serve":
+        from crosstower.serve import serve
+
+        try:
+            serve(args.run_dir, args.host, args.port, args.data_dir)
+        except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C
+            pass
+        return 0
     return _data(args)
 
 

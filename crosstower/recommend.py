@@ -43,6 +43,10 @@ class RequestError(CrosstowerError):
     """A recommendation request names an unknown id or asks for an impossible ``k``."""
 
 
+class UnknownIdError(RequestError):
+    """A request names a user or item id that the run's data set does not hold."""
+
+
 @dataclass(frozen=True)
 class Recommendation:
     """One answer: the best items first, with the model's scores (higher is better)."""
@@ -164,7 +168,7 @@ class Retriever:
         unknown = [raw for raw, key in zip(raw_ids, keys) if key is None or key not in lookup]
         if unknown:
             shown = ", ".join(repr(raw) for raw in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            raise RequestError(f"unknown {side} id{'s' if len(unknown) > 1 else ''}: {shown} "
+            raise UnknownIdError(f"unknown {side} id{'s' if len(unknown) > 1 else ''}: {shown} "
                                f"(not in the run's data set {self.run.dataset.name})")
         return np.asarray([lookup[key] for key in keys], dtype=np.int64)
 
