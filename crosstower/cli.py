@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
 
+    export = commands.add_parser("export", help="write a run's user tower (ONNX), item vectors and faiss index for serving without crosstower")
+    export.add_argument("run_dir", type=Path, help="a folder written by `crosstower run` (an inner-product model)")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
+    export.add_argument("--out", type=Path, help="output folder (default RUN_DIR-onnx beside the run)")
+    export.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+
     evaluate = commands.add_parser("evaluate", help="recompute the metrics of a finished run")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--data-dir", type=Path)
@@ -95,6 +101,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _evaluate(args)
     if args.command == "recommend":
         return _recommend(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "serve":
         from crosstower.serve import serve
 
@@ -175,6 +183,15 @@ def _recommend(args: argparse.Namespace) -> int:
     print(f"{info['model']} on {info['dataset']} ({info['protocol']}), served by {info['served_by']}: "
           f"top {len(answer.items)} for {who}")
     print(format_recommendation(retriever, answer))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from crosstower.export import export_run
+    from crosstower.recommend import load_run
+
+    out = args.out or args.run_dir.with_name(f"{args.run_dir.name}-{args.format}")
+    print(f"wrote {export_run(load_run(args.run_dir, args.data_dir), out, args.format)}")
     return 0
 
 

@@ -1,0 +1,73 @@
+"""ONNX export: the exported user tower, run by onnxruntime, matches PyTorch to 1e-5; the item
+vectors and the faiss index answer what the run's retriever answers."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import crosstower
+from crosstower.data.batching import UserInput
+from crosstower.export import export_run
+from tests.test_cli import assert_one_line_error, run_cli
+from tests.test_recommend import runs  # noqa: F401  (the module's fixture of finished runs)
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("export") / "dssm-onnx"
+    result = run_cli(["export", str(runs / "dssm"), "--out", str(out)], out.parent)
+    assert result.returncode == 0, result.stderr
+    return crosstower.load_run(runs / "dssm"), out
+
+
+def test_the_onnx_user_tower_matches_pytorch(exported):
+    retriever, out = exported
+    session = onnxruntime.InferenceSession(str(out / "user_tower.onnx"))
+    histories = np.load(out / "user_histories.npy")
+    rng = np.random.default_rng(0)
+    users = rng.choice(retriever.run.dataset.num_users, 37, replace=False)
+    history = histories[users]
+    history[:5] = rng.integers(-1, retriever.num_items, history[:5].shape)  # new histories, padding inside too
+    got = session.run(None, {"users": users.astype(np.int64), "history": history})[0]
+    with torch.no_grad():
+        expected = retriever.model.encode_users(UserInput(torch.from_numpy(users), torch.from_numpy(history),
+                                                          torch.zeros(len(users)))).numpy()
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-5
+    single = session.run(None, {"users": users[:1].astype(np.int64), "history": history[:1]})[0]
+    assert np.abs(single - expected[:1]).max() <= 1e-5
+
+
+def test_the_faiss_index_answers_what_the_run_recommends(exported):
+    retriever, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    ids = json.loads((out / "ids.json").read_text())
+    assert manifest["dim"] == np.load(out / "item_vectors.npy").shape[1] and manifest["history_length"] == 10
+    session = onnxruntime.InferenceSession(str(out / "user_tower.onnx"))
+    index = faiss.read_index(str(out / "items.faiss"))
+    users = np.arange(0, retriever.run.dataset.num_users, 25)
+    vectors = session.run(None, {"users": users, "history": np.load(out / "user_histories.npy")[users]})[0]
+    scores, rows = index.search(vectors, 10)
+    expected = retriever.recommend(users=[ids["users"][u] for u in users], k=10, exclude_seen=False)
+    for row_scores, row_items, answer in zip(scores, rows, expected):
+        assert np.allclose(row_scores, answer.scores, atol=1e-4)
+        assert [ids["items"][i] for i in row_items] == answer.items
+
+
+def test_a_model_without_an_inner_product_is_refused(runs, tmp_path):  # noqa: F811
+    assert_one_line_error(run_cli(["export", str(runs / "cross"), "--out", str(tmp_path / "x")], tmp_path),
+                          "cross does not score by one inner product")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_an_existing_folder_that_is_no_export_is_never_replaced(runs, tmp_path):  # noqa: F811
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(crosstower.recommend.CrosstowerError, match="is not a crosstower export"):
+        export_run(crosstower.load_run(runs / "dssm"), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
