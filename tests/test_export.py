@@ -15,15 +15,14 @@ import crosstower
 from crosstower.data.batching import UserInput
 from crosstower.export import export_run
 from tests.test_cli import assert_one_line_error, run_cli
-from tests.test_recommend import runs  # noqa: F401  (the module's fixture of finished runs)
 
 
 @pytest.fixture(scope="module")
-def exported(runs, tmp_path_factory):  # noqa: F811
+def exported(finished_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "dssm-onnx"
-    result = run_cli(["export", str(runs / "dssm"), "--out", str(out)], out.parent)
+    result = run_cli(["export", str(finished_runs / "dssm"), "--out", str(out)], out.parent)
     assert result.returncode == 0, result.stderr
-    return crosstower.load_run(runs / "dssm"), out
+    return crosstower.load_run(finished_runs / "dssm"), out
 
 
 def test_the_onnx_user_tower_matches_pytorch(exported):
@@ -59,15 +58,15 @@ def test_the_faiss_index_answers_what_the_run_recommends(exported):
         assert [ids["items"][i] for i in row_items] == answer.items
 
 
-def test_a_model_without_an_inner_product_is_refused(runs, tmp_path):  # noqa: F811
-    assert_one_line_error(run_cli(["export", str(runs / "cross"), "--out", str(tmp_path / "x")], tmp_path),
+def test_a_model_without_an_inner_product_is_refused(finished_runs, tmp_path):
+    assert_one_line_error(run_cli(["export", str(finished_runs / "cross"), "--out", str(tmp_path / "x")], tmp_path),
                           "cross does not score by one inner product")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
 
 
-def test_an_existing_folder_that_is_no_export_is_never_replaced(runs, tmp_path):  # noqa: F811
+def test_an_existing_folder_that_is_no_export_is_never_replaced(finished_runs, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(crosstower.recommend.CrosstowerError, match="is not a crosstower export"):
-        export_run(crosstower.load_run(runs / "dssm"), tmp_path / "mine")
+        export_run(crosstower.load_run(finished_runs / "dssm"), tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -3,7 +3,6 @@ search, to exhaustive top-k where that index is exact, and bounded against it wh
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -19,26 +18,8 @@ from crosstower.recommend import RequestError
 from crosstower.run import run_experiment
 from tests.helpers import rated_frames
 from tests.test_cli import assert_one_line_error, run_cli
-from tests.test_distill import MODELS, config
 
-SPARCODE = {"name": "sparcode", "dim": 8, "user_tokens": 2, "item_tokens": 2, "tokenizer_hidden": [16],
-            "item_hidden": [16], "interaction_hidden": [16], "codebook_size": 4,
-            # every (code, item) score of every code: an exact index
-            "index": {"keep": 150, "codes": "all"}}
-RUNS = {"dssm": MODELS["dssm"], "sparcode": SPARCODE, "colbert": MODELS["colbert"], "cross": MODELS["cross"],
-        "dssm_no_user_fields": {**MODELS["dssm"], "user_fields": []}}
 K = 10
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One finished run per way of serving, trained for one epoch."""
-    root = tmp_path_factory.mktemp("runs")
-    for name, model in RUNS.items():
-        raw = config("dssm", epochs=1)
-        raw["model"] = copy.deepcopy(model)
-        run_experiment(parse_config(raw), root / name)
-    return root
 
 
 def known_users(retriever, count: int = 40) -> list:
@@ -75,8 +56,8 @@ def exhaustive(retriever, user: UserInput, exclude, k: int = K) -> list[list[int
 
 @pytest.mark.parametrize("name, served_by", [("dssm", "exact_inner_product index (exact)"),
                                              ("cross", "exhaustive scoring of every item")])
-def test_exact_answers_equal_the_index_search_and_exhaustive_top_k(runs, name, served_by):
-    retriever = crosstower.load_run(runs / name)
+def test_exact_answers_equal_the_index_search_and_exhaustive_top_k(finished_runs, name, served_by):
+    retriever = crosstower.load_run(finished_runs / name)
     assert retriever.served_by == served_by
     users = known_users(retriever)
     answers = retriever.recommend(users=users, k=K)
@@ -93,10 +74,10 @@ def test_exact_answers_equal_the_index_search_and_exhaustive_top_k(runs, name, s
     assert all(a.scores == sorted(a.scores, reverse=True) for a in answers)
 
 
-def test_a_sparse_code_index_keeping_every_score_answers_the_exhaustive_top_k(runs):
+def test_a_sparse_code_index_keeping_every_score_answers_the_exhaustive_top_k(finished_runs):
     """Every (code, item) score of every code is kept, in float16: the answer is the index's
     search, and the exhaustive top-k up to that rounding (items may swap only within it)."""
-    retriever = crosstower.load_run(runs / "sparcode")
+    retriever = crosstower.load_run(finished_runs / "sparcode")
     assert retriever.served_by == "sparse_code index (approximate)"
     users = known_users(retriever)
     user = reference_input(retriever, users)
@@ -116,8 +97,8 @@ def test_a_sparse_code_index_keeping_every_score_answers_the_exhaustive_top_k(ru
         assert np.allclose(answer.scores, row[items].numpy(), atol=tolerance)
 
 
-def test_late_interaction_answers_are_the_index_search_with_bounded_recall(runs):
-    retriever = crosstower.load_run(runs / "colbert")
+def test_late_interaction_answers_are_the_index_search_with_bounded_recall(finished_runs):
+    retriever = crosstower.load_run(finished_runs / "colbert")
     assert retriever.served_by == "late_interaction index (approximate)"
     users = known_users(retriever)
     user = reference_input(retriever, users)
@@ -131,8 +112,8 @@ def test_late_interaction_answers_are_the_index_search_with_bounded_recall(runs)
     assert recall >= 0.8
 
 
-def test_raw_ids_in_and_out_and_seen_items_optional(runs):
-    retriever = crosstower.load_run(runs / "dssm")
+def test_raw_ids_in_and_out_and_seen_items_optional(finished_runs):
+    retriever = crosstower.load_run(finished_runs / "dssm")
     raw = retriever.run.dataset.user_ids[5]
     by_int, by_text = retriever.recommend(users=[int(raw)], k=K)[0], retriever.recommend(users=[str(raw)], k=K)[0]
     assert by_int == by_text and by_int.user == int(raw)
@@ -143,8 +124,8 @@ def test_raw_ids_in_and_out_and_seen_items_optional(runs):
     assert len(rest.items) == retriever.num_items - len(set(retriever.seen.row(5).tolist()))
 
 
-def test_a_history_request_equals_the_user_request_when_no_user_field_is_read(runs):
-    retriever = crosstower.load_run(runs / "dssm_no_user_fields")
+def test_a_history_request_equals_the_user_request_when_no_user_field_is_read(finished_runs):
+    retriever = crosstower.load_run(finished_runs / "dssm_no_user_fields")
     users = known_users(retriever, 10)
     items = retriever.run.dataset.item_ids
     histories = [[items[i] for i in retriever.seen.row(u)] for u in range(0, retriever.run.dataset.num_users, 30)]
@@ -154,8 +135,8 @@ def test_a_history_request_equals_the_user_request_when_no_user_field_is_read(ru
     assert all(a.user is None for a in by_history) and users
 
 
-def test_a_history_request_reads_missing_user_fields(runs):
-    retriever = crosstower.load_run(runs / "dssm")  # reads segment, age_bucket and region
+def test_a_history_request_reads_missing_user_fields(finished_runs):
+    retriever = crosstower.load_run(finished_runs / "dssm")  # reads segment, age_bucket and region
     items = retriever.run.dataset.item_ids.tolist()
     answers = retriever.recommend(histories=[items[:3], [], [items[7], str(items[8])]], k=K)
     assert [len(a.items) for a in answers] == [K, K, K]
@@ -174,8 +155,8 @@ def test_a_history_request_reads_missing_user_fields(runs):
     ({"users": [1], "k": "too many"}, "k: {} is above the catalogue's {} items"),
     ({}, "give either users or histories"),
 ])
-def test_bad_requests_name_what_is_wrong(runs, request_, message):
-    retriever = crosstower.load_run(runs / "dssm")
+def test_bad_requests_name_what_is_wrong(finished_runs, request_, message):
+    retriever = crosstower.load_run(finished_runs / "dssm")
     if request_.get("k") == "too many":
         request_ = {**request_, "k": retriever.num_items + 1}
         message = message.format(retriever.num_items + 1, retriever.num_items)
@@ -197,20 +178,20 @@ def test_a_pre_ranking_run_is_refused(tmp_path):
         crosstower.load_run(tmp_path / "p4")
 
 
-def test_the_recommend_command_prints_a_table_or_json_and_refuses_unknown_ids(runs, tmp_path):
-    retriever = crosstower.load_run(runs / "dssm")
+def test_the_recommend_command_prints_a_table_or_json_and_refuses_unknown_ids(finished_runs, tmp_path):
+    retriever = crosstower.load_run(finished_runs / "dssm")
     user = str(retriever.run.dataset.user_ids[4])
     expected = retriever.recommend(users=[user], k=5)[0]
-    table = run_cli(["recommend", str(runs / "dssm"), "--user", user, "-k", "5"], tmp_path)
+    table = run_cli(["recommend", str(finished_runs / "dssm"), "--user", user, "-k", "5"], tmp_path)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert "served by exact_inner_product index (exact)" in lines[0] and f"user {user}" in lines[0]
     assert [cell.strip() for cell in lines[1].split(" | ")][:3] == ["rank", "item", "score"]
     assert [line.split(" | ")[1].strip() for line in lines[3:]] == [str(i) for i in expected.items]
-    answer = run_cli(["recommend", str(runs / "dssm"), "--history", "3, 5,8", "--json"], tmp_path)
+    answer = run_cli(["recommend", str(finished_runs / "dssm"), "--history", "3, 5,8", "--json"], tmp_path)
     assert answer.returncode == 0, answer.stderr
     assert json.loads(answer.stdout)["items"] == retriever.recommend(histories=[["3", "5", "8"]], k=10)[0].items
-    assert_one_line_error(run_cli(["recommend", str(runs / "dssm"), "--user", "nobody"], tmp_path),
+    assert_one_line_error(run_cli(["recommend", str(finished_runs / "dssm"), "--user", "nobody"], tmp_path),
                           "unknown user id: 'nobody'")
     assert_one_line_error(run_cli(["recommend", str(tmp_path / "missing"), "--user", user], tmp_path),
                           "not a finished run")

@@ -17,7 +17,6 @@ import pytest
 
 import crosstower
 from tests.test_cli import REPO
-from tests.test_recommend import runs  # noqa: F401  (the module's fixture of finished runs)
 
 
 def free_port() -> int:
@@ -37,13 +36,13 @@ def call(url: str, body: bytes | dict | None = None) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def service(runs, tmp_path_factory):  # noqa: F811
+def service(finished_runs, tmp_path_factory):
     """`crosstower serve` on the two-tower run, on a free loopback port (its log in a file: a
     pipe nobody reads would block the service once full)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = tmp_path_factory.mktemp("service") / "log.txt"
-    process = subprocess.Popen([sys.executable, "-m", "crosstower.cli", "serve", str(runs / "dssm"), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "crosstower.cli", "serve", str(finished_runs / "dssm"), "--port", str(port)],
                                env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -63,8 +62,8 @@ def service(runs, tmp_path_factory):  # noqa: F811
     assert "Finished server process" in log.read_text()
 
 
-def test_answers_equal_recommend(service, runs):  # noqa: F811
-    retriever = crosstower.load_run(runs / "dssm")
+def test_answers_equal_recommend(service, finished_runs):
+    retriever = crosstower.load_run(finished_runs / "dssm")
     users = [int(u) for u in retriever.run.dataset.user_ids[:3]]
     items = retriever.run.dataset.item_ids.tolist()
     status, single = call(service + "/recommend", {"user_id": str(users[0]), "k": 7})
