@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output folder (default RUN_DIR-onnx beside the run)")
     export.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
 
+    compare = commands.add_parser("compare", help="write a report comparing finished runs (markdown table, PNG plots)")
+    compare.add_argument("run_dirs", nargs="+", type=Path, help="folders written by `crosstower run`")
+    compare.add_argument("--out", type=Path, default=Path("report"), help="report folder (default report/)")
+    compare.add_argument("--seeds", action="store_true", help="one row per config: mean ± std over its seeds")
+    compare.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+
     evaluate = commands.add_parser("evaluate", help="recompute the metrics of a finished run")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--data-dir", type=Path)
@@ -101,6 +107,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _evaluate(args)
     if args.command == "recommend":
         return _recommend(args)
+    if args.command == "compare":
+        from crosstower.compare import REPORT, write_report
+
+        out = write_report(args.run_dirs, args.out, args.seeds, args.data_dir)
+        print((out / REPORT).read_text())
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
     if args.command == "export":
         return _export(args)
     if args.command == "serve":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from crosstower.config import RunConfig
+from crosstower.cost import serving_cost
 from crosstower.data.dataset import Dataset
 from crosstower.data.run_data import data_fingerprint, load_data
 from crosstower.data.splits import Split
@@ -109,6 +110,9 @@ def _train_and_evaluate(
         )
         index_summary = index.describe()
         timing["index_build_seconds"] = index.build_seconds
+    cost = None
+    if split.protocol != "p4":
+        cost = serving_cost(model, config.model.name, index_summary, split.test, config.train.history_length)
     if report is not None:
         timing.update(epochs=report.epochs_run, best_epoch=report.best_epoch, stopped_early=report.stopped_early,
                       out_of_time=report.out_of_time,
@@ -121,6 +125,7 @@ def _train_and_evaluate(
         "metrics": metrics,
         "timing": timing,
         "index": index_summary,
+        "cost": cost,
         "data": fingerprint,
         "training_history": report.history if report else [],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -86,7 +86,7 @@ class RunFolder:
     def read_metrics(self) -> dict:
         try:
             return json.loads(self.file(METRICS).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise DataError(f"{self.path}: not a finished run (no {METRICS})") from None
         except ValueError:
             raise DataError(f"{self.path}: {METRICS} is not valid JSON") from None
