@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("run_dir", type=Path, help="a folder written by `crosstower run`")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--threads", type=int, help="torch threads that score (default: the run's train.threads)")
     serve.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
 
     export = commands.add_parser("export", help="write a run's user tower (ONNX), item vectors and faiss index for serving without crosstower")
@@ -120,7 +121,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from crosstower.serve import serve
 
         try:
-            serve(args.run_dir, args.host, args.port, args.data_dir)
+            serve(args.run_dir, args.host, args.port, args.data_dir, args.threads)
         except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C
             pass
         return 0

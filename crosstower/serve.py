@@ -141,12 +141,18 @@ def _first_problem(problems: list[dict]) -> str:
     return first_error_line(_Problems())
 
 
-def serve(run_dir: Any, host: str = "127.0.0.1", port: int = 8000, data_dir: Any = None) -> None:
-    """Open ``run_dir`` and serve it until interrupted (uvicorn's Ctrl-C / SIGTERM handling)."""
+def serve(run_dir: Any, host: str = "127.0.0.1", port: int = 8000, data_dir: Any = None,
+          threads: int | None = None) -> None:
+    """Open ``run_dir`` and serve it until interrupted (uvicorn's Ctrl-C / SIGTERM handling);
+    ``threads`` torch threads score (default: the run's ``train.threads``)."""
+    import torch
     import uvicorn
 
     from crosstower.recommend import load_run
 
-    app = create_app(load_run(run_dir, data_dir))
+    retriever = load_run(run_dir, data_dir)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    app = create_app(retriever)
     log.info("serving %s on http://%s:%d (OpenAPI docs at /docs)", run_dir, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,29 @@
+"""The service load benchmark runs, stops by itself and writes what it measured (its timings
+are not checked here: benchmarks are measured alone, not in the test suite)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_service.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_service", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_short_load_reports_latency_throughput_and_no_errors(finished_runs, tmp_path):
+    out = tmp_path / "bench.json"
+    load_benchmark().main([str(finished_runs / "dssm"), "--requests", "30", "--concurrency", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["settings"]["concurrency"] == 2 and "cpu" in json.dumps(report).lower()
+    (result,) = report["results"]
+    assert result["served_by"] == "exact_inner_product index (exact)"
+    for side in ("in_process", "service"):
+        assert result[side]["requests"] == 30 and result[side]["errors"] == 0
+        assert 0 < result[side]["p50_ms"] <= result[side]["p99_ms"] and result[side]["requests_per_second"] > 0
