@@ -16,7 +16,6 @@ from pathlib import Path
 from crosstower.errors import CrosstowerError
 from crosstower.tables import text_table
 
-TABLE_COLUMNS = ("recall@20", "recall@50", "ndcg@50", "precision@50")
 POINTWISE_COLUMNS = ("auc", "gauc", "logloss")  # protocol P4 (pre-ranking)
 
 
@@ -151,12 +150,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Test metrics, one row per run: ranking columns for P1-P3 runs, AUC, GAUC and log loss for
-    P4 runs (only the column groups some run has)."""
+    """Test metrics, one row per run: for P1-P3 runs Recall at every cut-off the runs measured
+    (``evaluate.ks``) and NDCG and precision at the largest, for P4 runs AUC, GAUC and log loss
+    (only the column groups some run has)."""
     columns = []
-    if any(r["protocol"] != "p4" for r in rows):
-        columns += TABLE_COLUMNS
-    if any(r["protocol"] == "p4" for r in rows):
+    ranked = [r for r in rows if r["protocol"] != "p4"]
+    if ranked:
+        ks = sorted({int(key.split("@")[1]) for r in ranked for key in r["metrics"]["test"] if key.startswith("recall@")})
+        columns += [f"recall@{k}" for k in ks] + [f"ndcg@{ks[-1]}", f"precision@{ks[-1]}"]
+    if len(ranked) < len(rows):
         columns += POINTWISE_COLUMNS
     header = ["model", "dataset", "protocol", *columns, "train s", "test eval s"]
     lines = []

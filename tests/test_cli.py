@@ -104,6 +104,9 @@ def test_run_writes_results_and_table(tmp_path, capsys, monkeypatch):
     assert main(["run", str(config), "--out", "out", "--set", "train.batch_size=128"]) == 0
     table = capsys.readouterr().out
     assert "youtubednn" in table and "recall@50" in table
+    assert main(["run", str(config), "--out", "out10", "--set", "evaluate.ks=[10,50]"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split(" | ")
+    assert [h.strip() for h in header if "@" in h] == ["recall@10", "recall@50", "ndcg@50", "precision@50"]
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["config"]["train"]["batch_size"] == 128 and saved["protocol"] == "p1"
     assert main(["evaluate", "out"]) == 0

@@ -414,3 +414,19 @@ def test_unreadable_file_is_a_data_error(tmp_path):
     (tmp_path / "u.data.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"u\.data\.gz: cannot read"):
         load_dataset("ml-100k", tmp_path, {"features": False})
+
+
+@pytest.mark.parametrize("numeric_ids", [True, False])
+def test_generic_blank_ids_are_an_error_naming_the_lines_or_are_skipped_on_request(tmp_path, caplog, numeric_ids):
+    users = ["1", "", "2", "3", "  "] if numeric_ids else ["u1", "", "u2", "u3", "  "]
+    items = ["10", "11", "", "12", "13"]
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u},{i},{t}\n" for t, (u, i) in enumerate(zip(users, items))))
+    with pytest.raises(DataError, match=r"^log\.csv: 2 rows with a blank id in column 'user_id' \(lines 3, 6\); "
+                                        r"fill them, or set dataset\.options\.skip_invalid_rows: true"):
+        load_dataset("generic", tmp_path, {"interactions": "log.csv", "columns": {"timestamp": "timestamp"}})
+    with caplog.at_level("WARNING"):
+        ds = load_dataset("generic", tmp_path, {"interactions": "log.csv", "columns": {"timestamp": "timestamp"},
+                                                "skip_invalid_rows": True})
+    assert len(ds.interactions) == 2 and "dropped 3 rows with a blank id" in caplog.text
+    assert "nan" not in {str(v) for v in ds.user_ids}

@@ -7,6 +7,7 @@ are named by header or, for files without one, by position (0-based integers).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,8 @@ from crosstower.data.dataset import Dataset, FieldSpec, build_dataset
 from crosstower.data.loaders.files import find_file, logical_suffix, parse_options, read_parquet, read_table
 from crosstower.data.schema import FieldKind
 from crosstower.errors import DataError
+
+log = logging.getLogger("crosstower.data")
 
 NAME = "generic"
 Column = str | int
@@ -74,6 +77,9 @@ class GenericOptions(_Strict):
     item_features: SideOptions | None = None
     min_rating: float | None = None
     name: str | None = None
+    # Interactions with a blank user or item id are an error naming the rows; true drops them
+    # with a warning that counts them.
+    skip_invalid_rows: bool = False
 
 
 def read_any(path: Path, sep: str | None, header: bool) -> pd.DataFrame:
@@ -105,12 +111,11 @@ def read_interactions(path: Path, opts: GenericOptions) -> pd.DataFrame:
     """The interaction table renamed to ``user_id``, ``item_id`` and the optional columns."""
     frame = read_any(path, opts.sep, opts.header)
     source = path.name
-    out = pd.DataFrame(
-        {
-            "user_id": frame[resolve_column(frame, opts.columns.user, source)],
-            "item_id": frame[resolve_column(frame, opts.columns.item, source)],
-        }
-    )
+    names = {"user_id": resolve_column(frame, opts.columns.user, source),
+             "item_id": resolve_column(frame, opts.columns.item, source)}
+    out = pd.DataFrame({ours: frame[theirs] for ours, theirs in names.items()})
+    out = _without_blank_ids(out, names, opts, source)
+    frame = frame.loc[out.index]
     if opts.columns.timestamp is not None:
         out["timestamp"] = _timestamps(frame[resolve_column(frame, opts.columns.timestamp, source)], source)
     if opts.columns.rating is not None:
@@ -119,6 +124,34 @@ def read_interactions(path: Path, opts: GenericOptions) -> pd.DataFrame:
         if out["rating"].isna().any():
             raise DataError(f"{source}: rating column has missing or non-numeric values")
     return out
+
+
+def _without_blank_ids(frame: pd.DataFrame, names: dict[str, str], opts: GenericOptions, source: str) -> pd.DataFrame:
+    """``frame`` without rows whose user or item id is missing or blank, which are refused
+    unless ``skip_invalid_rows`` (then dropped with a warning). ``names``: our column -> the
+    file's."""
+    blank = {}
+    for column, given in names.items():
+        values = frame[column]
+        missing = values.isna()
+        if not pd.api.types.is_numeric_dtype(values):  # text ids: blank ones are missing too
+            missing |= values.astype(str).str.strip() == ""
+        if missing.any():
+            blank[given] = missing
+    if not blank:
+        return frame
+    bad = np.logical_or.reduce([m.to_numpy() for m in blank.values()])
+    if opts.skip_invalid_rows:
+        log.warning("%s: dropped %d rows with a blank id (column %s)", source, int(bad.sum()),
+                    " / ".join(repr(c) for c in blank))
+        return frame[~bad]
+    column, missing = next(iter(blank.items()))
+    first_line = 2 if opts.header else 1  # the file's line of row 0
+    lines = (np.flatnonzero(missing.to_numpy()) + first_line).tolist()
+    shown = ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
+    raise DataError(f"{source}: {len(lines)} row{'s' if len(lines) > 1 else ''} with a blank id in column {column!r} "
+                    f"(line{'s' if len(lines) > 1 else ''} {shown}); fill them, or set "
+                    f"dataset.options.skip_invalid_rows: true to drop such rows")
 
 
 def _timestamps(values: pd.Series, source: str) -> np.ndarray:
