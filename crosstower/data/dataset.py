@@ -81,9 +81,30 @@ class Dataset:
             "interactions_per_user_median": float(per_user.median()) if len(per_user) else 0.0,
             "has_time": self.has_time,
             "has_rating": RATING in inter.columns,
-            "user_fields": {n: f.kind.value for n, f in self.users.fields.items()},
-            "item_fields": {n: f.kind.value for n, f in self.items.fields.items()},
+            "user_fields": _describe_fields(self.users),
+            "item_fields": _describe_fields(self.items),
         }
+
+
+def _describe_fields(table: FeatureTable) -> dict[str, dict]:
+    """How each field was encoded: its kind; for categorical kinds the vocabulary size (padding
+    id 0 included) and the share of rows with no value; for multi-categorical ones the slots per
+    row and the mean number filled; for dense vectors the width."""
+    out = {}
+    for name, spec in table.fields.items():
+        values = table.values[name]
+        info: dict = {"kind": spec.kind.value}
+        if spec.kind == FieldKind.CATEGORICAL:
+            info.update(vocab_size=spec.vocab_size, missing_share=round(float((values == 0).mean()), 4) if len(values) else 0.0)
+        elif spec.kind == FieldKind.MULTI_CATEGORICAL:
+            filled = (values > 0).sum(axis=1)
+            info.update(vocab_size=spec.vocab_size, max_values=spec.dim,
+                        mean_values=round(float(filled.mean()), 2) if len(values) else 0.0,
+                        missing_share=round(float((filled == 0).mean()), 4) if len(values) else 0.0)
+        elif spec.kind == FieldKind.DENSE_VECTOR:
+            info.update(dim=spec.dim)
+        out[name] = info
+    return out
 
 
 def build_dataset(
