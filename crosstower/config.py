@@ -96,8 +96,10 @@ class TrainConfig(Strict):
     threads: int = Field(2, ge=1)
     history_length: int = Field(50, ge=0)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
-    # Stop (keeping the best epoch) after this much training; a model's warm-up epochs (SparCode's
-    # unquantised ones) are always followed by one selectable epoch, so a run never ends without one.
+    # Stop (keeping the best epoch) after this much training, checked between batches: the epoch
+    # that crosses it ends early and is validated like any other. A model's warm-up epochs
+    # (SparCode's unquantised ones) are never cut and are always followed by one selectable
+    # epoch, so a run never ends without one.
     max_minutes: float | None = None
     # bf16: training steps run under bfloat16 autocast (1.6x faster cross-encoder steps on CPUs
     # with AMX/AVX512-BF16); validation and test scoring always run in float32, so rankings are

@@ -2,6 +2,8 @@
 
 import json
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -125,6 +127,16 @@ def test_resume_with_a_larger_time_budget_continues_a_run_stopped_by_its_budget(
     assert same_budget.fit(resume=True).epochs_run == 1
     report = Trainer(model, dataset, split, parse_config(tiny_config(epochs=4)), tmp_path).fit(resume=True)
     assert report.resumed_from_epoch == 1 and report.epochs_run == 4
+
+
+def test_a_time_budget_ends_the_epoch_that_crosses_it(tmp_path, tiny_data, caplog):
+    dataset, split = tiny_data
+    config = parse_config(tiny_config(epochs=3, max_minutes=1e-6, batch_size=16))
+    model = build_model(config.model, dataset, "p2")
+    with caplog.at_level("WARNING", logger="crosstower.train"):
+        report = Trainer(model, dataset, split, config, tmp_path).fit()
+    assert report.epochs_run == 1 and report.out_of_time and math.isfinite(report.history[0]["loss"])
+    assert "epoch 0: train.max_minutes reached after 1 of " in caplog.text
 
 
 def test_a_finished_run_stopped_by_its_budget_keeps_its_checkpoint_to_train_on(tmp_path):
@@ -388,3 +400,15 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
     with pytest.raises(ConfigError, match="nothing to resume"):
         run_experiment(parse_config(tiny_config()), tmp_path / "run", resume=True)
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_an_epoch_logs_its_progress_where_no_progress_bar_shows(tmp_path, tiny_data, caplog, monkeypatch):
+    from crosstower.train import trainer
+
+    monkeypatch.setattr(trainer, "PROGRESS_LOG_SECONDS", 0.0)
+    dataset, split = tiny_data
+    config = parse_config(tiny_config(epochs=1, batch_size=64))
+    with caplog.at_level("INFO", logger="crosstower.train"):
+        Trainer(build_model(config.model, dataset, "p2"), dataset, split, config, tmp_path).fit()
+    steps = [line for line in caplog.text.splitlines() if "epoch 0: " in line and " batches, loss " in line]
+    assert steps and "epoch 0: 1/" in steps[0]

@@ -53,6 +53,7 @@ from crosstower.train.averaging import WeightAverage
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("crosstower.train")
+PROGRESS_LOG_SECONDS = 60.0  # a log line this often inside an epoch where no progress bar shows
 
 
 @dataclass
@@ -181,7 +182,11 @@ class Trainer:
                 break
             if average is None:
                 average = self._start_average(epoch)
-            loss, terms = self._train_epoch(epoch, optimizer, average)
+            # A budget is also checked between batches, except in a warm-up epoch (see below).
+            deadline = None
+            if cfg.max_minutes is not None and epoch >= self.model.warmup_epochs:
+                deadline = started + 60 * cfg.max_minutes
+            loss, terms = self._train_epoch(epoch, optimizer, average, deadline)
             # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
             selectable = epoch >= self.model.warmup_epochs
             with average.swapped_in() if average is not None else contextlib.nullcontext():
@@ -283,10 +288,16 @@ class Trainer:
         return report, state["best_state"], state["bad_epochs"], average
 
     def _train_epoch(
-        self, epoch: int, optimizer: torch.optim.Optimizer, average: WeightAverage | None
+        self, epoch: int, optimizer: torch.optim.Optimizer, average: WeightAverage | None,
+        deadline: float | None = None,
     ) -> tuple[float, dict[str, float]]:
         """One epoch: its mean loss and the mean of every named loss term (``loss_NAME``; a
-        term's weight as ``loss_NAME_weight``), so each term of a composite objective is logged."""
+        term's weight as ``loss_NAME_weight``), so each term of a composite objective is logged.
+
+        Past ``deadline`` (a ``time.perf_counter`` value: ``train.max_minutes``) the epoch ends
+        after the current batch, so a budget is kept to about one batch, not one epoch. Where no
+        progress bar shows (output to a file or a pipe), a log line every minute says how far
+        the epoch is."""
         cfg = self.train_cfg
         size = len(self.train_rows) if self.pointwise else len(self.examples)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(size)
@@ -300,7 +311,16 @@ class Trainer:
         total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
         device = self.model.device
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-        for index in progress:
+        trained, last_log = 0, time.perf_counter()
+        for step, index in enumerate(progress):
+            now = time.perf_counter()
+            if deadline is not None and now > deadline and step > 0:  # every epoch trains a batch at least
+                log.warning("epoch %d: train.max_minutes reached after %d of %d batches; the epoch ends here",
+                            epoch, step, len(batches))
+                break
+            if step > 0 and progress.disable and now - last_log >= PROGRESS_LOG_SECONDS:
+                log.info("epoch %d: %d/%d batches, loss %.4f", epoch, step, len(batches), total / max(1, trained))
+                last_log = now
             batch = self.train_rows.batch(index) if self.pointwise else self.make_batch(index, generator)
             batch = batch.to(device)
             rows = row_values(self.model, batch.row_values()) if self.pointwise else contextlib.nullcontext()
@@ -314,7 +334,8 @@ class Trainer:
             if average is not None:
                 average.update()
             total += float(loss.detach()) * len(index)
+            trained += len(index)
             for name, value in parts.items():
                 terms[name] = terms.get(name, 0.0) + value * len(index)
-        size = max(1, len(order))
+        size = max(1, trained)
         return total / size, {f"loss_{name}": value / size for name, value in terms.items()}
