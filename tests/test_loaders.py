@@ -18,7 +18,7 @@ from crosstower.data.loaders import LOADERS, load_dataset
 from crosstower.data.loaders.files import find_file, open_binary
 from crosstower.data.loaders.movielens import read_ml1m_movies, read_ml1m_users
 from crosstower.data.schema import FieldKind
-from crosstower.errors import DataError
+from crosstower.errors import ConfigError, DataError
 
 
 def need(root: Path, *relative: str) -> Path:
@@ -430,3 +430,49 @@ def test_generic_blank_ids_are_an_error_naming_the_lines_or_are_skipped_on_reque
                                                 "skip_invalid_rows": True})
     assert len(ds.interactions) == 2 and "dropped 3 rows with a blank id" in caplog.text
     assert "nan" not in {str(v) for v in ds.user_ids}
+
+
+def test_generic_several_feature_files_per_side_wide_and_long(tmp_path):
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},{i},{u * 10 + i}\n" for u in range(3) for i in (1, 2, 3)))
+    (tmp_path / "brand.csv").write_text("item_id,brand,title\n1,acme,First\n2,zenith,Second\n3,acme,Third\n3,acme,Third\n")
+    (tmp_path / "category.csv").write_text("item_id,category\n1,7\n1,9\n2,7\n3,11\n3,7\n3,9\n")
+    item_files = [{"file": "brand.csv", "id_column": "item_id", "fields": [{"column": "brand", "kind": "categorical"}]},
+                  {"file": "category.csv", "id_column": "item_id", "format": "long",
+                   "fields": [{"column": "category", "kind": "multi_categorical"}]}]
+    ds = load_dataset("generic", tmp_path, {"interactions": "log.csv", "columns": {"timestamp": "timestamp"},
+                                            "item_features": item_files})
+    category, brand = ds.items.fields["category"], ds.items.fields["brand"]
+    decoded = [sorted(category.vocabulary[v - 1] for v in row if v > 0) for row in ds.items.values["category"]]
+    assert decoded == [["7", "9"], ["7"], ["11", "7", "9"]] and category.dim == 3
+    assert [brand.vocabulary[v - 1] for v in ds.items.values["brand"]] == ["acme", "zenith", "acme"]
+    assert ds.item_names.tolist() == ["First", "Second", "Third"]
+    assert ds.stats()["item_fields"]["category"]["mean_values"] == 2.0
+
+
+@pytest.mark.parametrize("files, message", [
+    ([{"file": "category.csv", "id_column": "item_id", "fields": [{"column": "category", "kind": "categorical"}]}],
+     r"category\.csv: 2 item ids have several different rows \(e\.g\. 1, 3\); for several values per item declare "
+     r"format: long and the field as kind multi_categorical"),
+    ([{"file": "category.csv", "id_column": "item_id", "format": "long",
+       "fields": [{"column": "category", "kind": "categorical"}]}], r"declare \['category'\] as kind multi_categorical"),
+    ([{"file": "category.csv", "id_column": "item_id", "format": "long",
+       "fields": [{"column": "category", "kind": "multi_categorical"}]},
+      {"file": "category.csv", "id_column": "item_id", "format": "long",
+       "fields": [{"column": "category", "kind": "multi_categorical"}]}],
+     r"category\.csv: column 'category' is also read from category\.csv"),
+])
+def test_generic_feature_file_mismatches_are_one_error(tmp_path, files, message):
+    (tmp_path / "log.csv").write_text("user_id,item_id\nu1,1\nu1,2\nu2,3\n")
+    (tmp_path / "category.csv").write_text("item_id,category\n1,7\n1,9\n2,7\n3,11\n3,7\n")
+    with pytest.raises((DataError, ConfigError), match=message):
+        load_dataset("generic", tmp_path, {"interactions": "log.csv", "item_features": files})
+
+
+def test_generic_multi_categorical_integers_in_a_wide_file(tmp_path):
+    (tmp_path / "log.csv").write_text("user_id,item_id\nu1,1\nu1,2\nu2,3\n")
+    (tmp_path / "items.csv").write_text("item_id,genre\n1,4\n2,\n3,5\n")
+    ds = load_dataset("generic", tmp_path, {"interactions": "log.csv", "item_features": {
+        "file": "items.csv", "id_column": "item_id", "fields": [{"column": "genre", "kind": "multi_categorical"}]}})
+    assert ds.items.fields["genre"].vocabulary == ("4.0", "5.0") or ds.items.fields["genre"].vocabulary == ("4", "5")
+    assert (ds.items.values["genre"] > 0).sum(axis=1).tolist() == [1, 0, 1]

@@ -208,10 +208,14 @@ def _standardise(values: np.ndarray) -> np.ndarray:
 
 
 def _tokens(value, sep: str | None) -> list:
+    """The values of one multi-categorical cell: a string split at ``sep``, a list as it is, a
+    single number as one value, nothing for a missing cell."""
     if isinstance(value, str):
         return [t for t in value.split(sep)] if sep else [value]
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return []
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return [value]
     return list(value)
 
 

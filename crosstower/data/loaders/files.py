@@ -28,12 +28,13 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_options(model: type[M], options: dict | None) -> M:
-    """Validate a loader's options; the first problem becomes ``dataset.options.<loc>: <msg>``."""
+def parse_options(model: type[M], options: dict | None, skip: tuple[str, ...] = ()) -> M:
+    """Validate a loader's options; the first problem becomes ``dataset.options.<loc>: <msg>``
+    (``skip``: the tags of the options' unions, left out of ``<loc>``)."""
     try:
         return model.model_validate(options or {})
     except ValidationError as exc:
-        raise DataError(first_error_line(exc, "dataset.options")) from None
+        raise DataError(first_error_line(exc, "dataset.options", skip)) from None
 
 
 def candidates(directory: Path, basename: str) -> list[Path]:

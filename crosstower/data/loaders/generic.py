@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field as PydanticField, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field as PydanticField, Tag, model_validator
 
 from crosstower.data.dataset import Dataset, FieldSpec, build_dataset
 from crosstower.data.loaders.files import find_file, logical_suffix, parse_options, read_parquet, read_table
@@ -26,6 +26,7 @@ NAME = "generic"
 Column = str | int
 SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 PARQUET = (".parquet", ".pq")
+NAME_COLUMNS = ("title", "name")  # kept beside the fields: shown with recommendations
 
 
 class _Strict(BaseModel):
@@ -61,11 +62,32 @@ class FieldOptions(_Strict):
 
 
 class SideOptions(_Strict):
+    """One feature file of users or items."""
+
     file: str
     id_column: Column
     fields: list[FieldOptions] = []
     sep: str | None = None
     header: bool = True
+    # "wide": one row per id; "long": several (id, value) rows per id, each field gathering its
+    # values per id (multi_categorical fields only), e.g. an item-category table.
+    format: Literal["wide", "long"] = "wide"
+
+    @model_validator(mode="after")
+    def _long_fields_are_multi_valued(self) -> "SideOptions":
+        if self.format == "long":
+            wrong = [f.name or f.column for f in self.fields if f.kind != "multi_categorical"]
+            if wrong:
+                raise ValueError(f"a long-format file gathers several values per id: declare {wrong} as "
+                                 f"kind multi_categorical")
+        return self
+
+
+# A side's features: one file or a list; the union is decided by the value's type, so a problem
+# is reported against the one form that was meant (its tag left out of the message).
+UNION_TAGS = ("one_file", "file_list")
+SideFiles = Annotated[Annotated[SideOptions, Tag(UNION_TAGS[0])] | Annotated[list[SideOptions], Tag(UNION_TAGS[1])],
+                      Discriminator(lambda value: UNION_TAGS[1] if isinstance(value, list) else UNION_TAGS[0])]
 
 
 class GenericOptions(_Strict):
@@ -73,8 +95,9 @@ class GenericOptions(_Strict):
     sep: str | None = None  # None: from the extension (.csv ',', .tsv '\t', else whitespace)
     header: bool = True
     columns: ColumnMap = PydanticField(default_factory=ColumnMap)
-    user_features: SideOptions | None = None
-    item_features: SideOptions | None = None
+    # One feature file per side, or a list of them (joined on the id; wide and long formats mixed).
+    user_features: SideFiles | None = None
+    item_features: SideFiles | None = None
     min_rating: float | None = None
     name: str | None = None
     # Interactions with a blank user or item id are an error naming the rows; true drops them
@@ -169,10 +192,34 @@ def _timestamps(values: pd.Series, source: str) -> np.ndarray:
     return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
 
 
+def read_sides(
+    directory: Path, side: str, options: SideOptions | list[SideOptions], ids: pd.Series
+) -> tuple[pd.DataFrame, list[FieldSpec]]:
+    """Every feature file of one side joined on the raw id, and their field specs."""
+    files = options if isinstance(options, list) else [options]
+    frames, specs, owner = [], [], {}
+    for opts in files:
+        frame, file_specs = read_side(directory, side, opts, ids)
+        for spec in file_specs:
+            for column in spec.columns or (spec.column,):
+                if column in owner:
+                    raise DataError(f"{opts.file}: column '{column}' is also read from {owner[column]}; rename one "
+                                    f"of them in its file")
+                owner[column] = opts.file
+        used = [c for spec in file_specs for c in (spec.columns or (spec.column,))]
+        shown = [c for c in NAME_COLUMNS if c in frame.columns and c not in owner and c not in used]
+        owner.update(dict.fromkeys(shown, opts.file))
+        frames.append(frame[used + shown])
+        specs += file_specs
+    return pd.concat(frames, axis=1, join="outer"), specs
+
+
 def read_side(
     directory: Path, side: str, opts: SideOptions, ids: pd.Series
 ) -> tuple[pd.DataFrame, list[FieldSpec]]:
-    """A feature table indexed by the raw id (typed like ``ids``) and its field specs."""
+    """A feature table indexed by the raw id (typed like ``ids``, one row per id) and its field
+    specs. A wide file may repeat an id only on identical rows; a long file's rows are gathered
+    into one list of values per id and field."""
     path = find_file(directory, opts.file, NAME)
     frame = read_any(path, opts.sep, opts.header)
     id_column = resolve_column(frame, opts.id_column, path.name)
@@ -181,6 +228,15 @@ def read_side(
     frame.index = _match_id_type(frame.index, ids)
     if not frame.index.isin(ids).any():
         raise DataError(f"{path.name}: no {side} id in column '{id_column}' occurs in the interactions")
+    if opts.format == "long":
+        columns = [spec.column for spec in specs]
+        return frame[columns].groupby(level=0).agg(lambda values: values.dropna().tolist()), specs
+    frame = frame[~frame.reset_index().duplicated().to_numpy()]  # identical repeated rows say nothing new
+    repeated = frame.index[frame.index.duplicated()].unique()
+    if len(repeated):
+        shown = ", ".join(map(str, repeated[:5].tolist()))
+        raise DataError(f"{path.name}: {len(repeated)} {side} ids have several different rows (e.g. {shown}); for "
+                        f"several values per {side} declare format: long and the field as kind multi_categorical")
     return frame, specs
 
 
@@ -203,7 +259,7 @@ def _match_id_type(index: pd.Index, ids: pd.Series) -> pd.Index:
 
 def load_generic(path: Path, options: dict | None = None) -> Dataset:
     """Load the files named in ``options`` from the folder ``path``."""
-    opts = parse_options(GenericOptions, options)
+    opts = parse_options(GenericOptions, options, skip=UNION_TAGS)
     directory = Path(path)
     inter_path = find_file(directory, opts.interactions, NAME)
     interactions = read_interactions(inter_path, opts)
@@ -217,10 +273,10 @@ def load_generic(path: Path, options: dict | None = None) -> Dataset:
         interactions = interactions[interactions["rating"] >= opts.min_rating]
     users, user_specs = (None, [])
     if opts.user_features is not None:
-        users, user_specs = read_side(directory, "user", opts.user_features, interactions["user_id"])
+        users, user_specs = read_sides(directory, "user", opts.user_features, interactions["user_id"])
     items, item_specs = (None, [])
     if opts.item_features is not None:
-        items, item_specs = read_side(directory, "item", opts.item_features, interactions["item_id"])
+        items, item_specs = read_sides(directory, "item", opts.item_features, interactions["item_id"])
     name = opts.name or Path(opts.interactions).name.split(".")[0]
     dataset = build_dataset(name, interactions, users, user_specs, items, item_specs, source=inter_path.name)
     dataset.metadata["source"] = str(inter_path)
