@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from crosstower.errors import CrosstowerError
 from crosstower.tables import text_table
@@ -19,70 +20,106 @@ from crosstower.tables import text_table
 POINTWISE_COLUMNS = ("auc", "gauc", "logloss")  # protocol P4 (pre-ranking)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crosstower", description="Candidate retrieval beyond the two-tower model.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+RUN_EPILOG = """\
+A config is YAML with the sections dataset, split, model, train, evaluate (and distill);
+`crosstower config` lists the models, data sets and sections, `crosstower config NAME` the keys
+of one with their defaults and meaning. Examples:
+  crosstower run                                   the synthetic default suite
+  crosstower run configs/ml100k-dssm-p1.yaml       one config (data sets from ../shared/data)
+  crosstower run configs/ml100k-dssm-p1.yaml --set train.lr=0.01 --set model.output_dim=32
+"""
 
-    run = commands.add_parser("run", help="train, evaluate and write DIR/metrics.json")
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the subcommand: every subparser shares it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an input error instead of one line")
+    parser = argparse.ArgumentParser(prog="crosstower", parents=[common],
+                                     description="Candidate retrieval beyond the two-tower model.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, parents=[common], **kwargs)
+
+    run = command("run", "train, evaluate and serve a config; write its run folder (metrics.json, model, index)",
+                  epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", type=Path, help="YAML config; none: the embedded synthetic default suite")
-    run.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+    _data_dir(run)
     run.add_argument("--out", type=Path, help="output folder (default runs/NAME)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+    _overrides(run)
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
 
-    data = commands.add_parser("data", help="prepare, download or describe data sets")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    prepare = data_commands.add_parser("prepare", help="load a config's data set, split it and save the split")
-    prepare.add_argument("config", type=Path)
-    prepare.add_argument("--data-dir", type=Path)
-    prepare.add_argument("--out", type=Path, required=True)
-    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    download = data_commands.add_parser("download", help="fetch an official MovieLens archive")
-    download.add_argument("name")
-    download.add_argument("--data-dir", type=Path, default=Path("data"))
-    stats = data_commands.add_parser("stats", help="print a data set's size and fields")
-    stats.add_argument("config", type=Path)
-    stats.add_argument("--data-dir", type=Path)
-    stats.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    synth = data_commands.add_parser("synthetic", help="stream a synthetic data set to disk")
-    synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config = command("config", "list the models, data sets and config sections, or the keys of one")
+    config.add_argument("name", nargs="?", help="a section (train, split, ...), a model name or distill.METHOD")
 
-    recommend = commands.add_parser("recommend", help="print the top items of a user, or of a history, from a finished run")
-    recommend.add_argument("run_dir", type=Path, help="a folder written by `crosstower run`")
+    data = command("data", "prepare, download or describe data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    prepare = data_commands.add_parser("prepare", help="load a config's data set, split it and save the split",
+                                       parents=[common])
+    prepare.add_argument("config", type=Path, help="YAML config naming the data set and the split")
+    _data_dir(prepare)
+    prepare.add_argument("--out", type=Path, required=True, help="folder for split.npz and stats.json")
+    _overrides(prepare)
+    download = data_commands.add_parser("download", help="fetch an official MovieLens archive", parents=[common])
+    download.add_argument("name", help="ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest or ml-latest-small")
+    download.add_argument("--data-dir", type=Path, default=Path("data"), help="where to put it (default data/)")
+    stats = data_commands.add_parser("stats", help="print a data set's size and how each field was encoded",
+                                     parents=[common])
+    stats.add_argument("config", type=Path, help="YAML config naming the data set")
+    _data_dir(stats)
+    _overrides(stats)
+    synth = data_commands.add_parser("synthetic", help="stream a synthetic data set to disk", parents=[common])
+    synth.add_argument("--out", type=Path, required=True, help="output folder")
+    _overrides(synth, "a generator option, e.g. --set num_items=1000000 (repeatable)")
+
+    recommend = command("recommend", "print the top items of a user, or of a history, from a finished run")
+    _run_dir(recommend)
     who = recommend.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a user id of the run's data set (the user's known items are the history)")
     who.add_argument("--history", help="comma-separated item ids, oldest first: a user the run has never seen")
     recommend.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     recommend.add_argument("--include-seen", action="store_true", help="do not remove the items of the history")
     recommend.add_argument("--json", action="store_true", help="print the answer as JSON")
-    recommend.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+    _data_dir(recommend)
 
-    serve = commands.add_parser("serve", help="serve a finished run over HTTP (POST /recommend, GET /health, /info, /docs)")
-    serve.add_argument("run_dir", type=Path, help="a folder written by `crosstower run`")
+    serve = command("serve", "serve a finished run over HTTP (POST /recommend, GET /health, /info, /docs)")
+    _run_dir(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--threads", type=int, help="torch threads that score (default: the run's train.threads)")
-    serve.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+    _data_dir(serve)
 
-    export = commands.add_parser("export", help="write a run's user tower (ONNX), item vectors and faiss index for serving without crosstower")
-    export.add_argument("run_dir", type=Path, help="a folder written by `crosstower run` (an inner-product model)")
+    export = command("export", "write a run's user tower (ONNX), item vectors and faiss index for serving "
+                               "without crosstower")
+    _run_dir(export, "a folder written by `crosstower run` (an inner-product model)")
     export.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
     export.add_argument("--out", type=Path, help="output folder (default RUN_DIR-onnx beside the run)")
-    export.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+    _data_dir(export)
 
-    compare = commands.add_parser("compare", help="write a report comparing finished runs (markdown table, PNG plots)")
+    compare = command("compare", "write a report comparing finished runs (markdown table, PNG plots)")
     compare.add_argument("run_dirs", nargs="+", type=Path, help="folders written by `crosstower run`")
     compare.add_argument("--out", type=Path, default=Path("report"), help="report folder (default report/)")
     compare.add_argument("--seeds", action="store_true", help="one row per config: mean ± std over its seeds")
-    compare.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+    _data_dir(compare)
 
-    evaluate = commands.add_parser("evaluate", help="recompute the metrics of a finished run")
-    evaluate.add_argument("run_dir", type=Path)
-    evaluate.add_argument("--data-dir", type=Path)
+    evaluate = command("evaluate", "recompute the metrics of a finished run from its saved model and split")
+    _run_dir(evaluate)
+    _data_dir(evaluate)
     return parser
+
+
+def _data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="folder holding the data sets (default ../shared/data)")
+
+
+def _run_dir(parser: argparse.ArgumentParser, help: str = "a folder written by `crosstower run`") -> None:
+    parser.add_argument("run_dir", type=Path, help=help)
+
+
+def _overrides(parser: argparse.ArgumentParser, help: str = "override a config key, e.g. --set train.lr=0.01 "
+                                                            "(repeatable)") -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except CrosstowerError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args)
+    if args.command == "config":
+        from crosstower import config_help
+
+        print(config_help.describe(args.name) if args.name else config_help.overview())
+        return 0
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "recommend":

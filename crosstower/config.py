@@ -26,12 +26,14 @@ class DatasetConfig(Strict):
 
 
 class SplitConfig(Strict):
+    # p1: each user's latest interactions held out by time; p2: held-out users (their first 80% is history);
+    # p3: held-out users with no history (cold start); p4: pre-ranking, rows labelled by rating.
     protocol: Literal["p1", "p2", "p3", "p4"] = "p2"
-    seed: int = 0
+    seed: int = 0  # seeds the p2/p3 user shuffle and p4's random row split (order: random); p1 ignores it
     # P4 only: a row rated >= positive_min is a positive, <= negative_max a negative, anything in
     # between is dropped. Filled with 4 and 2 under p4 (IntTower's MovieLens labels); null otherwise.
     positive_min: float | None = None
-    negative_max: float | None = None
+    negative_max: float | None = None  # P4 only: a row rated <= negative_max is a negative (2 under p4)
     # P4 only: which labelled rows a row's user and item rating statistics come from.
     # "ordered" (filled under p4): a training row reads its entities' training rows before its
     # time, a validation or test row all their training rows. "entity": every row reads all the
@@ -70,32 +72,32 @@ POINTWISE_METRICS = ("auc", "gauc", "logloss")  # P4's metrics; logloss: lower i
 
 
 class NegativesConfig(Strict):
-    sampler: Literal["uniform", "popularity", "none"] = "uniform"
-    num: int = Field(100, ge=0)
+    sampler: Literal["uniform", "popularity", "none"] = "uniform"  # uniform over items, count^alpha, or none
+    num: int = Field(100, ge=0)  # negatives drawn per training example (0: none sampled)
     alpha: float = 0.75  # popularity sampler exponent
     in_batch: bool = False  # also use the batch's other positives as negatives
     logq: bool = True  # subtract log expected count (no effect for uniform-only sampling)
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(30, ge=0)
-    batch_size: int = Field(512, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(30, ge=0)  # passes over the training interactions at most (early stopping may end sooner)
+    batch_size: int = Field(512, ge=1)  # training examples per optimiser step
+    lr: float = Field(1e-3, gt=0)  # Adam's learning rate
+    weight_decay: float = Field(0.0, ge=0)  # Adam's L2 weight decay (0: none)
     patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
     # Multiply the learning rate by lr_decay once more than lr_patience epochs in a row have not
     # improved the validation metric (torch's ReduceLROnPlateau); 1.0 keeps the rate constant.
     # (On the synthetic default it did not lift late interaction's plateau: docs/results.md.)
     lr_decay: float = Field(1.0, gt=0, le=1)
-    lr_patience: int = Field(0, ge=0)
+    lr_patience: int = Field(0, ge=0)  # epochs without improvement tolerated before each lr_decay step
     # Validate, select and save an exponential moving average of the weights, updated after every
     # step with this decay (0 = off; 0.999 averages over about the last 1,000 steps). Training
     # itself steps the live weights; see crosstower/train/averaging.py for why.
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
-    threads: int = Field(2, ge=1)
-    history_length: int = Field(50, ge=0)
-    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    seed: int = 0  # seeds the initial weights, example order, negative sampling and dropout
+    threads: int = Field(2, ge=1)  # torch CPU threads for training and evaluation (and serving, by default)
+    history_length: int = Field(50, ge=0)  # most recent training items a user's input holds (0: no history)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)  # listwise training's negatives (not p4's)
     # Stop (keeping the best epoch) after this much training, checked between batches: the epoch
     # that crosses it ends early and is validated like any other. A model's warm-up epochs
     # (SparCode's unquantised ones) are never cut and are always followed by one selectable
@@ -122,9 +124,11 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    ks: list[int] = Field(default_factory=lambda: [20, 50])
-    user_batch: int = Field(256, ge=1)
-    item_chunk: int = Field(65536, ge=1)
+    ks: list[int] = Field(default_factory=lambda: [20, 50])  # ranking cut-offs K: every metric is reported @K
+    user_batch: int = Field(256, ge=1)  # users ranked per call in full-ranking evaluation (memory; metrics unchanged)
+    item_chunk: int = Field(65536, ge=1)  # items scored per call in full-ranking evaluation (memory; metrics unchanged)
+    # Validation metric that selects the best epoch (and drives patience and lr_decay):
+    # <recall|ndcg|precision|hitrate|mrr>@K with K in ks; under p4 auc (its default), gauc or logloss.
     early_stopping_metric: str = "recall@50"
 
 
@@ -153,7 +157,7 @@ class ModelConfig(Strict):
     the run (:meth:`check_run`) and reads configs written by earlier versions (:meth:`upgrade`).
     """
 
-    name: str
+    name: str  # the model to build (a name listed by `crosstower config`)
     trains: ClassVar[bool] = True  # False: nothing to train (popularity), so no negatives are needed
 
     @classmethod
@@ -199,9 +203,9 @@ class TeacherConfig(Strict):
     (``config``, with ``overrides`` as ``--set`` gives them) that is trained first, beside the
     student's run, and reused while its config and data are unchanged."""
 
-    run: str | None = None
-    config: str | None = None
-    overrides: list[str] = Field(default_factory=list)
+    run: str | None = None  # a finished run folder to load the teacher from (give run or config, not both)
+    config: str | None = None  # a run config file to train the teacher from first (reused while unchanged)
+    overrides: list[str] = Field(default_factory=list)  # key=value overrides of that config, as --set gives them
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -222,8 +226,10 @@ class DistillConfig(Strict):
     module and registers under its ``method: Literal[...]`` names.
     """
 
-    method: str
+    method: str  # the distillation method (a distill.* name from `crosstower config`)
+    # The frozen teacher: {run: FOLDER} or {config: FILE, overrides: [...]}; null: none (pfd trains its own).
     teacher: TeacherConfig | None = None
+    # Named loss weights {term: weight}: terms left out keep the method's defaults (TERMS); 0 turns one off.
     terms: dict[str, float] = Field(default_factory=dict)
     TERMS: ClassVar[dict[str, float]] = {}  # every term of the method and its default weight
     TEACHER_TERMS: ClassVar[tuple[str, ...]] = ()  # the terms that read a frozen teacher
@@ -287,12 +293,12 @@ def distill_config_class(method: Any) -> type[DistillConfig]:
 
 
 class RunConfig(Strict):
-    name: str | None = None
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    model: SerializeAsAny[ModelConfig]
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    name: str | None = None  # the run's name (default folder runs/NAME); None: DATASET-MODEL-PROTOCOL
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)  # the data set to load
+    split: SplitConfig = Field(default_factory=SplitConfig)  # how it is split into train, validation and test
+    model: SerializeAsAny[ModelConfig]  # the model, chosen by model.name
+    train: TrainConfig = Field(default_factory=TrainConfig)  # how the model is trained
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # how validation and test rank
     # Train ``model`` as the student of a teacher (crosstower/distill/); None: train it alone.
     distill: SerializeAsAny[DistillConfig] | None = None
 

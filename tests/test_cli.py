@@ -131,3 +131,26 @@ def test_synthetic_configs_mirror_the_embedded_default():
 
     for raw in DEFAULT_SUITE:
         assert yaml.safe_load((REPO / "configs" / f"{raw['name']}.yaml").read_text()) == raw
+
+
+def test_config_help_lists_models_and_every_key_has_a_meaning(tmp_path):
+    from crosstower import config as cfg
+    from crosstower import config_help
+
+    overview = run_cli(["config"], tmp_path)
+    assert overview.returncode == 0 and "dssm" in overview.stdout and "distill.pfd" in overview.stdout
+    assert "ml-100k" in overview.stdout and "generic" in overview.stdout
+    names = [*config_help.SECTIONS, *cfg.model_names(), *(f"distill.{m}" for m in cfg.distill_methods())]
+    for name in names:
+        bare = [line for line in config_help.describe(name).splitlines() if "  # " not in line]
+        assert not bare, f"{name}: keys without a meaning (add a comment beside the field): {bare}"
+    dssm = run_cli(["config", "dssm"], tmp_path).stdout
+    assert "embedding_dim: 64  # " in dssm and "  kind: " in dssm  # nested blocks indented
+    assert_one_line_error(run_cli(["config", "nosuch"], tmp_path), "config nosuch: unknown model 'nosuch'")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_subcommand(tmp_path, where):
+    args = ["--debug", "config", "nosuch"] if where == "before" else ["config", "nosuch", "--debug"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr

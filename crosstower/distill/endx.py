@@ -38,10 +38,10 @@ DIRECTIONS = {"u2i": ("u", "i"), "i2u": ("i", "u"), "u2u": ("u", "u"), "i2i": ("
 class ENDXConfig(DistillConfig):
     """ENDX: in-batch relational geometry of a frozen cross encoder's cross-embeddings."""
 
-    method: Literal["endx"] = "endx"
+    method: Literal["endx"] = "endx"  # selects ENDX: the in-batch geometry of a frozen cross encoder's embeddings
     TERMS = {"supervised": 1.0, "u2i": 1.0, "i2u": 1.0, "u2u": 1.0, "i2i": 1.0}
     TEACHER_TERMS = tuple(DIRECTIONS)
-    kernel: Literal["softmax", "pkt"] = "softmax"
+    kernel: Literal["softmax", "pkt"] = "softmax"  # softmax: of cos / temperature; pkt: (cos + 1) / 2 over its row sum
     temperature: float = Field(0.1, gt=0)  # tau of the softmax kernel
 
     def build(self, student: EmbeddingRecommender, teacher: Teacher | None, context: DistillContext) -> ENDX:

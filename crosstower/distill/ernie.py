@@ -39,7 +39,7 @@ from crosstower.nn.tokens import TokenSequence
 class ERNIESearchConfig(DistillConfig):
     """ERNIE-Search: shared towers read as dual encoder and late interaction, plus the CE cascade."""
 
-    method: Literal["ernie"] = "ernie"
+    method: Literal["ernie"] = "ernie"  # selects ERNIE-Search: dual encoder + late-interaction head, cross cascade
     TERMS = {"supervised": 1.0, "colbert": 1.0, "colbert_to_dual": 1.0, "cross_to_colbert": 1.0,
              "cross_to_dual": 1.0, "attention": 1.0}
     TEACHER_TERMS = ("cross_to_colbert", "cross_to_dual", "attention")

@@ -43,15 +43,17 @@ from crosstower.nn.fields import MLP
 class PFDConfig(DistillConfig):
     """PFD: a jointly trained teacher with privileged user x item features."""
 
-    method: Literal["pfd"] = "pfd"
+    method: Literal["pfd"] = "pfd"  # selects PFD: a jointly trained teacher that reads privileged features
     TERMS = {"supervised": 0.5, "kd": 0.5, "teacher": 1.0}  # 1 - lambda, lambda, the teacher's own loss
+    # listwise: softmax losses and KL over each row's candidates; pointwise: BCE per candidate (positive 1,
+    # sampled negatives 0) and BCE of the student's probabilities against the teacher's.
     variant: Literal["listwise", "pointwise"] = "listwise"
     warmup_epochs: int = Field(1, ge=0)  # epochs with lambda = 0 (kd off, supervised at supervised + kd)
     detach_teacher: bool = True  # the kd term does not train the teacher
     temperature: float = Field(1.0, gt=0)  # tau of the listwise kd term
     category_field: str | None = None  # the item field privileged features count; None: the first categorical one
     hidden: list[int] = Field(default_factory=lambda: [128, 64])  # the teacher MLP's hidden widths
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout rate in the teacher MLP
 
     @model_validator(mode="after")
     def _joint_teacher(self):

@@ -42,7 +42,7 @@ PAIRS_PER_CALL = 4096  # teacher (user, item) pairs scored per call while fillin
 class ScoreKDConfig(DistillConfig):
     """Listwise score distillation from a teacher run."""
 
-    method: Literal["kd"] = "kd"
+    method: Literal["kd"] = "kd"  # selects plain listwise score distillation from a teacher run
     TERMS = {"supervised": 1.0, "kd": 1.0}
     TEACHER_TERMS = ("kd",)
     temperature: float = Field(1.0, gt=0)  # tau_kd, on the teacher's and the student's logits

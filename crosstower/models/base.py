@@ -205,8 +205,8 @@ class Recommender(nn.Module):
 class AttentionModelConfig(ModelConfig):
     """What the config of every transformer model shares: its width and heads (which divide it)."""
 
-    dim: int = Field(64, ge=1)
-    heads: int = Field(2, ge=1)
+    dim: int = Field(64, ge=1)  # width of every token and transformer state (a multiple of heads)
+    heads: int = Field(2, ge=1)  # attention heads per transformer layer (must divide dim)
 
     @model_validator(mode="after")
     def _heads_divide_dim(self):
@@ -221,10 +221,12 @@ class InnerProductIndexConfig(Strict):
     from ``factory`` (``"HNSW32"``, ``"IVF{auto},Flat"``, ``"IVF{auto},PQ16"``, ...; {auto} = 4
     sqrt(items) lists) with ``nprobe`` IVF lists or ``ef_search`` HNSW candidates."""
 
-    kind: Literal["exact", "faiss"] = "exact"
+    kind: Literal["exact", "faiss"] = "exact"  # exact: score every item; faiss: search an approximate faiss index
+    # faiss index_factory string (kind: faiss): "HNSW32", "IVF{auto},Flat", "IVF{auto},PQ16", ...;
+    # {auto} = about 4 sqrt(items) inverted lists.
     factory: str = "HNSW32"
-    nprobe: int = Field(16, ge=1)
-    ef_search: int = Field(128, ge=1)
+    nprobe: int = Field(16, ge=1)  # inverted lists searched per query (faiss IVF indexes)
+    ef_search: int = Field(128, ge=1)  # candidates kept while searching the graph (faiss HNSW indexes)
 
 
 class EmbeddingRecommender(Recommender):

@@ -47,12 +47,12 @@ class AttentionBlocksConfig(Strict):
 class CrossConfig(AttentionModelConfig):
     """The all-to-all cross encoder: one transformer over [user tokens; item tokens]."""
 
-    name: Literal["cross"] = "cross"
-    layers: int = Field(2, ge=1)
-    user_fields: list[str] | None = None
-    item_fields: list[str] | None = None
-    blocks: AttentionBlocksConfig = Field(default_factory=AttentionBlocksConfig)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    name: Literal["cross"] = "cross"  # selects the all-to-all cross encoder (one transformer pass per pair)
+    layers: int = Field(2, ge=1)  # transformer layers over [user tokens; item tokens]
+    user_fields: list[str] | None = None  # None: every user field (P2/P3: all but user_id); []: none, the history alone
+    item_fields: list[str] | None = None  # item fields tokenised; None: every item field
+    blocks: AttentionBlocksConfig = Field(default_factory=AttentionBlocksConfig)  # which attention blocks are on
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout rate in the transformer
     pair_chunk: int = Field(4096, ge=1)  # (user, item) pairs per transformer call in exhaustive scoring
 
     def build(self, dataset: Dataset, context: BuildContext) -> CrossEncoder:

@@ -36,17 +36,17 @@ from crosstower.nn.transformer import TransformerEncoder
 class DualEncoderConfig(AttentionModelConfig):
     """Two transformer towers over the substrate's tokens, pooled at [CLS], one inner product."""
 
-    name: Literal["dual"] = "dual"
+    name: Literal["dual"] = "dual"  # selects the transformer dual encoder
     output_dim: int = Field(64, ge=1)  # D, the served vector
-    user_layers: int = Field(2, ge=1)
-    item_layers: int = Field(1, ge=1)
-    user_fields: list[str] | None = None
-    item_fields: list[str] | None = None
-    similarity: Literal["cosine", "dot"] = "cosine"
+    user_layers: int = Field(2, ge=1)  # transformer layers of the user tower
+    item_layers: int = Field(1, ge=1)  # transformer layers of the item tower
+    user_fields: list[str] | None = None  # None: every user field (P2/P3: all but user_id); []: none, the history alone
+    item_fields: list[str] | None = None  # item fields tokenised; None: every item field
+    similarity: Literal["cosine", "dot"] = "cosine"  # cosine: L2-normalise both pooled vectors first; dot: as they are
     temperature: float = Field(0.05, gt=0)  # logits = similarity / temperature
-    item_bias: bool = False
-    dropout: float = Field(0.0, ge=0, lt=1)
-    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
+    item_bias: bool = False  # add a learned per-item prior to the score (served as one more dimension)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout rate in the towers' transformers
+    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)  # how the item vectors are served
 
     def build(self, dataset: Dataset, context: BuildContext) -> DualEncoder:
         return DualEncoder(dataset, self, context)

@@ -95,19 +95,22 @@ class IntTowerConfig(ModelConfig):
     ``cir_weight`` 0 turns CIR off (as the released code at HEAD).
     """
 
-    name: Literal["inttower"] = "inttower"
-    embedding_dim: int = Field(32, ge=1)
+    name: Literal["inttower"] = "inttower"  # selects IntTower (towers that interact through FE-Block heads)
+    embedding_dim: int = Field(32, ge=1)  # width of every field token
+    # One user FE layer per entry (a head reads each layer's input); the entries before the last are
+    # the hidden widths, the last sets no size.
     user_hidden: list[int] = Field(default_factory=lambda: [300, 300, 128], min_length=1)
+    # Hidden widths of the item tower; its last layer's output feeds the item head.
     item_hidden: list[int] = Field(default_factory=lambda: [300, 300, 128], min_length=1)
-    heads_user: int = Field(4, ge=1)
-    heads_item: int = Field(4, ge=1)
-    head_dim: int = Field(64, ge=1)
-    light_se: bool = True
-    user_fields: list[str] | None = None  # None: every user field (under P2/P3 all but user_id)
-    item_fields: list[str] | None = None
-    dropout: float = Field(0.3, ge=0, lt=1)
-    cir_weight: float = Field(0.0, ge=0)
-    cir_temperature: float = Field(0.07, gt=0)
+    heads_user: int = Field(4, ge=1)  # H_u: FE heads per user layer
+    heads_item: int = Field(4, ge=1)  # H_i: FE heads on the item tower's output
+    head_dim: int = Field(64, ge=1)  # d_h: the width of every FE head
+    light_se: bool = True  # re-weight each tower's fields with Light-SE before its MLP
+    user_fields: list[str] | None = None  # None: every user field (P2/P3: all but user_id); []: none, the history alone
+    item_fields: list[str] | None = None  # item fields to embed; None: every item field
+    dropout: float = Field(0.3, ge=0, lt=1)  # dropout rate after each tower layer
+    cir_weight: float = Field(0.0, ge=0)  # weight of the contrastive interaction regulariser CIR (0: off)
+    cir_temperature: float = Field(0.07, gt=0)  # tau of CIR's InfoNCE over the batch's positive pairs
     item_bias: bool = False  # a learned per-item prior beside the FE score (the towers' item bias)
 
     def build(self, dataset: Dataset, context: BuildContext) -> IntTower:

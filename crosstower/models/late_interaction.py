@@ -57,18 +57,18 @@ class LateInteractionIndexConfig(Strict):
 class LateInteractionConfig(AttentionModelConfig):
     """ColBERT-style late interaction (MaxSim) on the substrate's two token towers."""
 
-    name: Literal["colbert"] = "colbert"
+    name: Literal["colbert"] = "colbert"  # selects ColBERT-style late interaction (MaxSim over token vectors)
     projection_dim: int = Field(32, ge=1)  # m: the stored size of every token vector
-    user_layers: int = Field(2, ge=1)
-    item_layers: int = Field(1, ge=1)
-    user_fields: list[str] | None = None
-    item_fields: list[str] | None = None
+    user_layers: int = Field(2, ge=1)  # transformer layers of the user tower
+    item_layers: int = Field(1, ge=1)  # transformer layers of the item tower
+    user_fields: list[str] | None = None  # None: every user field (P2/P3: all but user_id); []: none, the history alone
+    item_fields: list[str] | None = None  # item fields tokenised; None: every item field
     expansion_tokens: int = Field(0, ge=0)  # learned extra user tokens (ColBERT's [MASK] augmentation)
     item_cls: bool = False  # whether the item [CLS] token takes part in the max
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)  # logits = (MaxSim + item bias) / temperature
     item_bias: bool = False  # a learned per-item term added to MaxSim (popularity)
-    index: LateInteractionIndexConfig = Field(default_factory=LateInteractionIndexConfig)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    index: LateInteractionIndexConfig = Field(default_factory=LateInteractionIndexConfig)  # how the model is served
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout rate in the towers' transformers
 
     def build(self, dataset: Dataset, context: BuildContext) -> LateInteraction:
         return LateInteraction(dataset, self, context)

@@ -55,15 +55,15 @@ class MVKEConfig(ModelConfig):
     dots the item vector with the raw kernels, so the two must have the same size.
     """
 
-    name: Literal["mvke"] = "mvke"
-    kernels: int = Field(3, ge=1)
-    dim: int = Field(64, ge=1)
-    expert_hidden: list[int] = Field(default_factory=lambda: [128])
-    item_hidden: list[int] = Field(default_factory=lambda: [128])
-    user_fields: list[str] | None = None  # None: every user field (under P2/P3 all but user_id)
-    item_fields: list[str] | None = None
-    dropout: float = Field(0.0, ge=0, lt=1)
-    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
+    name: Literal["mvke"] = "mvke"  # selects MVKE (mixture of virtual-kernel experts)
+    kernels: int = Field(3, ge=1)  # K: virtual kernels, one expert each (served vectors are K x dim wide)
+    dim: int = Field(64, ge=1)  # width of the field tokens, the kernels and both towers' outputs
+    expert_hidden: list[int] = Field(default_factory=lambda: [128])  # hidden layer widths of each expert's MLP
+    item_hidden: list[int] = Field(default_factory=lambda: [128])  # hidden layer widths of the item tower's MLP
+    user_fields: list[str] | None = None  # None: every user field (P2/P3: all but user_id); []: none, the history alone
+    item_fields: list[str] | None = None  # item fields to embed; None: every item field
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout rate after each hidden layer of the experts and the item tower
+    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)  # how the item vectors are served
 
     def build(self, dataset: Dataset, context: BuildContext) -> MVKE:
         return MVKE(dataset, self, context)

@@ -14,7 +14,7 @@ from crosstower.models.base import BuildContext, Recommender
 
 
 class PopularityConfig(ModelConfig):
-    name: Literal["popularity"] = "popularity"
+    name: Literal["popularity"] = "popularity"  # selects the most-popular baseline (no other keys)
     trains: ClassVar[bool] = False
 
     def build(self, dataset: Dataset, context: BuildContext) -> Popularity:

@@ -73,14 +73,14 @@ class TokenizerConfig(ModelConfig):
     # "dnn", "sa" or (SparCode and all-to-all only) "late": late interaction's user tower, one
     # normalised ``projection_dim`` vector per user field, history item and expansion token.
     tokenizer: Literal["dnn", "sa", "late"] = "dnn"
-    dim: int = Field(64, ge=1)
-    user_fields: list[str] | None = None
-    item_fields: list[str] | None = None
-    tokenizer_hidden: list[int] = Field(default_factory=lambda: [256])
-    item_hidden: list[int] = Field(default_factory=lambda: [128])
-    sa_layers: int = Field(2, ge=1)
-    sa_heads: int = Field(2, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dim: int = Field(64, ge=1)  # width of every field embedding and token (late: of its towers' states)
+    user_fields: list[str] | None = None  # None: every user field (P2/P3: all but user_id); []: none, the history alone
+    item_fields: list[str] | None = None  # item fields to embed; None: every item field
+    tokenizer_hidden: list[int] = Field(default_factory=lambda: [256])  # hidden widths of the dnn tokenizer's MLP
+    item_hidden: list[int] = Field(default_factory=lambda: [128])  # hidden widths of the item tokenizer's MLP (dnn, sa)
+    sa_layers: int = Field(2, ge=1)  # transformer layers of the sa tokenizer (late: of the user tower)
+    sa_heads: int = Field(2, ge=1)  # attention heads of the sa tokenizer, the late towers and the sa interaction
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout rate in the tokenizers and the interaction encoder
     # A learned per-item prior added to every score. SparCode serves it as a dense vector beside
     # the posting lists, so popularity need not fill every code's posting list; the two-tower
     # model serves it as one more item-vector dimension (against a constant 1 on the user side).
@@ -90,8 +90,8 @@ class TokenizerConfig(ModelConfig):
 class IndexBudget(Strict):
     """A sparse code index's size budget, shared among the codes by use (``UsageBudget``)."""
 
-    share: float = Field(gt=0, le=1)
-    usage_exponent: float = Field(0.5, ge=0)
+    share: float = Field(gt=0, le=1)  # fraction of the whole (code x item) score table to keep
+    usage_exponent: float = Field(0.5, ge=0)  # a code's part of the budget grows as its usage^this (0: equal parts)
 
 
 class QuantizerConfig(Strict):
@@ -100,15 +100,15 @@ class QuantizerConfig(Strict):
     # "product": each codebook snaps its own dim / num_codebooks slice of a token; "residual":
     # each codebook snaps the whole token's residual after the codebooks before it.
     kind: Literal["product", "residual"] = "product"
-    num_codebooks: int = Field(2, ge=1)
-    codebook_size: int = Field(256, ge=2)
-    commitment: float = Field(0.25, ge=0)
+    num_codebooks: int = Field(2, ge=1)  # M: codebooks, so a code is an M-tuple of entries
+    codebook_size: int = Field(256, ge=2)  # N: entries per codebook (N^M possible codes)
+    commitment: float = Field(0.25, ge=0)  # weight of ||token - sg(code)||^2, which keeps tokens near their codes
     weight: float = Field(1.0, ge=0)  # of the quantiser's loss in the total
     # Epochs trained unquantised before the codebooks are set by k-means on the learned tokens
     # (of ``kmeans_examples`` training examples) and quantisation starts; 0 quantises from the
     # first batch. Warm-up epochs are never selected as the best epoch.
     warmup_epochs: int = Field(0, ge=0)
-    kmeans_examples: int = Field(8192, ge=1)
+    kmeans_examples: int = Field(8192, ge=1)  # training examples whose tokens k-means clusters after the warm-up
     # A codebook entry whose EMA count (sub-vectors assigned per batch) falls below this is moved
     # onto a random token of the batch. 0.1 restarts an entry a few hundred steps after its last
     # win; the quantiser's own default (1e-3) waits about 700 steps at decay 0.99, longer than an
@@ -127,7 +127,7 @@ class QuantizerConfig(Strict):
 class SparsityConfig(Strict):
     """What makes the (code, item) score table sparse: the bias inside the ReLU and an L1 penalty."""
 
-    bias: float = 0.0
+    bias: float = 0.0  # b in ReLU(E + b) of every (token, item) score: lower leaves more exact zeros
     # Weight of the L1 penalty on sampled negatives' per-token scores (0: none), applied once
     # quantisation is on; larger weights leave fewer non-zero (code, item) scores to index.
     weight: float = Field(0.0, ge=0)
@@ -169,29 +169,30 @@ _MOVED_KEYS = {
 class SparCodeConfig(TokenizerConfig):
     """SparCode; ``name: alltoall`` is the same model unquantised (the exhaustive upper bound)."""
 
-    name: Literal["sparcode", "alltoall"] = "sparcode"
+    name: Literal["sparcode", "alltoall"] = "sparcode"  # selects SparCode; alltoall: unquantised, scored exhaustively
     # "maxsim": E(token, item) = max over the item's tokens of their inner product with the
     # token, / maxsim_temperature (late interaction's per-token term; no parameters).
     interaction: Literal["mlp", "sa", "maxsim"] = "mlp"
-    maxsim_temperature: float = Field(1.0, gt=0)
+    maxsim_temperature: float = Field(1.0, gt=0)  # tau of the maxsim interaction
     # The "late" tokenizer's towers: the substrate and encoders are ``dim`` wide, every token
     # vector (what is quantised and what MaxSim reads) ``projection_dim``; the item tower has
     # ``item_layers`` layers, the user tower ``sa_layers``, and ``expansion_tokens`` learned
     # user tokens join each user.
     projection_dim: int = Field(32, ge=1)
-    item_layers: int = Field(1, ge=1)
-    expansion_tokens: int = Field(0, ge=0)
-    user_tokens: int = Field(4, ge=1)
+    item_layers: int = Field(1, ge=1)  # transformer layers of the item tower (tokenizer: late)
+    expansion_tokens: int = Field(0, ge=0)  # learned tokens added to every user (tokenizer: late)
+    user_tokens: int = Field(4, ge=1)  # K_u: tokens per user, each quantised into one code (not with late)
     # "summary": K_u tokens that each summarise the user (the tokenizer's heads or query
     # tokens); "history": one token per item of the last K_u history items, read in the user's
     # context (users with a shorter history have fewer tokens).
     user_tokens_from: Literal["summary", "history"] = "summary"
-    item_tokens: int = Field(4, ge=1)
+    item_tokens: int = Field(4, ge=1)  # K_i: tokens per item that the interaction encoder reads (not with late)
+    # Hidden widths of the interaction encoder: the mlp's layers; sa: the first is its feed-forward width.
     interaction_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     # MLP encoder only: add a factorised bilinear term (A token) * (B item) to its first layer.
     interaction_products: bool = False
     quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)  # unused by alltoall
-    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)  # what makes the (code, item) score table sparse
     index: SparseCodeIndexConfig = Field(default_factory=SparseCodeIndexConfig)  # unused by alltoall
 
     @property

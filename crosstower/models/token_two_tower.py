@@ -23,8 +23,8 @@ from crosstower.models.sparcode import TokenizerConfig, build_tokenizers
 class TokenTwoTowerConfig(TokenizerConfig):
     """A two-tower model over SparCode's tokenizers: one user token, one item token, a dot product."""
 
-    name: Literal["twotower"] = "twotower"
-    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
+    name: Literal["twotower"] = "twotower"  # selects the two-tower model over SparCode's tokenizers
+    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)  # how the item vectors are served
 
     @model_validator(mode="after")
     def _one_token_tokenizer(self):

@@ -32,21 +32,21 @@ from crosstower.nn.tokenizers import embed_history
 class TwoTowerConfig(ModelConfig):
     """What DSSM and YouTubeDNN share; each preset sets its own defaults."""
 
-    embedding_dim: int = Field(64, ge=1)
-    output_dim: int = Field(64, ge=1)
-    user_hidden: list[int] = Field(default_factory=lambda: [128])
-    item_hidden: list[int] = Field(default_factory=lambda: [128])
-    user_fields: list[str] | None = None  # None: every user field (under P2/P3 all but user_id)
-    item_fields: list[str] | None = None
+    embedding_dim: int = Field(64, ge=1)  # width of every field embedding (history items: sum of their fields')
+    output_dim: int = Field(64, ge=1)  # width of the user and item vectors that are scored and served
+    user_hidden: list[int] = Field(default_factory=lambda: [128])  # hidden layer widths of the user tower's MLP
+    item_hidden: list[int] = Field(default_factory=lambda: [128])  # hidden layer widths of the item tower's MLP
+    user_fields: list[str] | None = None  # None: every user field (P2/P3: all but user_id); []: none, the history alone
+    item_fields: list[str] | None = None  # item fields to embed; None: every item field
     use_history: bool = True  # off under P3 whatever is set (the evaluated users have none)
     item_mlp: bool = True  # False: the item vector is the sum of its field embeddings
     use_example_age: bool = False  # off where the data set has no time stamps
-    similarity: Literal["cosine", "dot"] = "cosine"
+    similarity: Literal["cosine", "dot"] = "cosine"  # cosine: L2-normalise both vectors first; dot: as they are
     temperature: float = Field(0.05, gt=0)  # logits = similarity / temperature
-    learn_temperature: bool = False
-    item_bias: bool = False
-    dropout: float = Field(0.0, ge=0, lt=1)
-    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)
+    learn_temperature: bool = False  # train the temperature with the weights (it starts at temperature)
+    item_bias: bool = False  # add a learned per-item prior to the score (served as one more dimension)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout rate after each hidden layer of the towers
+    index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)  # how the item vectors are served
 
     @model_validator(mode="after")
     def _item_side_fits(self):
@@ -59,11 +59,11 @@ class TwoTowerConfig(ModelConfig):
 
 
 class DSSMConfig(TwoTowerConfig):
-    name: Literal["dssm"] = "dssm"
+    name: Literal["dssm"] = "dssm"  # selects DSSM: MLP towers over field embeddings, cosine similarity
 
 
 class YouTubeDNNConfig(TwoTowerConfig):
-    name: Literal["youtubednn"] = "youtubednn"
+    name: Literal["youtubednn"] = "youtubednn"  # selects YouTubeDNN: a user MLP against item embeddings, dot product
     item_mlp: bool = False
     item_hidden: list[int] = Field(default_factory=list)
     use_example_age: bool = True
