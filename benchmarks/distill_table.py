@@ -19,6 +19,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crosstower.compare import group_key, mean_std  # noqa: E402
+
 METRICS = (("test", "recall@20"), ("test", "recall@50"), ("test", "ndcg@50"), ("test_served", "recall@50"))
 HEAD = ["dataset", "protocol", "student", "method", "teacher", "Recall@20", "Recall@50", "NDCG@50",
         "served Recall@50", "student train s", "teacher train s", "epochs", "MACs / pair", "seeds", "command"]
@@ -31,9 +35,8 @@ def describe(run_dir: Path) -> dict:
     teacher = distill.get("teacher") or {}
     model = config["model"]
     width = model.get("output_dim", model.get("embedding_dim", 0)) + (1 if model.get("item_bias") else 0)
-    seedless = {**config, "train": {k: v for k, v in config["train"].items() if k not in ("seed", "threads")}}
     return {
-        "key": json.dumps(seedless, sort_keys=True),
+        "key": group_key(r),
         "cells": [r["dataset"], r["protocol"].upper(), r["model"], distill.get("method", "none"),
                   # a teacher named but never read (every teacher term off) was not loaded
                   Path(teacher.get("config") or teacher.get("run") or "-").stem
@@ -44,15 +47,6 @@ def describe(run_dir: Path) -> dict:
         "epochs": timing.get("epochs", 0), "macs": width, "name": config.get("name") or run_dir.name,
         "seed": config["train"]["seed"],
     }
-
-
-def _cell(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def rows(runs: list[dict], by_seed: bool) -> list[list[str]]:
@@ -68,7 +62,7 @@ def rows(runs: list[dict], by_seed: bool) -> list[list[str]]:
             command = f"`crosstower run configs/{first['name']}.yaml --set train.seed={seeds[0]}`"
         elif len(seeds) > 1:
             command = f"{command} with `--set train.seed=S`, S in {', '.join(map(str, seeds))}"
-        out.append([*first["cells"], *(_cell([r["values"][i] for r in group]) for i in range(len(METRICS))),
+        out.append([*first["cells"], *(mean_std([r["values"][i] for r in group]) for i in range(len(METRICS))),
                     f"{statistics.mean(r['train'] for r in group):.0f}", f"{first['teacher']:.0f}",
                     "/".join(str(r["epochs"]) for r in group), str(first["macs"]), str(len(group)), command])
     return out

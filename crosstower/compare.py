@@ -66,10 +66,6 @@ def summarize(run_dir: Path, data_dir: Path | None = None) -> RunSummary:
     distill = config.get("distill") or {}
     metric = config.get("evaluate", {}).get("early_stopping_metric", "recall@50")
     curve_key = f"val_{metric}" if saved["protocol"] != "p4" else "val_auc"
-    seedless = {**config, "train": {k: v for k, v in config["train"].items()
-                                   if k not in ("seed", "threads", "device")}}
-    if distill and "teacher_train_seconds" not in timing:  # a teacher named but never read
-        seedless["distill"] = {k: v for k, v in distill.items() if k != "teacher"}
     return RunSummary(
         path=Path(run_dir), name=Path(run_dir).name, model=saved["model"],
         method=distill.get("method", "-"), dataset=saved["dataset"], protocol=saved["protocol"],
@@ -77,10 +73,21 @@ def summarize(run_dir: Path, data_dir: Path | None = None) -> RunSummary:
         train_seconds=timing.get("train_seconds", 0.0) + timing.get("distill_setup_seconds", 0.0),
         teacher_seconds=timing.get("teacher_train_seconds", 0.0), epochs=int(timing.get("epochs", 0)),
         cost=cost or {"macs_per_pair": None, "bytes_per_item": None}, seed=int(config["train"].get("seed", 0)),
-        group_key=json.dumps(seedless, sort_keys=True),
+        group_key=group_key(saved),
         curve=[h[curve_key] for h in saved.get("training_history", []) if curve_key in h],
         curve_metric=curve_key.removeprefix("val_"),
     )
+
+
+def group_key(saved: dict) -> str:
+    """A run's config (from its ``metrics.json``) without what seeds may differ in: the seed,
+    the threads and device, and a teacher the run named but never read (every teacher term off)."""
+    config = saved["config"]
+    key = {**config, "train": {k: v for k, v in config["train"].items() if k not in ("seed", "threads", "device")}}
+    distill = config.get("distill") or {}
+    if distill and "teacher_train_seconds" not in saved["timing"]:
+        key["distill"] = {k: v for k, v in distill.items() if k != "teacher"}
+    return json.dumps(key, sort_keys=True)
 
 
 def group(summaries: list[RunSummary], by_seed: bool) -> list[list[RunSummary]]:
@@ -108,7 +115,7 @@ def markdown_table(groups: list[list[RunSummary]]) -> str:
         first = runs[0]
         cells = [first.name if len(runs) == 1 else f"{first.name} (+{len(runs) - 1})", first.model, first.method,
                  first.dataset, first.protocol.upper(),
-                 *(_mean_std([s.metrics.get(part, {}).get(metric) for s in runs]) for part, metric in columns),
+                 *(mean_std([s.metrics.get(part, {}).get(metric) for s in runs]) for part, metric in columns),
                  first.served_by, f"{statistics.mean(s.train_seconds for s in runs):.0f}",
                  f"{first.teacher_seconds:.0f}", "/".join(str(s.epochs) for s in runs),
                  _number(first.cost.get("bytes_per_item")), _number(first.cost.get("macs_per_pair")),
@@ -141,7 +148,7 @@ def write_report(run_dirs: list[Path], out: Path, by_seed: bool = False, data_di
     return out
 
 
-def _mean_std(values: list[float | None]) -> str:
+def mean_std(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
