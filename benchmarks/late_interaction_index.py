@@ -1,6 +1,6 @@
 """How much of exhaustive MaxSim the late-interaction index recovers, and how much it scores.
 
-    python benchmarks/late_interaction_index.py runs/issue4/synthetic-colbert-p2 [--data-dir DIR] \
+    python benchmarks/late_interaction_index.py runs/interaction/synthetic-colbert-p2 [--data-dir DIR] \
         [--out benchmarks/out/late_interaction_index.json]
 
 For each trained late-interaction run: the exhaustive test Recall@50 of the model (every item

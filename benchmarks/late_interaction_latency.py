@@ -7,7 +7,7 @@ Writes ``benchmarks/out/late_interaction_latency.json`` (``--out``) and prints a
 
 What is measured, per catalogue size N (synthetic and seeded; nothing is trained): item tokens
 shaped like the synthetic late-interaction model's (5 unit vectors of 32 dimensions an item, the
-shape of ``runs/issue4/synthetic-colbert-p2``) drawn around one topic direction per 20 items, so that token
+shape of ``runs/interaction/synthetic-colbert-p2``) drawn around one topic direction per 20 items, so that token
 neighbourhoods exist as they do in a trained model (uniformly random tokens have none); users of
 25 tokens, noisy copies of the tokens of 5 liked items, plus a small random item bias. ``exhaustive``
 scores every item with :func:`crosstower.nn.maxsim.maxsim` in slices and takes the top 50;

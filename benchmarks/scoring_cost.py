@@ -2,7 +2,7 @@
 item (both as crosstower.cost counts them: see that module), and the exhaustive-evaluation
 throughput its run measured.
 
-    python benchmarks/scoring_cost.py runs/issue4/* [--data-dir ../shared/data] \
+    python benchmarks/scoring_cost.py runs/interaction/* [--data-dir ../shared/data] \
         [--out benchmarks/out/scoring_cost.json]
 """
 
