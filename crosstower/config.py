@@ -130,6 +130,10 @@ class EvaluateConfig(Strict):
     # Validation metric that selects the best epoch (and drives patience and lr_decay):
     # <recall|ndcg|precision|hitrate|mrr>@K with K in ks; under p4 auc (its default), gauc or logloss.
     early_stopping_metric: str = "recall@50"
+    # Rank for at most this many validation and test users, a sample drawn with split.seed and
+    # saved with the run (null: all): for models whose full ranking is too slow to repeat every
+    # epoch on a CPU, such as a cross encoder trained as a teacher. A sample's metrics are noisier.
+    max_users: int | None = Field(None, ge=1)
 
 
 RANKING_METRICS = ("recall", "ndcg", "precision", "hitrate", "mrr")
@@ -354,6 +358,8 @@ class RunConfig(Strict):
                 f"evaluate.early_stopping_metric: expected <{'|'.join(RANKING_METRICS)}>@K with K in evaluate.ks {ks}, "
                 f"got '{self.evaluate.early_stopping_metric}'{hint}"
             )
+        if pointwise and self.evaluate.max_users is not None:
+            raise ValueError("evaluate.max_users: protocol p4 scores every labelled row; the option is for ranking")
         negatives = self.train.negatives
         has_negatives = negatives.in_batch or (negatives.sampler != "none" and negatives.num > 0)
         # Under p4 the labels give the negatives: the sampled ones are not used.

@@ -412,3 +412,16 @@ def test_an_epoch_logs_its_progress_where_no_progress_bar_shows(tmp_path, tiny_d
         Trainer(build_model(config.model, dataset, "p2"), dataset, split, config, tmp_path).fit()
     steps = [line for line in caplog.text.splitlines() if "epoch 0: " in line and " batches, loss " in line]
     assert steps and "epoch 0: 1/" in steps[0]
+
+
+def test_max_users_ranks_a_saved_seeded_sample_of_validation_and_test_users(tmp_path):
+    full = run_experiment(parse_config(tiny_config(epochs=1)), tmp_path / "full")
+    raw = {**tiny_config(epochs=1), "evaluate": {"ks": [10, 50], "max_users": 25}}
+    sampled = run_experiment(parse_config(raw), tmp_path / "sampled")
+    for part in ("val", "test"):
+        assert sampled["metrics"][part]["num_users"] == 25 < full["metrics"][part]["num_users"]
+    assert reevaluate(tmp_path / "sampled") == {p: sampled["metrics"][p] for p in ("val", "test", "test_served")}
+    again = run_experiment(parse_config(raw), tmp_path / "again")
+    assert again["metrics"]["test"] == sampled["metrics"]["test"]
+    with pytest.raises(ConfigError, match="evaluate.max_users: protocol p4"):
+        parse_config({**raw, "split": {"protocol": "p4"}, "evaluate": {"max_users": 5}})

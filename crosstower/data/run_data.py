@@ -7,6 +7,7 @@ and a run folder can tell when the data set it was trained on has changed (:func
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -63,6 +64,10 @@ def load_data(config: RunConfig, data_dir: Path | None) -> tuple[Dataset, Split]
                    "order": config.split.order}
     split = make_split(dataset, config.split.protocol, config.split.seed,
                        **{k: v for k, v in p4_settings.items() if v is not None})
+    if config.evaluate.max_users is not None:
+        count = config.evaluate.max_users
+        split = dataclasses.replace(split, val=split.val.sample(count, config.split.seed),
+                                    test=split.test.sample(count, config.split.seed + 1))
     if config.split.statistics in ("all_labels", "in_split"):
         log.warning("split.statistics=%s: validation and test rows read statistics of their own labels; "
                     "these figures measure that leak, they are not results", config.split.statistics)

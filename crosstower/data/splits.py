@@ -60,6 +60,13 @@ class EvalUsers:
     def __len__(self) -> int:
         return len(self.users)
 
+    def sample(self, count: int, seed: int) -> EvalUsers:
+        """At most ``count`` of these users, drawn with ``seed``, in their original order."""
+        if count >= len(self):
+            return self
+        rows = np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False))
+        return EvalUsers(self.users[rows], self.history.take(rows), self.exclude.take(rows), self.targets.take(rows))
+
 
 @dataclass(frozen=True)
 class Split:
