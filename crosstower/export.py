@@ -1,25 +1,32 @@
-"""``crosstower export DIR --format onnx``: a run's inner-product model as files that a service
-without crosstower (or PyTorch) can serve.
+"""``crosstower export DIR --format onnx``: a run's model as files that a service without
+crosstower (or PyTorch) can serve.
 
-::
+Every export holds the **user tower** as ONNX, ``user_tower.onnx``: inputs ``users`` int64 [B]
+and ``history`` int64 [B, L] (item rows, most recent last, -1 pads on the left); its outputs are
+what the model's index searches with. Beside it, the item side:
 
-    OUT/
-      user_tower.onnx     users int64 [B], history int64 [B, L] -> user_vectors float32 [B, D]
-      item_vectors.npy    float32 [N, D]: row i is item i; score = <user vector, item vector>
-      items.faiss         an exact inner-product faiss index (IndexFlatIP) of those rows
-      user_histories.npy  int64 [U, L]: each known user's last L items (-1 pads on the left)
-      ids.json            {"users": [...], "items": [...]}: the raw id of each row index
-      manifest.json       the model, the shapes, how to build the inputs and how to score
+* **inner-product models** (the towers, YouTubeDNN, MVKE, the distilled students, the dual
+  encoder): output ``user_vectors`` float32 [B, D]; ``item_vectors.npy`` float32 [N, D] (row i is
+  item i) and ``items.faiss``, an exact inner-product faiss index (IndexFlatIP) of those rows.
+  Score = <user vector, item vector>.
+* **late interaction**: outputs ``user_tokens`` float32 [B, T, m] and ``user_token_mask`` bool
+  [B, T]; ``index/`` is the run's late-interaction index: ``item_tokens.npy`` (float16 [N, L, m])
+  with ``item_mask.npy`` and ``item_bias.npy``, and ``candidate_index.npy``, a serialised faiss
+  index (``faiss.deserialize_index``) of the real item tokens in (item, token) order. Score =
+  sum over the user's real tokens of the max over the item's real tokens of their dot product,
+  plus the item's bias; candidates = the items of each user token's nearest item tokens.
 
-A user the run knows is row ``u`` of ``ids.json["users"]``: feed ``users=[u]`` and
-``history=user_histories[u:u+1]``. A new user is any known row (its features are read from the
-graph's tables) with a history of item rows, most recent last. The user tower holds the user
-feature tables, so user features need no further file. Exported with PyTorch's ONNX exporter
-(torch.export); the tests check onnxruntime against PyTorch to 1e-5.
+Always: ``user_histories.npy`` int64 [U, L] (each known user's last L items, -1 pads on the
+left), ``ids.json`` (``{"users": [...], "items": [...]}``: the raw id of each row) and
+``manifest.json`` (the model, shapes, inputs, outputs, how to score, the run's metrics). A user
+the run knows is row ``u`` of ``ids.json["users"]``: feed ``users=[u]`` and
+``history=user_histories[u:u+1]``; a new user is any known row with a history of item rows (the
+user tower holds the user feature tables, so user features need no further file). Exported with
+PyTorch's ONNX exporter (torch.export); the tests check onnxruntime against PyTorch to 1e-5.
 
-Only models whose score is one inner product are exported (the towers, YouTubeDNN, the
-distilled students, the dual encoder); the others need their own serving code
-(``crosstower serve``).
+Models that score each pair with a network (the cross encoder, IntTower, the all-to-all model)
+have no user tower to export, and SparCode's code encoder does not export yet: serve those with
+``crosstower serve``.
 """
 
 from __future__ import annotations
@@ -37,8 +44,12 @@ from torch import nn
 from crosstower.data.batching import UserInput
 from crosstower.errors import CrosstowerError
 from crosstower.files import replace_dir
-from crosstower.models.base import EmbeddingRecommender
+from crosstower.models.base import EmbeddingRecommender, Recommender
+from crosstower.models.late_interaction import LateInteraction
+from crosstower.models.sparcode import SparCode
+from crosstower.nn.tokens import TokenSequence
 from crosstower.recommend import Retriever
+from crosstower.run_dir import INDEX
 
 log = logging.getLogger("crosstower.export")
 
@@ -48,15 +59,33 @@ USER_TOWER, ITEM_VECTORS, ITEM_INDEX, HISTORIES, IDS, MANIFEST = (
 
 
 class UserTower(nn.Module):
-    """``encode_users`` with plain tensors in and out, as the ONNX graph's inputs and output."""
+    """The model's index query (``index_query``) with plain tensors in and out, as the ONNX
+    graph's inputs and outputs."""
 
-    def __init__(self, model: EmbeddingRecommender):
+    def __init__(self, model: Recommender):
         super().__init__()
         self.model = model
 
-    def forward(self, users: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    def forward(self, users: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # Example age 0: the age of a serving-time request (YouTubeDNN's convention).
-        return self.model.encode_users(UserInput(users, history, torch.zeros_like(users, dtype=torch.float32)))
+        query = self.model.index_query(UserInput(users, history, torch.zeros_like(users, dtype=torch.float32)))
+        if isinstance(query, TokenSequence):
+            return query.tokens, query.mask
+        return (query,)
+
+
+def output_names(model: Recommender) -> list[str]:
+    """The user tower's outputs for ``model``, or a CrosstowerError where it cannot be exported."""
+    if isinstance(model, EmbeddingRecommender):
+        return ["user_vectors"]
+    if isinstance(model, LateInteraction):
+        return ["user_tokens", "user_token_mask"]
+    name = type(model).__name__
+    if isinstance(model, SparCode) and model.quantizer is not None:
+        raise CrosstowerError(f"{name}: exporting SparCode's code encoder is not supported yet; serve the run with "
+                              f"`crosstower serve`")
+    raise CrosstowerError(f"{name} scores each (user, item) pair with a network, so it has no user tower and item "
+                          f"side to export; serve the run with `crosstower serve`")
 
 
 def export_run(retriever: Retriever, out: Path, format: str = "onnx") -> Path:
@@ -64,10 +93,7 @@ def export_run(retriever: Retriever, out: Path, format: str = "onnx") -> Path:
     beside it, renamed into place)."""
     if format not in FORMATS:
         raise CrosstowerError(f"--format {format}: expected one of {', '.join(FORMATS)}")
-    model, run = retriever.model, retriever.run
-    if not isinstance(model, EmbeddingRecommender):
-        raise CrosstowerError(f"{run.folder.path}: {run.config.model.name} does not score by one inner product, so "
-                              f"it has no user tower and item vectors to export; serve it with `crosstower serve`")
+    output_names(retriever.model)  # refuse what cannot be exported before writing anything
     out = Path(out)
     if out.exists() and not (out / MANIFEST).exists():
         raise CrosstowerError(f"--out {out}: exists and is not a crosstower export; choose another --out")
@@ -85,43 +111,62 @@ def export_run(retriever: Retriever, out: Path, format: str = "onnx") -> Path:
 
 @torch.no_grad()
 def _write(retriever: Retriever, folder: Path) -> None:
-    import faiss
-
     model, run = retriever.model, retriever.run
     length = run.config.train.history_length
     histories = retriever.seen.padded_tail(length).astype(np.int64)
-    example = (torch.arange(min(2, run.dataset.num_users)), torch.from_numpy(histories[:2]))
-    log.info("exporting the user tower to ONNX")
-    batch = torch.export.Dim("batch")
-    for noisy in ("onnx_ir", "onnxscript"):  # a line per graph pass otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "axis name batch ... shares the same constraints"
-        torch.onnx.export(UserTower(model).eval(), example, str(folder / USER_TOWER), dynamo=True,
-                          input_names=["users", "history"], output_names=["user_vectors"],
-                          dynamic_shapes={"users": {0: batch}, "history": {0: batch}}, external_data=False,
-                          verbose=False)
-    items = model.item_vectors().float().numpy()
-    np.save(folder / ITEM_VECTORS, items)
-    index = faiss.IndexFlatIP(items.shape[1])
-    index.add(np.ascontiguousarray(items))
-    faiss.write_index(index, str(folder / ITEM_INDEX))
+    outputs = output_names(model)
+    _export_user_tower(model, histories, outputs, folder / USER_TOWER)
+    files = [USER_TOWER, HISTORIES, IDS]
+    if isinstance(model, EmbeddingRecommender):
+        files += _write_item_vectors(model, folder)
+        dim = int(np.load(folder / ITEM_VECTORS, mmap_mode="r").shape[1])
+        score = "inner product of a user vector and a row of item_vectors.npy (items.faiss searches it)"
+    else:
+        dim = int(retriever.index.meta()["dim"])
+        shutil.copytree(run.folder.file(INDEX), folder / INDEX)
+        files.append(INDEX + "/")
+        score = ("sum over the user's real tokens of the max over the item's real tokens of their dot product, "
+                 "plus item_bias; candidates: the items of each user token's nearest item tokens in "
+                 "index/candidate_index.npy (faiss.deserialize_index), item tokens in index/item_tokens.npy")
     np.save(folder / HISTORIES, histories)
     ids = {"users": [_plain(v) for v in run.dataset.user_ids], "items": [_plain(v) for v in run.dataset.item_ids]}
     (folder / IDS).write_text(json.dumps(ids))
     manifest = {
         "format": "crosstower-export", "version": 1, "run": str(run.folder.path),
         "model": run.config.model.name, "dataset": run.dataset.name, "protocol": run.split.protocol,
-        "users": run.dataset.num_users, "items": run.dataset.num_items, "dim": int(items.shape[1]),
-        "history_length": length, "history_padding": -1,
+        "users": run.dataset.num_users, "items": run.dataset.num_items, "dim": dim, "history_length": length,
+        "history_padding": -1,
         "inputs": {"users": "int64 [batch]: user row (ids.json users)",
                    "history": f"int64 [batch, {length}]: item rows, most recent last, -1 pads on the left"},
-        "output": "user_vectors float32 [batch, dim]",
-        "score": "inner product of a user vector and a row of item_vectors.npy (items.faiss searches it)",
-        "metrics": run.metrics.get("metrics", {}),
-        "files": [USER_TOWER, ITEM_VECTORS, ITEM_INDEX, HISTORIES, IDS],
+        "outputs": outputs, "score": score, "metrics": run.metrics.get("metrics", {}), "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _export_user_tower(model: Recommender, histories: np.ndarray, outputs: list[str], path: Path) -> None:
+    log.info("exporting the user tower to ONNX")
+    example = (torch.arange(min(2, len(histories))), torch.from_numpy(histories[:2]))
+    batch = torch.export.Dim("batch")
+    for noisy in ("onnx_ir", "onnxscript"):  # a line per graph pass otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "axis name batch ... shares the same constraints"
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations, not ours
+        torch.onnx.export(UserTower(model).eval(), example, str(path), dynamo=True,
+                          input_names=["users", "history"], output_names=outputs,
+                          dynamic_shapes={"users": {0: batch}, "history": {0: batch}}, external_data=False,
+                          verbose=False)
+
+
+def _write_item_vectors(model: EmbeddingRecommender, folder: Path) -> list[str]:
+    import faiss
+
+    items = model.item_vectors().float().numpy()
+    np.save(folder / ITEM_VECTORS, items)
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(np.ascontiguousarray(items))
+    faiss.write_index(index, str(folder / ITEM_INDEX))
+    return [ITEM_VECTORS, ITEM_INDEX]
 
 
 def _plain(raw: object) -> object:

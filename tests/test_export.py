@@ -58,9 +58,30 @@ def test_the_faiss_index_answers_what_the_run_recommends(exported):
         assert [ids["items"][i] for i in row_items] == answer.items
 
 
-def test_a_model_without_an_inner_product_is_refused(finished_runs, tmp_path):
-    assert_one_line_error(run_cli(["export", str(finished_runs / "cross"), "--out", str(tmp_path / "x")], tmp_path),
-                          "cross does not score by one inner product")
+def test_a_late_interaction_export_holds_its_token_tower_and_index(finished_runs, tmp_path):
+    retriever = crosstower.load_run(finished_runs / "colbert")
+    out = export_run(retriever, tmp_path / "colbert-onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["outputs"] == ["user_tokens", "user_token_mask"] and (out / "index" / "item_tokens.npy").exists()
+    candidates = faiss.deserialize_index(np.load(out / "index" / "candidate_index.npy"))
+    assert candidates.ntotal == int(np.load(out / "index" / "item_mask.npy").sum())
+    session = onnxruntime.InferenceSession(str(out / "user_tower.onnx"))
+    users = np.arange(0, retriever.run.dataset.num_users, 7)
+    history = np.load(out / "user_histories.npy")[users]
+    tokens, mask = session.run(None, {"users": users, "history": history})
+    with torch.no_grad():
+        expected = retriever.model.index_query(UserInput(torch.from_numpy(users), torch.from_numpy(history),
+                                                         torch.zeros(len(users))))
+    assert np.array_equal(mask, expected.mask.numpy())
+    assert np.abs(tokens - expected.tokens.numpy())[mask].max() <= 1e-5
+
+
+@pytest.mark.parametrize("name, message", [
+    ("cross", "scores each (user, item) pair with a network"),
+    ("sparcode", "exporting SparCode's code encoder is not supported yet"),
+])
+def test_what_cannot_be_exported_is_refused_in_one_line(finished_runs, tmp_path, name, message):
+    assert_one_line_error(run_cli(["export", str(finished_runs / name), "--out", str(tmp_path / "x")], tmp_path), message)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
 
 
