@@ -58,6 +58,15 @@ USER_TOWER, ITEM_VECTORS, ITEM_INDEX, HISTORIES, IDS, MANIFEST = (
     "user_tower.onnx", "item_vectors.npy", "items.faiss", "user_histories.npy", "ids.json", "manifest.json")
 
 
+# How a service scores with the index folder an export copies, by index kind.
+SCORES = {
+    "late_interaction": (
+        "sum over the user's real tokens of the max over the item's real tokens of their dot product, plus "
+        "item_bias; candidates: the items of each user token's nearest item tokens in index/candidate_index.npy "
+        "(faiss.deserialize_index), item tokens in index/item_tokens.npy"),
+}
+
+
 class UserTower(nn.Module):
     """The model's index query (``index_query``) with plain tensors in and out, as the ONNX
     graph's inputs and outputs."""
@@ -82,6 +91,8 @@ def output_names(model: Recommender) -> list[str]:
         return ["user_tokens", "user_token_mask"]
     name = type(model).__name__
     if isinstance(model, SparCode) and model.quantizer is not None:
+        # The code search (crosstower.nn.quantizer.nearest) loops over row chunks, which fixes the
+        # batch size when traced; its export waits for a chunk-free serving path.
         raise CrosstowerError(f"{name}: exporting SparCode's code encoder is not supported yet; serve the run with "
                               f"`crosstower serve`")
     raise CrosstowerError(f"{name} scores each (user, item) pair with a network, so it has no user tower and item "
@@ -125,9 +136,7 @@ def _write(retriever: Retriever, folder: Path) -> None:
         dim = int(retriever.index.meta()["dim"])
         shutil.copytree(run.folder.file(INDEX), folder / INDEX)
         files.append(INDEX + "/")
-        score = ("sum over the user's real tokens of the max over the item's real tokens of their dot product, "
-                 "plus item_bias; candidates: the items of each user token's nearest item tokens in "
-                 "index/candidate_index.npy (faiss.deserialize_index), item tokens in index/item_tokens.npy")
+        score = SCORES[retriever.index.kind]
     np.save(folder / HISTORIES, histories)
     ids = {"users": [_plain(v) for v in run.dataset.user_ids], "items": [_plain(v) for v in run.dataset.item_ids]}
     (folder / IDS).write_text(json.dumps(ids))

@@ -491,7 +491,20 @@ class SparCode(Recommender):
         quantised token vectors."""
         if self.quantizer is None:
             raise NotImplementedError("the all-to-all model (unquantised) is served by exhaustive scoring, not an index")
-        vectors, codes, _ = self.user_tokens(user)
+        return self.serving_codes(user)
+
+    def serving_codes(self, user: UserInput) -> CodeQueries:
+        """:meth:`index_query` of a trained model, on fixed shapes: every token is assigned its
+        code (what :meth:`user_tokens` gives in eval mode), then a token that is not real gets
+        code -1 and vector 0. No branch or shape depends on the data, so the user side exports
+        as one ONNX graph (``crosstower export``)."""
+        tokens, mask = self.tokenizer.tokenize(user)
+        _, codes = self.quantizer.assign(tokens)
+        codes = codes.t().reshape(*tokens.shape[:-1], -1)
+        vectors = self.quantizer.lookup(codes).to(tokens.dtype)
+        if mask is not None:
+            codes = torch.where(mask.unsqueeze(-1), codes, torch.full_like(codes, -1))
+            vectors = torch.where(mask.unsqueeze(-1), vectors, torch.zeros_like(vectors))
         return CodeQueries(codes, vectors)
 
     # ---- the model contract ---------------------------------------------------------------

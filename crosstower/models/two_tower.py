@@ -104,7 +104,7 @@ class TwoTower(EmbeddingRecommender):
         if self.use_history:
             parts.append(self._history_vector(user))
         if self.use_example_age:
-            age = user.example_age if user.example_age is not None else torch.zeros(len(user), device=user.users.device)
+            age = user.example_age if user.example_age is not None else torch.zeros(user.users.shape[0], device=user.users.device)
             parts.append(age.unsqueeze(-1))
         return torch.cat(parts, dim=-1)
 

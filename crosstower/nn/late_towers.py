@@ -48,7 +48,7 @@ class LateTowers(nn.Module):
         tokens, mask = seq.tokens, seq.mask
         expansion = self.expansion.shape[0]
         if expansion:
-            b = len(user)
+            b = user.users.shape[0]  # a tensor size, not len(): the graph exports with any batch
             tokens = torch.cat([tokens, self.expansion.expand(b, -1, -1)], dim=1)
             mask = torch.cat([mask, mask.new_ones(b, expansion)], dim=1)
         hidden = self.user_encoder(tokens, mask)

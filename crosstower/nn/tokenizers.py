@@ -71,7 +71,7 @@ def user_field_tokens(
     tokens = [user_fields(user.users)] if user_fields is not None else []
     if use_history:
         if user.history.shape[1] == 0:
-            tokens.append(torch.zeros(len(user), 1, dim, device=user.users.device))
+            tokens.append(torch.zeros(user.users.shape[0], 1, dim, device=user.users.device))
         else:
             tokens.append(masked_mean(embed_history(item_fields, user.history), user.history_mask).unsqueeze(1))
     return torch.cat(tokens, dim=1)
@@ -102,7 +102,7 @@ class DNNTokenizer(nn.Module):
             parts.insert(0, self.user_fields(user.users).flatten(1))
         summary = torch.cat(parts, dim=-1)
         if not self.from_history:
-            return self.mlp(summary).view(len(user), self.num_tokens, self.dim), None
+            return self.mlp(summary).view(-1, self.num_tokens, self.dim), None
         items = recent_history_slots(history, self.num_tokens)
         context = summary.unsqueeze(1).expand(-1, self.num_tokens, -1)
         return self.mlp(torch.cat([context, items], dim=-1)), recent_history_mask(user, self.num_tokens)
