@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no results written; rerun with --resume to continue from the last epoch", file=sys.stderr)
+        hint = "; rerun with --resume to continue from the last epoch" if args.command == "run" else ""
+        print(f"interrupted: no results written{hint}", file=sys.stderr)
         return 130
 
 
