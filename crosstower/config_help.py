@@ -66,7 +66,7 @@ def _lines(model: type[BaseModel], indent: str, chosen: dict[str, Any] | None = 
             lines.append(f"{indent}{key}:{'  # ' + meaning if meaning else ''}")
             lines += _lines(type(default), indent + "  ")
             continue
-        shown = json.dumps(default.model_dump(mode="json") if isinstance(default, BaseModel) else _plain(default))
+        shown = json.dumps(_plain(default))  # blocks (BaseModel defaults) were listed above
         lines.append(f"{indent}{key}: {shown}{'  # ' + meaning if meaning else ''}")
     return lines
 

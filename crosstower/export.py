@@ -129,8 +129,8 @@ def _write(retriever: Retriever, folder: Path) -> None:
     _export_user_tower(model, histories, outputs, folder / USER_TOWER)
     files = [USER_TOWER, HISTORIES, IDS]
     if isinstance(model, EmbeddingRecommender):
-        files += _write_item_vectors(model, folder)
-        dim = int(np.load(folder / ITEM_VECTORS, mmap_mode="r").shape[1])
+        dim = _write_item_vectors(model, folder)
+        files += [ITEM_VECTORS, ITEM_INDEX]
         score = "inner product of a user vector and a row of item_vectors.npy (items.faiss searches it)"
     else:
         dim = int(retriever.index.meta()["dim"])
@@ -167,7 +167,8 @@ def _export_user_tower(model: Recommender, histories: np.ndarray, outputs: list[
                           verbose=False)
 
 
-def _write_item_vectors(model: EmbeddingRecommender, folder: Path) -> list[str]:
+def _write_item_vectors(model: EmbeddingRecommender, folder: Path) -> int:
+    """Write the item vectors and their exact faiss index; return the vectors' width."""
     import faiss
 
     items = model.item_vectors().float().numpy()
@@ -175,7 +176,7 @@ def _write_item_vectors(model: EmbeddingRecommender, folder: Path) -> list[str]:
     index = faiss.IndexFlatIP(items.shape[1])
     index.add(np.ascontiguousarray(items))
     faiss.write_index(index, str(folder / ITEM_INDEX))
-    return [ITEM_VECTORS, ITEM_INDEX]
+    return int(items.shape[1])
 
 
 def _plain(raw: object) -> object:
