@@ -2,9 +2,11 @@ import math
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crosstower.config import parse_config
-from crosstower.data.sampling import CandidatePool, accidental_hits, popularity_sampler, uniform_sampler
+from crosstower.data.sampling import CandidatePool, accidental_hits, in_batch_hits, popularity_sampler, uniform_sampler
 from crosstower.data.splits import make_split
 from crosstower.losses import sampled_softmax
 from crosstower.train.trainer import Trainer
@@ -68,6 +70,26 @@ def test_accidental_hits_match_same_user_positives_only():
     sampled = torch.tensor([[2, 3], [5, 1], [3, 3]])
     assert accidental_hits(users, positives, sampled).tolist() == [[True, False], [False, True], [True, True]]
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 6), st.integers(1, 9), st.integers(0, 5), st.integers(0, 2**31 - 1))
+def test_hit_masks_equal_a_pairwise_reference(batch, num_users, num_items, num_sampled, seed):
+    """Both fast masks against the definition: candidate (b, k) is some row b' with the same user
+    and that candidate as its positive."""
+    gen = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, num_users, (batch,), generator=gen)
+    positives = torch.randint(0, num_items, (batch,), generator=gen)
+    sampled = torch.randint(0, num_items, (batch, num_sampled), generator=gen)
+
+    def reference(candidates: torch.Tensor) -> list[list[bool]]:
+        pairs = set(zip(users.tolist(), positives.tolist()))
+        return [[(users[b].item(), c) in pairs for c in row] for b, row in enumerate(candidates.tolist())]
+
+    assert accidental_hits(users, positives, sampled).tolist() == reference(sampled)
+    in_batch = positives[None, :].expand(batch, -1)
+    assert in_batch_hits(users, positives).tolist() == reference(in_batch)
+    assert accidental_hits(users, positives, in_batch).tolist() == reference(in_batch)
 
 def test_popularity_sampler_follows_count_power():
     counts = np.array([99, 0, 24])  # +1 smoothing -> 100, 1, 25

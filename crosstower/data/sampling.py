@@ -76,9 +76,28 @@ def accidental_hits(users: torch.Tensor, positives: torch.Tensor, candidates: to
     """``[B, K]`` bool: candidate ``[b, k]`` equals a positive of user ``users[b]`` in this batch.
 
     Matches on (user, item) pairs, so a user who appears twice in the batch with two positives
-    never sees either of them as a negative.
+    never sees either of them as a negative. A binary search of each candidate pair among the
+    batch's sorted pairs: ``torch.isin`` sorts the candidates too and took a third of a
+    YouTubeDNN epoch.
     """
+    if candidates.numel() == 0:
+        return torch.zeros(candidates.shape, dtype=torch.bool)
     num_items = int(max(positives.max().item(), candidates.max().item())) + 1
-    batch_pairs = users * num_items + positives
+    batch_pairs = torch.unique(users * num_items + positives)  # sorted
     candidate_pairs = users[:, None] * num_items + candidates
-    return torch.isin(candidate_pairs, batch_pairs)
+    found = torch.searchsorted(batch_pairs, candidate_pairs).clamp_(max=len(batch_pairs) - 1)
+    return batch_pairs[found] == candidate_pairs
+
+
+def in_batch_hits(users: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """``[B, B]`` bool: the in-batch candidate ``positives[j]`` is a positive of user ``users[b]``
+    in this batch (:func:`accidental_hits` with every row's candidates the batch's positives).
+
+    A table of the batch's distinct users by its distinct positives, read with both inverse
+    indices: a few milliseconds where the general search takes tens for ``B = 1024``.
+    """
+    _, user_row = torch.unique(users, return_inverse=True)
+    _, item_column = torch.unique(positives, return_inverse=True)
+    table = torch.zeros(int(user_row.max()) + 1, int(item_column.max()) + 1, dtype=torch.bool)
+    table[user_row, item_column] = True
+    return table[user_row][:, item_column]

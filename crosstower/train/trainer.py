@@ -40,6 +40,7 @@ from crosstower.data.sampling import (
     CandidatePool,
     NegativeSampler,
     accidental_hits,
+    in_batch_hits,
     popularity_sampler,
     uniform_sampler,
 )
@@ -147,7 +148,7 @@ class Trainer:
             mask = torch.zeros(negatives.shape, dtype=torch.bool)
         in_batch_mask = None
         if neg_cfg.in_batch:
-            in_batch_mask = accidental_hits(user.users, positives, positives[None, :].expand(len(index), -1))
+            in_batch_mask = in_batch_hits(user.users, positives)
         positive_log_q = negative_log_q = None
         if neg_cfg.logq:
             pool = CandidatePool(
