@@ -7,14 +7,18 @@ BIN := $(VENV)/bin
 # TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" (or .../whl/cu121 for CUDA).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+WARM_IMPORTS := import crosstower.cli, crosstower.run, crosstower.recommend, crosstower.serve, crosstower.compare, pytest, hypothesis
 
 .PHONY: run test install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-compile $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
+	# Bytecode only for the modules crosstower imports (pip would compile all of torch: a minute
+	# more); allowed even where PYTHONDONTWRITEBYTECODE is set, so later commands start fast.
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c "$(WARM_IMPORTS)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,7 +7,6 @@ status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -172,19 +171,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from crosstower.config import load_config, parse_config
-    from crosstower.defaults import DEFAULT_SUITE
+    from crosstower.defaults import DEFAULT_OUT, default_suite
     from crosstower.run import run_experiment
 
     if args.config is not None:
-        configs = [load_config(args.config, args.overrides)]
+        config = load_config(args.config, args.overrides)
+        runs = [(args.out or Path("runs") / config.run_name, config)]
     else:
-        configs = [parse_config(copy.deepcopy(raw), f"default {raw['name']}", args.overrides) for raw in DEFAULT_SUITE]
+        runs = [(out, parse_config(raw, f"default {raw['name']}", args.overrides))
+                for out, raw in default_suite(args.out or DEFAULT_OUT)]
     rows = []
-    for config in configs:
-        if args.config is not None:
-            out = args.out or Path("runs") / config.run_name
-        else:
-            out = (args.out or Path("runs") / "synthetic-default") / config.model.name
+    for out, config in runs:
         results = run_experiment(config, out, args.data_dir, resume=args.resume)
         rows.append(results)
         print(f"wrote {out / 'metrics.json'}", file=sys.stderr)
@@ -208,11 +205,22 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         test = r["metrics"]["test"]
         lines.append([
-            r["model"], r["dataset"], r["protocol"],
+            model_label(r), r["dataset"], r["protocol"],
             *(f"{test[c]:.4f}" if c in test else "-" for c in columns),
             f"{r['timing']['train_seconds']:.1f}", f"{r['timing']['test_eval_seconds']:.2f}",
         ])
     return text_table(header, lines)
+
+
+def model_label(results: dict) -> str:
+    """The model's name, and for a distilled student its method and teacher ("youtubednn, kd from
+    mvke"), so a student's row is not read as its undistilled model's."""
+    distill = results.get("config", {}).get("distill")
+    if not distill:
+        return results["model"]
+    teacher = distill.get("teacher") or {}
+    source = teacher.get("run") or teacher.get("config")
+    return f"{results['model']}, {distill['method']}" + (f" from {Path(source).stem}" if source else "")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

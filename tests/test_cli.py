@@ -124,13 +124,30 @@ def test_every_shipped_config_validates():
         assert config.run_name == path.stem, f"{path.name}: name should match the file name"
 
 
-def test_synthetic_configs_mirror_the_embedded_default():
+def test_tour_configs_mirror_the_embedded_default():
     import yaml
 
     from crosstower.defaults import DEFAULT_SUITE
 
-    for raw in DEFAULT_SUITE:
+    for _, raw in DEFAULT_SUITE:
         assert yaml.safe_load((REPO / "configs" / f"{raw['name']}.yaml").read_text()) == raw
+
+
+def test_default_suite_trains_each_teacher_before_its_student_under_the_same_output(tmp_path):
+    from crosstower.config import parse_config
+    from crosstower.defaults import DEFAULT_SUITE, default_suite
+
+    before = repr(DEFAULT_SUITE)
+    suite = default_suite(tmp_path / "tour")
+    assert [out.parent for out, _ in suite] == [tmp_path / "tour"] * len(suite)
+    trained: list[Path] = []
+    for out, raw in suite:
+        config = parse_config(raw)
+        if config.distill is not None:
+            assert Path(config.distill.teacher.run) in trained, f"{out.name}: its teacher must come first"
+        trained.append(out)
+    assert any(parse_config(raw).distill is not None for _, raw in suite), "the tour shows distillation"
+    assert repr(DEFAULT_SUITE) == before, "default_suite must not change the embedded suite"
 
 
 def test_config_help_lists_models_and_every_key_has_a_meaning(tmp_path):
