@@ -1,13 +1,15 @@
 """A bounded loopback load against `crosstower serve`, beside the in-process `recommend` latency.
 
-    python benchmarks/bench_service.py RUN_DIR... [--requests 2000] [--concurrency 4] \
+    python benchmarks/bench_service.py RUN_DIR... [--requests 2000] [--concurrency 1 4] \
         [--threads 1] [--data-dir ../shared/data] [--out benchmarks/out/bench_service.json]
 
 For each run: the in-process latency of ``Retriever.recommend`` for one known user at a time
 (``--requests`` calls, users drawn at random with a fixed seed), then the service started on a free
-loopback port (``crosstower serve``, its own process, ``--threads`` torch threads) and loaded by
-``--concurrency`` clients, each with its own keep-alive connection, sending the same number of
-``POST /recommend`` requests in total. It reports the throughput, p50 / p99 latency and the count
+loopback port (``crosstower serve``, its own process, ``--threads`` torch threads) and loaded, at
+each ``--concurrency``, by that many clients, each with its own keep-alive connection, sending the
+same number of ``POST /recommend`` requests in total. One client measures what HTTP adds to a
+request; several measure throughput, and their latency includes waiting behind each other (the
+service answers one request at a time per process). It reports the throughput, p50 / p99 latency and the count
 of errors (any answer but 200) of both, written to ``--out`` and printed as a table. The load
 stops by itself after its request count; nothing else should run on the machine while it does.
 """
@@ -133,8 +135,8 @@ def bench(run_dir: Path, args: argparse.Namespace) -> dict:
         port = free_port()
         process = start_service(run_dir, port, args.threads, args.data_dir, log)
         try:
-            load(port, users, min(200, args.requests), args.concurrency)  # warm-up
-            served = load(port, users, args.requests, args.concurrency)
+            load(port, users, min(200, args.requests), max(args.concurrency))  # warm-up
+            served = [load(port, users, args.requests, c) for c in args.concurrency]
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="clients at once, one load each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in process and in the service")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_service.json"))
@@ -157,12 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     report = {"settings": {"requests": args.requests, "concurrency": args.concurrency, "threads": args.threads, "k": K},
               **describe_environment(), **source_revision(), "results": results}
     write_json(args.out, report)
-    print("| run | served by | in-process p50 / p99 ms | service req/s | service p50 / p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
+    print("| run | served by | in-process req/s | in-process p50 / p99 ms | clients | service req/s | service p50 / p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        local, served = r["in_process"], r["service"]
-        print(f"| {Path(r['run']).name} | {r['served_by']} | {local['p50_ms']:.2f} / {local['p99_ms']:.2f} | "
-              f"{served['requests_per_second']:.0f} | {served['p50_ms']:.2f} / {served['p99_ms']:.2f} | {served['errors']} |")
+        local = r["in_process"]
+        for served in r["service"]:
+            print(f"| {Path(r['run']).name} | {r['served_by']} | {local['requests_per_second']:.0f} | "
+                  f"{local['p50_ms']:.2f} / {local['p99_ms']:.2f} | {served['concurrency']} | "
+                  f"{served['requests_per_second']:.0f} | {served['p50_ms']:.2f} / {served['p99_ms']:.2f} | {served['errors']} |")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ def load_benchmark():
 
 def test_a_short_load_reports_latency_throughput_and_no_errors(finished_runs, tmp_path):
     out = tmp_path / "bench.json"
-    load_benchmark().main([str(finished_runs / "dssm"), "--requests", "30", "--concurrency", "2", "--out", str(out)])
+    load_benchmark().main([str(finished_runs / "dssm"), "--requests", "30", "--concurrency", "1", "2", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert report["settings"]["concurrency"] == 2 and "cpu" in json.dumps(report).lower()
+    assert report["settings"]["concurrency"] == [1, 2] and "cpu" in json.dumps(report).lower()
     (result,) = report["results"]
     assert result["served_by"] == "exact_inner_product index (exact)"
-    for side in ("in_process", "service"):
-        assert result[side]["requests"] == 30 and result[side]["errors"] == 0
-        assert 0 < result[side]["p50_ms"] <= result[side]["p99_ms"] and result[side]["requests_per_second"] > 0
+    assert [load["concurrency"] for load in result["service"]] == [1, 2]
+    for measured in (result["in_process"], *result["service"]):
+        assert measured["requests"] == 30 and measured["errors"] == 0
+        assert 0 < measured["p50_ms"] <= measured["p99_ms"] and measured["requests_per_second"] > 0
