@@ -145,14 +145,16 @@ def distiller_and_batch(raw: dict, tmp_path):
     return distiller, batch
 
 
-def test_the_frozen_teacher_gets_no_gradient(teachers, tmp_path):
+@pytest.mark.parametrize("model, method, term", [("dssm", "kd", "kd"), ("dual", "virt", "virt"),
+                                                 ("dual", "dide", "kd"), ("dual", "dide", "attention")])
+def test_the_frozen_teacher_gets_no_gradient(teachers, tmp_path, model, method, term):
     """A distillation term trains the student only: the frozen teacher gets no gradient."""
-    distiller, batch = distiller_and_batch(config("dssm", {"method": "kd", "teacher": {"run": str(teachers / "cross")}}),
-                                           tmp_path)
+    distiller, batch = distiller_and_batch(
+        config(model, {"method": method, "teacher": {"run": str(teachers / "cross")}}), tmp_path)
     student = distiller.student
     loss, parts = distiller.loss(batch)
     loss.backward()
-    assert parts["kd"] > 0
+    assert parts[term] > 0
     assert all(p.grad is None for p in distiller.teacher.model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert not any(k.startswith("teacher") for k in distiller.state_dict())
@@ -164,12 +166,15 @@ def test_the_frozen_teacher_gets_no_gradient(teachers, tmp_path):
     ("dssm", {"method": "pfd"}),
     ("youtubednn", {"method": "pfd", "variant": "pointwise", "warmup_epochs": 0}),
     ("dual", {"method": "ernie"}),
+    ("dual", {"method": "virt"}),
+    ("dual", {"method": "virt", "normalisation": "slice", "pairs": "candidates", "layers": [-1]}),
+    ("dual", {"method": "dide", "terms": {"supervised": 0.5}}),
     # self on-the-fly distillation alone: a teacher named but never read is not even loaded
     ("dual", {"method": "ernie", "teacher": {"run": "/nonexistent"},
               "terms": {"cross_to_colbert": 0, "cross_to_dual": 0, "attention": 0}}),
 ])
 def test_every_method_trains_end_to_end(teachers, tmp_path, model, distill):
-    if distill["method"] in ("endx", "ernie") and "terms" not in distill:
+    if distill["method"] in ("endx", "ernie", "virt", "dide") and "teacher" not in distill:
         distill = {**distill, "teacher": {"run": str(teachers / "cross")}}
     raw = config(model, distill)
     results = run_experiment(parse_config(raw), tmp_path / "run")
@@ -203,6 +208,44 @@ def test_pfd_kd_term_reaches_the_joint_teacher_only_without_detach(tmp_path, det
 def test_ernie_attention_term_needs_aligned_token_sequences(teachers, tmp_path):
     raw = config("dual", {"method": "ernie", "teacher": {"run": str(teachers / "cross")}}, history_length=12)
     with pytest.raises(ConfigError, match="token sequences"):
+        run_experiment(parse_config(raw), tmp_path / "run")
+
+
+def test_virtual_attention_reads_each_candidate_pair_from_the_towers(teachers, tmp_path):
+    """The student's virtual cross attention of pair (b, c) is built from user b's queries and
+    keys and candidate c's, as the two towers compute them alone."""
+    from crosstower.distill.attention import student_pairs
+
+    distiller, batch = distiller_and_batch(config("dual", {"method": "virt", "teacher": {"run": str(teachers / "cross")}}),
+                                           tmp_path)
+    student = distiller.student
+    logits = student.candidate_logits(batch, with_states=True)
+    pairs = student_pairs(logits, -1, -1, "candidates")
+    candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)
+    for b, c in [(0, 0), (3, 2), (31, candidates.shape[1] - 1)]:
+        age = batch.user.example_age
+        one_user = UserInput(batch.user.users[b:b + 1], batch.user.history[b:b + 1], None if age is None else age[b:b + 1])
+        _, user_traces = student._user_pass(one_user)
+        _, item_traces = student._item_pass(candidates[b, c:c + 1])
+        row = b * candidates.shape[1] + c
+        expected = user_traces[-1].queries[0] @ item_traces[-1].keys[0].transpose(-1, -2) / user_traces[-1].queries.shape[-1] ** 0.5
+        assert torch.allclose(pairs.logits("ui")[row], expected, atol=1e-5)
+    positives = student_pairs(logits, -1, -1, "positives")
+    assert torch.equal(positives.item_keys, pairs.item_keys[::candidates.shape[1]])
+
+
+@pytest.mark.parametrize("distill, fragment", [
+    ({"method": "virt", "layers": [1]}, "layer 1 is not in"),
+    ({"method": "virt", "layers": None}, "needs as many layers"),
+    ({"method": "dide"}, "heads"),
+])
+def test_attention_methods_refuse_a_teacher_they_cannot_pair_with(teachers, tmp_path, distill, fragment):
+    model = {**MODELS["dual"], "user_layers": 2} if distill.get("layers", 0) is None else MODELS["dual"]
+    if distill["method"] == "dide":
+        model = {**MODELS["dual"], "heads": 4}
+    raw = config("dual", {**distill, "teacher": {"run": str(teachers / "cross")}})
+    raw["model"] = copy.deepcopy(model)
+    with pytest.raises(ConfigError, match=fragment):
         run_experiment(parse_config(raw), tmp_path / "run")
 
 

@@ -13,9 +13,13 @@ import torch
 from crosstower.data.batching import TrainExamples
 from crosstower.data.dataset import FieldSpec, build_dataset
 from crosstower.data.schema import FieldKind
+from crosstower.distill.attention import PairQK
 from crosstower.distill.losses import (
+    attention_kl,
+    attention_mse,
     duplicate_targets,
     listwise_kd,
+    masked_softmax,
     pointwise_kd,
     relation_kl,
     token_attention_kd,
@@ -145,6 +149,86 @@ def test_token_attention_kd_against_a_per_element_reference():
         total.append(pair)
     got = token_attention_kd(attention, users, items, user_mask, item_mask, tau)
     assert float(got) == pytest.approx(np.mean(total), rel=1e-4)
+
+
+def attention_inputs(seed: int = 2):
+    """Random ``[P=3, H=2, L_q=3, L_k=4]`` attention inputs with padded queries and keys; the
+    third pair has no real key at all."""
+    g = torch.Generator().manual_seed(seed)
+    teacher, student = torch.randn(3, 2, 3, 4, generator=g), torch.randn(3, 2, 3, 4, generator=g)
+    query_mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    key_mask = torch.tensor([[True, True, True, False], [True, False, True, True], [False, False, False, False]])
+    return teacher, student, query_mask, key_mask
+
+
+def counted(query_mask, key_mask, p, a):
+    """Whether an attention loss counts query ``a`` of pair ``p``, and the pair's real keys."""
+    real = [b for b in range(key_mask.shape[1]) if key_mask[p, b]]
+    return bool(query_mask[p, a]) and bool(real), real
+
+
+def test_masked_softmax_gives_padded_keys_no_probability():
+    _, logits, _, key_mask = attention_inputs()
+    probabilities = masked_softmax(logits, key_mask)
+    assert torch.all(probabilities[~key_mask[:, None, None, :].expand_as(probabilities)] == 0)
+    assert torch.allclose(probabilities[:2].sum(-1), torch.ones(2, 2, 3))
+    assert torch.all(probabilities[2] == 0)  # no real key: no probability anywhere, and no NaN
+
+
+def test_attention_mse_against_a_per_element_reference():
+    teacher_logits, student_logits, query_mask, key_mask = attention_inputs()
+    teacher = torch.softmax(teacher_logits, -1)  # any target; rows need not sum to 1 over the real keys
+    squares = []
+    for p in range(3):
+        for h in range(2):
+            for a in range(3):
+                keep, real = counted(query_mask, key_mask, p, a)
+                if not keep:
+                    continue
+                student = softmax([float(student_logits[p, h, a, b]) for b in real])
+                squares += [(s - float(teacher[p, h, a, b])) ** 2 for s, b in zip(student, real)]
+    got = attention_mse(teacher, student_logits, query_mask, key_mask)
+    assert float(got) == pytest.approx(np.mean(squares), rel=1e-5)
+
+
+def test_attention_kl_against_a_per_element_reference():
+    teacher, student, query_mask, key_mask = attention_inputs()
+    rows = []
+    for p in range(3):
+        for h in range(2):
+            for a in range(3):
+                keep, real = counted(query_mask, key_mask, p, a)
+                if keep:
+                    rows.append(kl(softmax([float(teacher[p, h, a, b]) for b in real]),
+                                   softmax([float(student[p, h, a, b]) for b in real])))
+    got = attention_kl(teacher, student, query_mask, key_mask)
+    assert float(got) == pytest.approx(np.mean(rows), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_attention_terms_train_the_student_only_with_finite_gradients(loss):
+    teacher, student, query_mask, key_mask = attention_inputs()
+    teacher.requires_grad_(True)
+    student.requires_grad_(True)
+    if loss == "mse":
+        attention_mse(torch.softmax(teacher, -1), student, query_mask, key_mask).backward()
+    else:
+        attention_kl(teacher, student, query_mask, key_mask).backward()
+    assert teacher.grad is None
+    assert torch.isfinite(student.grad).all() and student.grad[:2].abs().sum() > 0
+    # padded keys, padded queries and the pair without keys get no gradient
+    assert torch.all(student.grad[0, :, 2] == 0) and torch.all(student.grad[0, :, :, 3] == 0)
+    assert torch.all(student.grad[2] == 0)
+
+
+def test_pair_blocks_read_user_queries_against_item_keys_and_back():
+    g = torch.Generator().manual_seed(3)
+    uq, uk = torch.randn(2, 2, 3, 4, generator=g), torch.randn(2, 2, 3, 4, generator=g)
+    iq, ik = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)
+    pairs = PairQK(uq, uk, iq, ik, torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 5, dtype=torch.bool))
+    assert torch.allclose(pairs.logits("ui")[1, 0, 2, 4], uq[1, 0, 2] @ ik[1, 0, 4] / 2)
+    assert torch.allclose(pairs.logits("iu")[1, 1, 4, 2], iq[1, 1, 4] @ uk[1, 1, 2] / 2)
+    assert pairs.masks("ui")[0].shape == (2, 3) and pairs.masks("iu")[0].shape == (2, 5)
 
 
 def privileged_setup(extra_rows: list[tuple] = ()):

@@ -26,6 +26,7 @@ from torch import nn
 
 from crosstower.config import DistillConfig
 from crosstower.data.batching import TrainBatch
+from crosstower.distill.attention import check_aligned
 from crosstower.distill.distiller import DistillContext, Distiller
 from crosstower.distill.losses import candidate_matrix, listwise_kd, token_attention_kd
 from crosstower.distill.teacher import Teacher
@@ -54,22 +55,9 @@ class ERNIESearchConfig(DistillConfig):
             raise ConfigError(f"model: ernie reads the student's token states; {context.run.model.name} has none "
                               f"(use the transformer dual encoder, model.name: dual)")
         if teacher is not None and self.uses("attention"):
-            _check_aligned(student, teacher)
+            check_aligned(student, teacher, "ernie's attention term", same_heads=False,
+                          remedy="or set distill.terms.attention: 0")
         return ERNIESearch(student, self, teacher)
-
-
-def _check_aligned(student: EmbeddingRecommender, teacher: Teacher) -> None:
-    """The attention term pairs the CE's positions with the student's: same token sequences."""
-    substrate = getattr(teacher.model, "substrate", None)
-    if not hasattr(teacher.model, "cross_attention") or substrate is None:
-        raise ConfigError(f"distill.teacher: the attention term reads a cross encoder's attention; {teacher.name} "
-                          f"({teacher.source}) has none (set distill.terms.attention: 0)")
-    mine = (student.substrate.user_length, student.substrate.item_length)
-    theirs = (substrate.user_length, substrate.item_length)
-    if mine != theirs:
-        raise ConfigError(f"distill.teacher: the attention term needs the teacher's token sequences (user {theirs[0]}, "
-                          f"item {theirs[1]} tokens) to match the student's (user {mine[0]}, item {mine[1]}): give "
-                          f"both the same fields and train.history_length, or set distill.terms.attention: 0")
 
 
 class ERNIESearch(Distiller):

@@ -121,3 +121,48 @@ def token_attention_kd(teacher_attention: torch.Tensor, user_tokens: torch.Tenso
     log_teacher = torch.log(teacher.clamp_min(1e-30))
     kl = _kl_rows(log_teacher, log_student, ~item_mask[:, None, :].expand_as(logits))
     return (kl * user_mask).sum(-1).mean()
+
+
+def masked_softmax(logits: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """``softmax`` of ``logits [P, H, L_q, L_k]`` over the real keys only (``key_mask [P, L_k]``,
+    True = real): a padded key gets probability 0, and a row with no real key is all zeros."""
+    drop = _dropped_keys(key_mask)
+    return torch.softmax(logits.float().masked_fill(drop, float("-inf")), dim=-1) * key_mask[:, None, None, :]
+
+
+def _dropped_keys(key_mask: torch.Tensor) -> torch.Tensor:
+    """``[P, 1, 1, L_k]`` the keys to leave out of a softmax: the padded ones, except in a pair
+    with no real key at all, whose rows stay finite (every loss then leaves them out)."""
+    return (~key_mask & key_mask.any(-1, keepdim=True))[:, None, None, :]
+
+
+def _attention_rows(query_mask: torch.Tensor, key_mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[P, H, L_q]`` True for the rows an attention loss counts: a real query with a real key."""
+    rows = query_mask & key_mask.any(-1, keepdim=True)
+    return rows[:, None, :].expand(-1, heads, -1)
+
+
+def attention_mse(teacher: torch.Tensor, student_logits: torch.Tensor, query_mask: torch.Tensor,
+                  key_mask: torch.Tensor) -> torch.Tensor:
+    """VIRT's term for one layer (methods.md §5): the squared difference between the teacher's
+    attention block ``teacher [P, H, L_q, L_k]`` (probabilities, detached here) and the student's
+    virtual attention ``softmax(student_logits)`` over the real keys, averaged over the counted
+    elements: real query x real key, every head (padded queries and keys add nothing)."""
+    student = masked_softmax(student_logits, key_mask)
+    keep = _attention_rows(query_mask, key_mask, student.shape[1])[..., None] & key_mask[:, None, None, :]
+    squared = (student - teacher.detach().float()).pow(2) * keep
+    return squared.sum() / keep.sum().clamp_min(1)
+
+
+def attention_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, query_mask: torch.Tensor,
+                 key_mask: torch.Tensor) -> torch.Tensor:
+    """DiDE's term for one block (methods.md §6): ``KL(softmax(sg(T)) || softmax(S))`` of each
+    query token's distribution over the other side's real keys, both logits ``[P, H, L_q, L_k]``
+    re-normalised over those keys only, summed over keys and averaged over (pair, head, real
+    query token); rows without a real key do not count."""
+    drop = _dropped_keys(key_mask).expand_as(student_logits)
+    log_t = torch.log_softmax(teacher_logits.detach().float().masked_fill(drop, float("-inf")), dim=-1)
+    log_s = torch.log_softmax(student_logits.float().masked_fill(drop, float("-inf")), dim=-1)
+    rows = _attention_rows(query_mask, key_mask, student_logits.shape[1])
+    kl = _kl_rows(log_t, log_s, drop)
+    return (kl * rows).sum() / rows.sum().clamp_min(1)

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,6 +68,14 @@ class Teacher:
     def cross_attention(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         """Each pair's last-layer user->item attention ``[P, L_u, L_i]``, averaged over heads."""
         return self.model.cross_attention(self.adapt(user), items)
+
+    @torch.no_grad()
+    def attention_pass(self, user: UserInput, items: torch.Tensor) -> Any:
+        """The cross encoder's pass over each (user, item) pair with every layer's attention,
+        queries and keys (a :class:`~crosstower.models.cross.CrossOutput`)."""
+        model = self.model
+        return model.forward_pairs(model.substrate.users(self.adapt(user)), model.substrate.items(items),
+                                   return_traces=True)
 
     @torch.no_grad()
     def score_candidates(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:

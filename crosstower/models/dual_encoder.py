@@ -30,7 +30,7 @@ from crosstower.models.base import (
     item_prior,
 )
 from crosstower.nn.tokens import TokenSequence, TokenSubstrate
-from crosstower.nn.transformer import TransformerEncoder
+from crosstower.nn.transformer import LayerTrace, TransformerEncoder
 
 
 class DualEncoderConfig(AttentionModelConfig):
@@ -68,13 +68,22 @@ class DualEncoder(EmbeddingRecommender):
     # ---- token states ------------------------------------------------------------------------
     def user_states(self, user: UserInput) -> TokenSequence:
         """The user tower's final token states ``[B, L_u, dim]`` ([CLS_U] first) and mask."""
-        seq = self.substrate.users(user)
-        return TokenSequence(self.user_encoder(seq.tokens, seq.mask), seq.mask)
+        return self._user_pass(user)[0]
 
     def item_states(self, items: torch.Tensor) -> TokenSequence:
         """The item tower's final token states ``[N, L_i, dim]`` ([CLS_I] first) and mask."""
+        return self._item_pass(items)[0]
+
+    def _user_pass(self, user: UserInput) -> tuple[TokenSequence, list[LayerTrace]]:
+        """The user tower's states and each layer's attention, queries and keys (kept anyway)."""
+        seq = self.substrate.users(user)
+        states, traces = self.user_encoder(seq.tokens, seq.mask, return_traces=True)
+        return TokenSequence(states, seq.mask), traces
+
+    def _item_pass(self, items: torch.Tensor) -> tuple[TokenSequence, list[LayerTrace]]:
         seq = self.substrate.items(items)
-        return TokenSequence(self.item_encoder(seq.tokens, seq.mask), seq.mask)
+        states, traces = self.item_encoder(seq.tokens, seq.mask, return_traces=True)
+        return TokenSequence(states, seq.mask), traces
 
     def _pool(self, head: nn.Linear, states: TokenSequence) -> torch.Tensor:
         vector = head(states.tokens[:, 0])
@@ -92,19 +101,22 @@ class DualEncoder(EmbeddingRecommender):
     def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
         """As every inner-product model's; ``with_states`` adds the token states: ``user_states``
         (a TokenSequence ``[B, L_u, dim]``) and the candidates' ``item_states`` ``[B, 1 + K,
-        L_i, dim]`` with ``item_mask``, the positive first."""
+        L_i, dim]`` with ``item_mask``, the positive first; and each tower's per-layer traces
+        (attention, queries, keys): ``user_traces`` over the B users, ``item_traces`` over the
+        distinct candidates, ``item_rows [B, 1 + K]`` the row of each candidate in them."""
         if not with_states:
             return super().candidate_logits(batch)
-        user_seq = self.user_states(batch.user)
+        user_seq, user_traces = self._user_pass(batch.user)
         users = self._user_with_prior(self._pool(self.user_head, user_seq))
         candidates = torch.cat([batch.positives[:, None], batch.negatives], dim=1)
         unique, inverse = torch.unique(candidates.reshape(-1), return_inverse=True)
-        item_seq = self.item_states(unique)
+        item_seq, item_traces = self._item_pass(unique)
         vectors = F.embedding(inverse, self._item_with_prior(self._pool(self.item_head, item_seq), unique))
         vectors = vectors.view(*candidates.shape, -1)
         logits = torch.einsum("bd,bcd->bc", users, vectors)
         in_batch = users @ vectors[:, 0].T if batch.in_batch_mask is not None else None
         tokens = F.embedding(inverse, item_seq.tokens.flatten(1)).view(*candidates.shape, *item_seq.tokens.shape[1:])
         states = {"user_vectors": users, "item_vectors": vectors, "user_states": user_seq,
-                  "item_states": tokens, "item_mask": item_seq.mask[inverse].view(*candidates.shape, -1)}
+                  "item_states": tokens, "item_mask": item_seq.mask[inverse].view(*candidates.shape, -1),
+                  "user_traces": user_traces, "item_traces": item_traces, "item_rows": inverse.view(candidates.shape)}
         return batch.logits(logits[:, 0], logits[:, 1:], in_batch, states)
