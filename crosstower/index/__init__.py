@@ -10,6 +10,7 @@ from crosstower.index.exact import ExactInnerProductIndex
 from crosstower.index.faiss_inner_product import FaissInnerProductIndex
 from crosstower.index.late_interaction import LateInteractionIndex
 from crosstower.index.sparse_code import SparseCodeIndex
+from crosstower.index.two_rankers import TwoRankerIndex, TwoRankerQuery
 
-__all__ = ["CodeQueries", "ExactInnerProductIndex", "FaissInnerProductIndex", "Index", "LateInteractionIndex", "SparseCodeIndex", "encode_code_ids",
-           "every_code"]
+__all__ = ["CodeQueries", "ExactInnerProductIndex", "FaissInnerProductIndex", "Index", "LateInteractionIndex", "SparseCodeIndex",
+           "TwoRankerIndex", "TwoRankerQuery", "encode_code_ids", "every_code"]

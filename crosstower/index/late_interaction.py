@@ -121,8 +121,8 @@ class LateInteractionIndex(Index):
 
         Slots beyond a user's candidates hold item -1 and score -inf.
         """
-        exclude = check_exclude(exclude, queries.tokens.shape[0])
-        candidates = self.candidates(queries)
+        exclude = check_exclude(exclude, self.token_query(queries).tokens.shape[0])
+        candidates = self.candidates(self.token_query(queries))
         width = max([1, *(len(c) for c in candidates)])
         items = np.full((len(candidates), width), -1, dtype=np.int64)
         for row, c in enumerate(candidates):
@@ -133,12 +133,21 @@ class LateInteractionIndex(Index):
             torch.from_numpy(self.store.decode(gathered)), as_tensor(self.mask[gathered]) & torch.from_numpy(valid)[..., None]
         )
         with torch.no_grad():
-            scores = maxsim_pairs(queries, token_seq) + as_tensor(self.bias[gathered])
+            scores = self.exact_scores(queries, gathered, token_seq)
         scores = scores.masked_fill(~torch.from_numpy(valid & ~excluded(exclude, items)), float("-inf"))
         self.last_scored_fraction = float(valid.sum() / (len(candidates) * self.num_items))
         self._scored_pairs += int(valid.sum())
         self._queries += len(candidates)
         return ranked(scores, torch.from_numpy(items), k)
+
+    def token_query(self, queries: Any) -> TokenSequence:
+        """The user token vectors of ``queries`` (a subclass's query may carry more)."""
+        return queries
+
+    def exact_scores(self, queries: Any, items: np.ndarray, tokens: TokenSequence) -> torch.Tensor:
+        """Scores ``[B, C]`` of each user against its candidates ``items`` (their stored
+        ``tokens``): MaxSim plus the item bias."""
+        return maxsim_pairs(queries, tokens) + as_tensor(self.bias[items])
 
     # ---- the index protocol ------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:

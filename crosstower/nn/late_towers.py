@@ -44,6 +44,15 @@ class LateTowers(nn.Module):
 
     def users(self, user: UserInput) -> TokenSequence:
         """Normalised user token vectors ``[B, L_u (+ expansion), m]`` and their mask."""
+        return self.encode_users(user)[1]
+
+    def items(self, items: torch.Tensor) -> TokenSequence:
+        """Normalised item token vectors ``[N, L_i, m]`` (the [CLS] dropped unless ``item_cls``)."""
+        return self.encode_items(items)[1]
+
+    def encode_users(self, user: UserInput) -> tuple[torch.Tensor, TokenSequence]:
+        """The user tower's final states ``[B, L_u (+ expansion), dim]`` ([CLS_U] first) and the
+        normalised token vectors of :meth:`users`."""
         seq = self.substrate.users(user)
         tokens, mask = seq.tokens, seq.mask
         expansion = self.expansion.shape[0]
@@ -52,14 +61,15 @@ class LateTowers(nn.Module):
             tokens = torch.cat([tokens, self.expansion.expand(b, -1, -1)], dim=1)
             mask = torch.cat([mask, mask.new_ones(b, expansion)], dim=1)
         hidden = self.user_encoder(tokens, mask)
-        return TokenSequence(F.normalize(self.projection(hidden), dim=-1), mask)
+        return hidden, TokenSequence(F.normalize(self.projection(hidden), dim=-1), mask)
 
-    def items(self, items: torch.Tensor) -> TokenSequence:
-        """Normalised item token vectors ``[N, L_i, m]`` (the [CLS] dropped unless ``item_cls``)."""
+    def encode_items(self, items: torch.Tensor) -> tuple[torch.Tensor, TokenSequence]:
+        """The item tower's final states ``[N, L_i, dim]`` ([CLS_I] first) and the normalised
+        token vectors of :meth:`items`."""
         seq = self.substrate.items(items)
         hidden = self.item_encoder(seq.tokens, seq.mask)
         start = 0 if self.item_cls else 1
-        return TokenSequence(F.normalize(self.projection(hidden[:, start:]), dim=-1), seq.mask[:, start:])
+        return hidden, TokenSequence(F.normalize(self.projection(hidden[:, start:]), dim=-1), seq.mask[:, start:])
 
 
 class LateUserTokenizer(nn.Module):
