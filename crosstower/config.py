@@ -275,6 +275,15 @@ class DistillConfig(Strict):
     def check_run(self, run: RunConfig) -> None:
         """Raise ValueError where the method's settings disagree with the rest of ``run``."""
 
+    def check_student(self, student: Any, model_name: str) -> None:
+        """Raise ConfigError where ``student`` cannot learn by this method: here, anything but
+        an inner-product model (the students served like DSSM)."""
+        from crosstower.models.base import EmbeddingRecommender
+
+        if not isinstance(student, EmbeddingRecommender):
+            raise ConfigError(f"model: a {self.method} student is an inner-product model (served like DSSM); "
+                              f"{model_name} is not one")
+
     def build(self, student: Any, teacher: Any, context: Any) -> Any:
         """The :class:`~crosstower.distill.distiller.Distiller` that trains ``student`` with
         ``teacher`` (None where no term reads one) in ``context`` (a

@@ -20,9 +20,11 @@ from crosstower.distill.losses import (
     duplicate_targets,
     listwise_kd,
     masked_softmax,
+    one_minus_p_positive,
     pointwise_kd,
     relation_kl,
     token_attention_kd,
+    token_mse,
 )
 from crosstower.distill.privileged import NAMES, PrivilegedFeatures
 
@@ -229,6 +231,23 @@ def test_pair_blocks_read_user_queries_against_item_keys_and_back():
     assert torch.allclose(pairs.logits("ui")[1, 0, 2, 4], uq[1, 0, 2] @ ik[1, 0, 4] / 2)
     assert torch.allclose(pairs.logits("iu")[1, 1, 4, 2], iq[1, 1, 4] @ uk[1, 1, 2] / 2)
     assert pairs.masks("ui")[0].shape == (2, 3) and pairs.masks("iu")[0].shape == (2, 5)
+
+
+def test_one_minus_p_positive_is_the_pairwise_softmax_complement():
+    logits = torch.tensor([[2.0, 1.0, -1.0, 5.0]])
+    mask = torch.tensor([[False, False, False, True]])
+    pairs = [1 - softmax([2.0, negative])[0] for negative in (1.0, -1.0)]
+    assert float(one_minus_p_positive(logits, mask)) == pytest.approx(np.mean(pairs), rel=1e-6)
+
+
+def test_token_mse_counts_real_tokens_only_and_spares_the_teacher():
+    student = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]], requires_grad=True)
+    teacher = torch.tensor([[[0.0, 0.0], [0.0, 3.0], [0.0, 0.0]]], requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    got = token_mse(student, teacher, mask)
+    assert float(got.detach()) == pytest.approx((1.0 + 4.0) / 4)  # two real tokens x two dimensions
+    got.backward()
+    assert teacher.grad is None and torch.all(student.grad[0, 2] == 0)
 
 
 def privileged_setup(extra_rows: list[tuple] = ()):

@@ -23,7 +23,6 @@ from crosstower.config import DistillConfig, RunConfig
 from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.data.splits import Split
-from crosstower.errors import ConfigError
 from crosstower.losses import CandidateLogits, listwise_softmax
 from crosstower.models.base import EmbeddingRecommender, ItemRangeScorer, Recommender, UserBlock
 from crosstower.distill.teacher import Teacher, load_teacher
@@ -37,6 +36,8 @@ class DistillContext:
     split: Split
     run: RunConfig
     workdir: Path  # the run's partial folder: what a method computes once is cached there
+    out_dir: Path  # where the run goes: a teacher named by its config is trained beside it
+    data_dir: Path | None = None
 
 
 class Distiller(Recommender):
@@ -122,14 +123,12 @@ def build_distiller(config: RunConfig, student: Recommender, dataset: Dataset, s
     """The distiller of ``config.distill`` around ``student``, its teacher loaded (or trained
     beside ``out_dir``); ``workdir`` is where the run is being written."""
     settings = config.distill
-    if not isinstance(student, EmbeddingRecommender):
-        raise ConfigError(f"model: a distillation student is an inner-product model (served like DSSM); "
-                          f"{config.model.name} is not one")
+    settings.check_student(student, config.model.name)
     teacher = None
     if settings.teacher is not None and any(settings.uses(term) for term in settings.TEACHER_TERMS):
         # an ablation that switches every teacher term off neither trains nor loads the teacher
         teacher = load_teacher(settings.teacher, config, dataset, split, out_dir, data_dir)
     started = time.perf_counter()
-    distiller = settings.build(student, teacher, DistillContext(dataset, split, config, workdir))
+    distiller = settings.build(student, teacher, DistillContext(dataset, split, config, workdir, out_dir, data_dir))
     distiller.setup_seconds = time.perf_counter() - started  # what the method computes once (a score cache)
     return distiller

@@ -166,3 +166,21 @@ def attention_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, que
     rows = _attention_rows(query_mask, key_mask, student_logits.shape[1])
     kl = _kl_rows(log_t, log_s, drop)
     return (kl * rows).sum() / rows.sum().clamp_min(1)
+
+
+def one_minus_p_positive(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TRMD's faithful ranking loss (methods.md §4): ``1 - softmax([s+, s-])_0`` for the positive
+    (column 0 of ``logits [B, C]``) against each other kept candidate (``mask`` True = drop),
+    averaged over those pairs. It is ``sigmoid(s- - s+)``: bounded, unlike ``-log P``."""
+    loss = torch.sigmoid(logits[:, 1:].float() - logits[:, :1].float())
+    if mask is None:
+        return loss.mean()
+    keep = ~mask[:, 1:]
+    return (loss * keep).sum() / keep.sum().clamp_min(1)
+
+
+def token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of token vectors ``[..., L, m]`` over the real tokens (``mask
+    [..., L]``) and their dimensions; the teacher's side is detached (TRMD's representation term)."""
+    squared = (student.float() - teacher.detach().float()).pow(2).sum(-1) * mask
+    return squared.sum() / (mask.sum() * student.shape[-1]).clamp_min(1)

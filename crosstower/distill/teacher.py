@@ -70,12 +70,19 @@ class Teacher:
         return self.model.cross_attention(self.adapt(user), items)
 
     @torch.no_grad()
-    def attention_pass(self, user: UserInput, items: torch.Tensor) -> Any:
-        """The cross encoder's pass over each (user, item) pair with every layer's attention,
-        queries and keys (a :class:`~crosstower.models.cross.CrossOutput`)."""
+    def joint_pass(self, user: UserInput, items: torch.Tensor, traces: bool = True) -> Any:
+        """The cross encoder's pass over each (user, item) pair: its final states and, with
+        ``traces``, every layer's attention, queries and keys (a
+        :class:`~crosstower.models.cross.CrossOutput`)."""
         model = self.model
         return model.forward_pairs(model.substrate.users(self.adapt(user)), model.substrate.items(items),
-                                   return_traces=True)
+                                   return_traces=traces)
+
+    @torch.no_grad()
+    def token_vectors(self, user: UserInput, items: torch.Tensor) -> tuple[Any, Any]:
+        """A late-interaction teacher's normalised token vectors of the users and of the items
+        (two :class:`~crosstower.nn.tokens.TokenSequence`)."""
+        return self.model.encode_user_tokens(self.adapt(user)), self.model.encode_item_tokens(items)
 
     @torch.no_grad()
     def score_candidates(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
@@ -87,14 +94,15 @@ class Teacher:
 
 
 def load_teacher(settings: TeacherConfig, student: RunConfig, dataset: Dataset, split: Split, student_out: Path,
-                 data_dir: Path | None) -> Teacher:
-    """The teacher ``settings`` name, trained first when it is named by a config."""
+                 data_dir: Path | None, field: str = "distill.teacher") -> Teacher:
+    """The teacher ``settings`` (the config's ``field``) name, trained first when it is named by
+    a config."""
     if settings.run is not None:
         folder = Path(settings.run)
-        where = "distill.teacher.run"
+        where = f"{field}.run"
     else:
         folder = _trained_teacher(settings, student_out, data_dir)
-        where = "distill.teacher.config"
+        where = f"{field}.config"
     try:
         run = open_run(folder, data_dir)
     except CrosstowerError as exc:

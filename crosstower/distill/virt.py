@@ -96,7 +96,7 @@ class VIRT(Distiller):
 
     def _virt(self, batch: TrainBatch, logits, pairs: Pairs) -> torch.Tensor:
         if pairs == "positives":
-            out = self.teacher.attention_pass(batch.user, batch.positives)
+            out = self.teacher.joint_pass(batch.user, batch.positives)
         else:
             out = self.teacher.candidate_logits(batch, with_states=True).states["cross"]
         total = 0.0
