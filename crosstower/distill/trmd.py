@@ -83,7 +83,7 @@ def _check_tokens(student: TRMDStudent, colbert: Teacher) -> None:
         raise ConfigError(f"distill.colbert_teacher: the tokens term needs the teacher's token vectors (user {theirs[0]}, "
                           f"item {theirs[1]} tokens of width {theirs[2]}, item [CLS] {theirs[3]}) to match the "
                           f"student's ({mine[0]}, {mine[1]}, {mine[2]}, {mine[3]}): give both the same fields, "
-                          f"train.history_length and projection_dim, and no expansion tokens")
+                          f"train.history_length, projection_dim and expansion_tokens")
 
 
 class TRMD(Distiller):

@@ -52,6 +52,7 @@ class TRMDConfig(AttentionModelConfig):
     item_layers: int = Field(1, ge=1)  # transformer layers of the item tower
     user_fields: list[str] | None = None  # None: every user field (P2/P3: all but user_id); []: none, the history alone
     item_fields: list[str] | None = None  # item fields tokenised; None: every item field
+    expansion_tokens: int = Field(0, ge=0)  # learned extra user tokens for MaxSim (as late interaction's)
     ranker_dropout: float = Field(0.1, ge=0, lt=1)  # dropout on the pseudo-joint [CLS] before ranker 1
     temperature: float = Field(1.0, gt=0)  # logits = (s1 + s2) / temperature
     dropout: float = Field(0.0, ge=0, lt=1)  # dropout rate in the towers' transformers
@@ -75,7 +76,7 @@ class TRMDStudent(Recommender):
         s = self.config = config
         self.towers = LateTowers(dataset, s.dim, s.projection_dim, context.history_length, s.user_layers,
                                  s.item_layers, s.heads, s.dropout, context.user_fields(s.user_fields, dataset),
-                                 s.item_fields)
+                                 s.item_fields, s.expansion_tokens)
         self.residual = nn.Linear(s.dim, s.dim)  # W_res
         self.ranker = nn.Linear(s.dim, 1)  # w_1, b_1
         self.ranker_dropout = nn.Dropout(s.ranker_dropout)
