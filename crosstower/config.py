@@ -283,6 +283,9 @@ class DistillConfig(Strict):
         if not isinstance(student, EmbeddingRecommender):
             raise ConfigError(f"model: a {self.method} student is an inner-product model (served like DSSM); "
                               f"{model_name} is not one")
+        if student.own_loss:
+            raise ConfigError(f"model: {model_name} trains by its own objective, which a distillation method "
+                              f"cannot add terms to; choose another student")
 
     def build(self, student: Any, teacher: Any, context: Any) -> Any:
         """The :class:`~crosstower.distill.distiller.Distiller` that trains ``student`` with

@@ -128,7 +128,7 @@ class TrainExamples:
         frame = train.sort_values([USER, TIME, ITEM], kind="stable")
         self.users = frame[USER].to_numpy(np.int64)
         self.items = frame[ITEM].to_numpy(np.int64)
-        times = frame[TIME].to_numpy(np.float64)
+        times = self.times = frame[TIME].to_numpy(np.float64)
         counts = np.bincount(self.users, minlength=num_users)
         self.user_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.history_length = history_length

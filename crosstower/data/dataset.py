@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from crosstower.data.schema import FeatureTable, Field, FieldKind
-from crosstower.errors import DataError
+from crosstower.errors import ConfigError, DataError
 
 USER, ITEM, TIME, RATING = "user", "item", "timestamp", "rating"
 
@@ -262,3 +262,19 @@ def parse_vector(value, field_name: str = "vector") -> np.ndarray | None:
     except (ValueError, TypeError):
         preview = str(value)[:40]
         raise DataError(f"field '{field_name}': cannot read {preview!r} as a vector of numbers") from None
+
+
+def category_field(dataset: Dataset, requested: str | None, key: str = "distill.category_field") -> str:
+    """The item field whose values are the categories: ``requested``, or the first categorical
+    item field besides the item id (``key`` names the setting in errors)."""
+    fields = dataset.items.fields
+    candidates = [n for n, f in fields.items()
+                  if n != "item_id" and f.kind in (FieldKind.CATEGORICAL, FieldKind.MULTI_CATEGORICAL)]
+    if requested is None:
+        if not candidates:
+            raise ConfigError(f"{key}: {dataset.name} has no categorical item field besides item_id")
+        return candidates[0]
+    if requested not in candidates:
+        raise ConfigError(f"{key}: {requested!r} is not a categorical item field of {dataset.name} "
+                          f"(choose one of {', '.join(candidates) or 'none'})")
+    return requested

@@ -26,27 +26,9 @@ import torch
 from torch import nn
 
 from crosstower.data.batching import UserInput
-from crosstower.data.dataset import ITEM, RATING, TIME, USER, Dataset
-from crosstower.data.schema import FieldKind
-from crosstower.errors import ConfigError
+from crosstower.data.dataset import ITEM, RATING, TIME, USER, Dataset, category_field
 
 NAMES = ("category_count", "category_share", "category_recency", "category_never", "item_count", "category_rating")
-
-
-def category_field(dataset: Dataset, requested: str | None) -> str:
-    """The item field whose values are the categories: ``requested``, or the first categorical
-    item field besides the item id."""
-    fields = dataset.items.fields
-    candidates = [n for n, f in fields.items()
-                  if n != "item_id" and f.kind in (FieldKind.CATEGORICAL, FieldKind.MULTI_CATEGORICAL)]
-    if requested is None:
-        if not candidates:
-            raise ConfigError(f"distill.category_field: {dataset.name} has no categorical item field besides item_id")
-        return candidates[0]
-    if requested not in candidates:
-        raise ConfigError(f"distill.category_field: {requested!r} is not a categorical item field of {dataset.name} "
-                          f"(choose one of {', '.join(candidates) or 'none'})")
-    return requested
 
 
 class PrivilegedFeatures(nn.Module):

@@ -99,6 +99,9 @@ class Recommender(nn.Module):
     """Base class: a scorer of (user, item) pairs."""
 
     trainable: bool = True
+    # True where :meth:`loss` is the model's own objective (Airbnb's session skip-gram), not the
+    # listwise softmax of its candidate logits: such a model cannot be a distillation student.
+    own_loss: bool = False
 
     def __init__(self, num_items: int):
         super().__init__()
