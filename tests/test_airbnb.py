@@ -48,15 +48,22 @@ def test_market_negatives_come_from_the_centre_items_market():
     assert torch.equal(model.market[drawn], model.market[items][:, None].expand(-1, 7))
 
 
-def test_the_served_inner_product_is_cosine_to_recent_items_plus_weighted_type_cosine():
+@pytest.mark.parametrize("similarity", ["cosine", "context"])
+def test_the_served_inner_product_is_the_item_similarity_plus_weighted_type_cosine(similarity):
     frame = pd.DataFrame({"user": [0, 0, 0], "item": [1, 2, 3], "timestamp": [0, 1, 2]})
-    model, _ = model_and_examples(frame, recent=2, type_weight=0.3)
+    model, _ = model_and_examples(frame, recent=2, type_weight=0.3, similarity=similarity)
+    torch.nn.init.normal_(model.item_out.weight)  # not the zeros of a fresh model
     user = UserInput(torch.tensor([1]), torch.tensor([[-1] * 6 + [4, 7, 9, 11]]), torch.zeros(1))
     recent = model.item_in(torch.tensor([9, 11]))  # the 2 most recent items
     with torch.no_grad():
         served = model.encode_users(user) @ model.encode_items(torch.tensor([5])).T
         types = F.cosine_similarity(model.types(model.user_types(user)), model.types(model.item_types(torch.tensor([5]))))
-        expected = F.cosine_similarity(model.item_in(torch.tensor([5])), recent.mean(0, keepdim=True)) + 0.3 * types
+        candidate, mean = model.item_in(torch.tensor([5])), recent.mean(0, keepdim=True)
+        if similarity == "cosine":
+            items = F.cosine_similarity(candidate, mean)
+        else:
+            items = model.item_out(torch.tensor([5])) @ mean.T
+        expected = items + 0.3 * types
     assert float(served) == pytest.approx(float(expected), rel=1e-5)
 
 

@@ -20,6 +20,8 @@ each interaction pulls its (user type, item type) pair together against the nega
 Retrieval score (methods.md): ``s(u, i) = cos(v_i, mean of v over u's recent items) + beta
 cos(t_u, t_i)``, which is one inner product of ``[v_i/|v_i|; t_i/|t_i|]`` with
 ``[vbar/|vbar|; beta t_u/|t_u|]``, so the model is served by the inner-product index like DSSM.
+``similarity: context`` scores ``v'_i . vbar`` instead of the cosine: the in-out score that the
+skip-gram objective itself trains, popularity kept in the context vectors' norms.
 """
 
 from __future__ import annotations
@@ -51,11 +53,14 @@ class AirbnbConfig(ModelConfig):
     session_gap: float | None = Field(86_400.0, gt=0)  # seconds of inactivity that start a new session; null: one per user
     global_context: bool = True  # the session's last item as context of every centre (Airbnb's booking)
     market_field: str | None = None  # the item field of the "market"; null: the first categorical item field
-    market_negatives: int = Field(5, ge=0)  # negatives drawn from the centre's own market
+    market_negatives: int = Field(5, ge=0)  # negatives drawn from the centre's own market (0: none, no market needed)
     recent: int = Field(10, ge=1)  # the user's most recent history items averaged into its vector
+    # cosine: cos(v_i, vbar) (methods.md); context: v'_i . vbar, the in-out score the skip-gram objective
+    # trains (it keeps popularity in the context vectors' norms)
+    similarity: Literal["cosine", "context"] = "cosine"
     type_weight: float = Field(0.5, ge=0)  # beta: weight of the type similarity in the score
     user_type_fields: list[str] | None = None  # categorical user fields of the user type; null: all but user_id
-    item_type_fields: list[str] | None = None  # categorical item fields of the item type; null: the market field
+    item_type_fields: list[str] | None = None  # categorical item fields of the item type; null: the market field, if any
     type_buckets: int = Field(100_000, ge=1)  # hashed type ids per side
     index: InnerProductIndexConfig = Field(default_factory=InnerProductIndexConfig)  # how the item vectors are served
 
@@ -87,15 +92,14 @@ class AirbnbEmbeddings(EmbeddingRecommender):
         nn.init.zeros_(self.item_out.weight)  # word2vec's start
         self.types = nn.Embedding(2 * s.type_buckets, s.dim)  # user types, then item types: one space
         nn.init.normal_(self.types.weight, std=1 / s.dim)
-        market = category_field(dataset, s.market_field, "model.market_field")
-        self.register_buffer("market", torch.from_numpy(_first_values(dataset.items.values[market])), persistent=False)
-        order = torch.argsort(self.market, stable=True)
-        counts = torch.bincount(self.market, minlength=int(self.market.max()) + 1)
-        self.register_buffer("market_items", order, persistent=False)  # item ids grouped by market
-        self.register_buffer("market_start", torch.cumsum(counts, 0) - counts, persistent=False)
-        self.register_buffer("market_size", counts, persistent=False)
+        market = None  # a data set without item categories trains with market_negatives: 0
+        if s.market_negatives or s.market_field is not None:
+            market = category_field(dataset, s.market_field, "model.market_field")
+            self._index_markets(_first_values(dataset.items.values[market]))
         user_fields = _type_fields(dataset.users, s.user_type_fields, "user_id", "model.user_type_fields")
-        item_fields = _type_fields(dataset.items, s.item_type_fields or [market], "item_id", "model.item_type_fields")
+        default_item_fields = [market] if market is not None else []
+        item_fields = _type_fields(dataset.items, s.item_type_fields if s.item_type_fields is not None
+                                   else default_item_fields, "item_id", "model.item_type_fields")
         self.register_buffer("user_fields", _field_key(dataset.users.values, user_fields, dataset.num_users),
                              persistent=False)
         self.register_buffer("item_fields", _field_key(dataset.items.values, item_fields, dataset.num_items),
@@ -104,6 +108,14 @@ class AirbnbEmbeddings(EmbeddingRecommender):
         self.register_buffer("item_popularity", torch.zeros(dataset.num_items, dtype=torch.long))
         self.session_last: torch.Tensor | None = None  # per training example: its session's last item
         self.session: torch.Tensor | None = None  # per training example: its session id
+
+    def _index_markets(self, market: np.ndarray) -> None:
+        """Each item's market and the item ids grouped by market, for drawing market negatives."""
+        self.register_buffer("market", torch.from_numpy(market), persistent=False)
+        counts = torch.bincount(self.market, minlength=int(self.market.max()) + 1)
+        self.register_buffer("market_items", torch.argsort(self.market, stable=True), persistent=False)
+        self.register_buffer("market_start", torch.cumsum(counts, 0) - counts, persistent=False)
+        self.register_buffer("market_size", counts, persistent=False)
 
     # ---- sessions ----------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, examples: TrainExamples) -> None:
@@ -136,11 +148,16 @@ class AirbnbEmbeddings(EmbeddingRecommender):
         mask = (recent >= 0).unsqueeze(-1).float()
         mean = (self.item_in(recent.clamp_min(0)) * mask).sum(1) / mask.sum(1).clamp_min(1)
         types = F.normalize(self.types(self.user_types(user)), dim=-1)
-        return torch.cat([F.normalize(mean, dim=-1), self.config.type_weight * types], dim=-1)
+        if self.config.similarity == "cosine":
+            mean = F.normalize(mean, dim=-1)
+        return torch.cat([mean, self.config.type_weight * types], dim=-1)
 
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.normalize(self.item_in(items), dim=-1),
-                          F.normalize(self.types(self.item_types(items)), dim=-1)], dim=-1)
+        if self.config.similarity == "cosine":
+            vectors = F.normalize(self.item_in(items), dim=-1)
+        else:
+            vectors = self.item_out(items)
+        return torch.cat([vectors, F.normalize(self.types(self.item_types(items)), dim=-1)], dim=-1)
 
     def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The skip-gram objective of the module docstring, each part averaged over the batch."""
