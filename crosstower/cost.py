@@ -8,7 +8,8 @@
   is not counted: the figure is a lower bound for the interaction models, exact for a dot product.
 * **Bytes per item** are what serving stores per catalogue item: the float32 item vector of an
   inner-product model, the float16 token vectors (+ bias) of late interaction, the item heads of
-  IntTower, the index bytes per item of SparCode, and, for the cross encoder, which can
+  IntTower, the index bytes per item of SparCode, the float16 token vectors and float32 [CLS]
+  state of TRMD's student, and, for the cross encoder, which can
   precompute nothing beyond the item's input tokens, those tokens.
 
 ``crosstower run`` records both in ``metrics.json`` (``"cost"``); ``crosstower compare`` reads
@@ -54,6 +55,9 @@ def stored_bytes_per_item(model: Recommender, model_name: str, index: dict) -> f
     if model_name == "colbert":
         tokens = model.encode_item_tokens(torch.arange(1))
         return int(tokens.mask.sum()) * tokens.tokens.shape[-1] * 2 + 4
+    if model_name == "trmd":  # float16 token vectors and the float32 [CLS] state
+        item = model.encode_items(torch.arange(1))
+        return int(item.tokens.mask.sum()) * item.tokens.tokens.shape[-1] * 2 + item.cls.shape[-1] * 4
     if model_name == "inttower":
         return model.config.heads_item * model.config.head_dim * 4
     if model_name == "cross":

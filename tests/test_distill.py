@@ -195,6 +195,10 @@ def test_every_method_trains_end_to_end(teachers, tmp_path, model, distill):
     if results["index"]["kind"] == "two_rankers":
         # every item is a candidate here (150 items, 300 candidates): only float16 token storage differs
         assert served == pytest.approx(exhaustive, abs=0.02)
+        model = raw["model"]  # MaxSim over the stored tokens plus the folded first ranker, per pair
+        tokens = results["cost"]["bytes_per_item"] - 4 * model["dim"]
+        assert tokens > 0 and tokens % (2 * model["projection_dim"]) == 0
+        assert results["cost"]["macs_per_pair"] >= model["dim"]
     else:
         assert served == pytest.approx(exhaustive, abs=1e-9)
     assert open_run(tmp_path / "run").model.config.name == raw["model"]["name"]

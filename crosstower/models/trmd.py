@@ -107,8 +107,14 @@ class TRMDStudent(Recommender):
 
     # ---- the model contract ------------------------------------------------------------------
     def _scores(self, user: Encoded, items: Encoded) -> torch.Tensor:
-        """``[B, N]`` every user against every item."""
-        first = self.first_ranker(self.pseudo_cls(user.cls[:, None, :], items.cls[None, :, :]))
+        """``[B, N]`` every user against every item; out of training, ranker 1 folded (one
+        ``D``-wide product per pair instead of ``W_res``'s ``D x D``)."""
+        joint_shape = (user.cls[:, None, :], items.cls[None, :, :])
+        if self.training:
+            first = self.first_ranker(self.pseudo_cls(*joint_shape))
+        else:
+            folded = self.folded_ranker()
+            first = torch.maximum(*joint_shape) @ folded[:-1] + folded[-1]
         return first + maxsim(user.tokens, items.tokens)
 
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
