@@ -103,3 +103,19 @@ def test_a_run_trains_and_serves_exactly_like_the_exhaustive_ranking(tmp_path):
     assert all(np.isfinite(e["loss"]) for e in epochs) and epochs[-1]["loss"] < epochs[0]["loss"]
     assert {"loss_context", "loss_global", "loss_market", "loss_negative", "loss_types"} <= set(epochs[0])
     assert results["metrics"]["test_served"]["recall@50"] == results["metrics"]["test"]["recall@50"]
+    # the user side (recent items, activity bucket, type hash) exports to ONNX unchanged
+    import onnxruntime
+
+    import crosstower
+    from crosstower.export import export_run
+
+    retriever = crosstower.load_run(tmp_path / "run")
+    out = export_run(retriever, tmp_path / "onnx")
+    histories = np.load(out / "user_histories.npy")
+    users = np.arange(20)
+    got = onnxruntime.InferenceSession(str(out / "user_tower.onnx")).run(
+        None, {"users": users, "history": histories[users]})[0]
+    with torch.no_grad():
+        expected = retriever.model.encode_users(UserInput(torch.from_numpy(users), torch.from_numpy(histories[users]),
+                                                          torch.zeros(20))).numpy()
+    assert np.abs(got - expected).max() <= 1e-5

@@ -135,7 +135,11 @@ class AirbnbEmbeddings(EmbeddingRecommender):
 
     # ---- types -------------------------------------------------------------------------------
     def user_types(self, user: UserInput) -> torch.Tensor:
-        activity = torch.from_numpy(_log2_bucket((user.history >= 0).sum(1).cpu().numpy())).to(user.history.device)
+        # floor(log2(n + 1)) as _log2_bucket, by integer comparisons: exact in an ONNX graph too,
+        # where a float log2 may land just below a power of two
+        count = (user.history >= 0).sum(1, keepdim=True) + 1
+        powers = 2 ** torch.arange(1, BUCKETS, device=count.device)
+        activity = (count >= powers).sum(1)
         return _hash(self.user_fields[user.users] * BUCKETS + activity, self.config.type_buckets)
 
     def item_types(self, items: torch.Tensor) -> torch.Tensor:
