@@ -121,8 +121,9 @@ class LateInteractionIndex(Index):
 
         Slots beyond a user's candidates hold item -1 and score -inf.
         """
-        exclude = check_exclude(exclude, self.token_query(queries).tokens.shape[0])
-        candidates = self.candidates(self.token_query(queries))
+        tokens = self.token_query(queries)
+        exclude = check_exclude(exclude, tokens.tokens.shape[0])
+        candidates = self.candidates(tokens)
         width = max([1, *(len(c) for c in candidates)])
         items = np.full((len(candidates), width), -1, dtype=np.int64)
         for row, c in enumerate(candidates):
