@@ -130,16 +130,12 @@ class AirbnbEmbeddings(EmbeddingRecommender):
         last_row = np.r_[np.flatnonzero(new_session)[1:], len(session)] - 1
         self.session = torch.from_numpy(session)
         self.session_last = torch.from_numpy(examples.items[last_row[session]])
-        popularity = np.bincount(examples.items, minlength=self.num_items)
-        self.item_popularity.copy_(torch.from_numpy(_log2_bucket(popularity)))
+        popularity = torch.from_numpy(np.bincount(examples.items, minlength=self.num_items))
+        self.item_popularity.copy_(_log2_bucket(popularity))
 
     # ---- types -------------------------------------------------------------------------------
     def user_types(self, user: UserInput) -> torch.Tensor:
-        # floor(log2(n + 1)) as _log2_bucket, by integer comparisons: exact in an ONNX graph too,
-        # where a float log2 may land just below a power of two
-        count = (user.history >= 0).sum(1, keepdim=True) + 1
-        powers = 2 ** torch.arange(1, BUCKETS, device=count.device)
-        activity = (count >= powers).sum(1)
+        activity = _log2_bucket((user.history >= 0).sum(1))
         return _hash(self.user_fields[user.users] * BUCKETS + activity, self.config.type_buckets)
 
     def item_types(self, items: torch.Tensor) -> torch.Tensor:
@@ -244,5 +240,8 @@ def _hash(key: torch.Tensor, buckets: int) -> torch.Tensor:
     return (key * 2_654_435_761) % buckets
 
 
-def _log2_bucket(counts: np.ndarray) -> np.ndarray:
-    return np.minimum(np.floor(np.log2(np.maximum(counts, 0) + 1)), BUCKETS - 1).astype(np.int64)
+def _log2_bucket(counts: torch.Tensor) -> torch.Tensor:
+    """``min(floor(log2(n + 1)), BUCKETS - 1)`` by integer comparisons: exact in an ONNX graph
+    too, where a float log2 may land just below a power of two."""
+    powers = 2 ** torch.arange(1, BUCKETS, device=counts.device)
+    return (counts[:, None] + 1 >= powers).sum(1)
