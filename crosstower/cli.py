@@ -173,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
     from crosstower.config import load_config, parse_config
     from crosstower.defaults import DEFAULT_OUT, default_suite
     from crosstower.run import run_experiment
+    from crosstower.train.distributed import start_ranks, stop_ranks
 
     if args.config is not None:
         config = load_config(args.config, args.overrides)
@@ -180,12 +181,20 @@ def _run(args: argparse.Namespace) -> int:
     else:
         runs = [(out, parse_config(raw, f"default {raw['name']}", args.overrides))
                 for out, raw in default_suite(args.out or DEFAULT_OUT)]
+    ranks = start_ranks(runs[0][1].train.device)  # several processes under torchrun
+    if not ranks.main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
     rows = []
-    for out, config in runs:
-        results = run_experiment(config, out, args.data_dir, resume=args.resume)
-        rows.append(results)
-        print(f"wrote {out / 'metrics.json'}", file=sys.stderr)
-    print(format_table(rows))
+    try:
+        for out, config in runs:
+            results = run_experiment(config, out, args.data_dir, resume=args.resume, ranks=ranks)
+            if results is not None:
+                rows.append(results)
+                print(f"wrote {out / 'metrics.json'}", file=sys.stderr)
+    finally:
+        stop_ranks()
+    if ranks.main:
+        print(format_table(rows))
     return 0
 
 

@@ -5,6 +5,9 @@ names no model: every model trains through the trainer (or its own ``fit``), is 
 exhaustively, and is served and evaluated again through whatever index its ``build_index``
 returns. A run that fails on bad input removes the partial folder it created, never one it was
 asked to resume: a refused ``--resume`` keeps the checkpoint it refused to train on.
+
+Under ``torchrun`` every rank loads the data and trains its share; rank 0 alone prepares and
+writes the folder, evaluates and serves (:mod:`crosstower.train.distributed`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from crosstower.evaluate.pre_ranking import evaluate_labelled
 from crosstower.files import replace_dir
 from crosstower.models import Recommender, build_model
 from crosstower.run_dir import CHECKPOINT, RunFolder, build_serving_index, open_run
+from crosstower.train.distributed import SINGLE, Ranks
 from crosstower.train.trainer import Trainer, set_seed
 
 log = logging.getLogger("crosstower.run")
@@ -43,15 +47,20 @@ def evaluate_part(model: Recommender, dataset: Dataset, split: Split, part: str,
     return evaluate_split(model, getattr(split, part), dataset.num_items, config, progress=progress)
 
 
-def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = None, resume: bool = False) -> dict:
+def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = None, resume: bool = False,
+                   ranks: Ranks = SINGLE) -> dict | None:
     """Train and evaluate ``config``; write the run folder ``out_dir`` atomically.
 
     ``resume`` continues from the checkpoint of an interrupted run (or of a finished run that its
-    time budget stopped); with no checkpoint to continue from it is refused.
+    time budget stopped); with no checkpoint to continue from it is refused. On a rank other than
+    0 the model is trained and nothing is written or returned.
     """
     folder = RunFolder(out_dir)
-    folder.check_replaceable()
-    if resume and not any(path.exists() for path in folder.checkpoints):
+    if ranks.active and config.distill is not None:
+        raise ConfigError("distill: distillation trains in one process; run it without torchrun")
+    if ranks.main:
+        folder.check_replaceable()
+    if ranks.main and resume and not any(path.exists() for path in folder.checkpoints):
         raise ConfigError(f"--resume: nothing to resume for {out_dir} (no {' or '.join(map(str, folder.checkpoints))}); "
                           f"run without --resume to train from the start")
     torch.set_num_threads(config.train.threads)
@@ -59,6 +68,11 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
     log.info("loading %s", config.dataset.name)
     dataset, split = load_data(config, data_dir)
     model = build_model(config.model, dataset, split.protocol, config.train.history_length)
+    if not ranks.main:
+        ranks.barrier()  # rank 0 has prepared the partial folder (and the checkpoint to resume from)
+        if model.trainable:
+            Trainer(model, dataset, split, config, folder.partial, data_fingerprint(dataset), ranks).fit(resume=resume)
+        return None
     partial = folder.partial
     if partial.exists() and not resume:
         shutil.rmtree(partial)  # starting over: the interrupted run is not wanted
@@ -67,8 +81,9 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
     kept, checkpoint = folder.file(CHECKPOINT), folder.file(CHECKPOINT, partial=True)
     if resume and kept.exists() and not checkpoint.exists():
         shutil.copy2(kept, checkpoint)
+    ranks.barrier()
     try:
-        results = _train_and_evaluate(config, dataset, split, model, folder, resume, data_dir)
+        results = _train_and_evaluate(config, dataset, split, model, folder, resume, data_dir, ranks)
     except CrosstowerError:
         if created:  # never delete a partial run (and its checkpoint) that this call did not create
             shutil.rmtree(partial, ignore_errors=True)
@@ -81,7 +96,7 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
 
 def _train_and_evaluate(
     config: RunConfig, dataset: Dataset, split: Split, model: Recommender, folder: RunFolder, resume: bool,
-    data_dir: Path | None,
+    data_dir: Path | None, ranks: Ranks = SINGLE,
 ) -> dict:
     fingerprint = data_fingerprint(dataset)
     report, distiller = None, None
@@ -89,7 +104,7 @@ def _train_and_evaluate(
         # The student trains inside its distiller; the run evaluates, serves and saves the student.
         distiller = build_distiller(config, model, dataset, split, folder.path, folder.partial, data_dir)
     if model.trainable:
-        report = Trainer(distiller or model, dataset, split, config, folder.partial, fingerprint).fit(resume=resume)
+        report = Trainer(distiller or model, dataset, split, config, folder.partial, fingerprint, ranks).fit(resume=resume)
     else:
         model.fit(split.train["item"].to_numpy())
     metrics, timing = {}, {"train_seconds": report.seconds if report else 0.0}

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crosstower.train.distributed import several_ranks, sum_over_ranks
+
 # Largest number of distance entries (M * rows * N) formed at once by the nearest-entry search.
 _SEARCH_BUDGET = 1 << 24
 # Noise added to restarted or initial entries, relative to the sub-vectors' standard deviation.
@@ -162,7 +164,7 @@ class ProductQuantizer(nn.Module):
         loss = self.commitment * F.mse_loss(x, q.detach()) if x.numel() else x.sum() * 0.0
         counts = self._counts(codes)
         perplexity, usage = _perplexity(counts), (counts > 0).float().mean(-1)
-        if self.training and sub.shape[1] > 0:
+        if self.training and (sub.shape[1] > 0 or several_ranks()):  # every rank joins the update's sum
             restarted = self._update(sub, codes, counts)
             self._last = {"perplexity": perplexity, "usage": usage, "restarted": restarted}
             self._window = {
@@ -262,15 +264,21 @@ class ProductQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, sub: Tensor, codes: Tensor, counts: Tensor) -> Tensor:
-        """EMA step on this batch, then restart dead entries; returns the ``[M]`` restart counts."""
+        """EMA step on this batch, then restart dead entries; returns the ``[M]`` restart counts.
+
+        Under several training processes the counts and sums are the global batch's (summed over
+        the ranks); a restart draws from the rank's own rows, and the trainer then gives every
+        rank rank 0's codebooks."""
         m, n, d = self.num_codebooks, self.codebook_size, self.sub_dim
         sub = sub.to(self.codebooks.dtype)
         flat = (codes + torch.arange(m, device=codes.device).unsqueeze(1) * n).reshape(-1)
         sums = torch.zeros(m * n, d, dtype=sub.dtype, device=sub.device).index_add_(0, flat, sub.reshape(-1, d))
-        self.cluster_size_ema.mul_(self.decay).add_(counts.to(sub.dtype), alpha=1 - self.decay)
+        counts = counts.to(sub.dtype)  # a copy: the caller's counts stay this rank's statistics
+        sum_over_ranks(counts, sums)
+        self.cluster_size_ema.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum_ema.mul_(self.decay).add_(sums.view(m, n, d), alpha=1 - self.decay)
         self.codebooks.copy_(self.embed_sum_ema / self._smoothed_sizes().unsqueeze(-1))
-        if not self.restart_dead:
+        if not self.restart_dead or sub.shape[1] == 0:
             return torch.zeros(m, dtype=torch.int64, device=sub.device)
         return self._restart(sub)
 

@@ -13,6 +13,10 @@ Determinism: the example order, the negatives and torch's global generator (drop
 resumed from the checkpoint of epoch ``e`` continues exactly as if it had never stopped. A
 checkpoint records the config and a fingerprint of the data; resuming under a different one is
 refused rather than silently stitching two runs together.
+
+Several processes (``torchrun``) train one model together: each takes its share of every global
+batch and the gradients are reduced (:mod:`crosstower.train.distributed`); rank 0 validates and
+writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ from crosstower.models.base import Recommender
 from crosstower.nn.fields import row_values
 from crosstower.train.averaging import WeightAverage
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
+from crosstower.train.distributed import (
+    SINGLE,
+    Ranks,
+    any_rank,
+    broadcast_model,
+    from_main,
+    rank_device,
+    reduce_gradients,
+    summed,
+)
 
 log = logging.getLogger("crosstower.train")
 PROGRESS_LOG_SECONDS = 60.0  # a log line this often inside an epoch where no progress bar shows
@@ -104,9 +118,10 @@ def set_seed(seed: int) -> None:
 class Trainer:
     def __init__(
         self, model: Recommender, dataset: Dataset, split: Split, config: RunConfig, workdir: Path,
-        data_fingerprint: dict | None = None,
+        data_fingerprint: dict | None = None, ranks: Ranks = SINGLE,
     ):
         self.model, self.dataset, self.split, self.config = model, dataset, split, config
+        self.ranks = ranks
         self.data_fingerprint = data_fingerprint or {}
         self.train_cfg, self.eval_cfg = config.train, config.evaluate
         self.workdir = workdir
@@ -136,14 +151,22 @@ class Trainer:
         return popularity_sampler(counts, negatives.alpha)
 
     # ---- batches -------------------------------------------------------------------------
-    def make_batch(self, index: np.ndarray, generator: torch.Generator) -> TrainBatch:
+    def make_batch(self, index: np.ndarray, generator: torch.Generator, rows: slice | None = None) -> TrainBatch:
+        """The batch of examples ``index``; with ``rows``, only those rows of it (a rank's share),
+        their negatives drawn as for the whole batch, so that the shares of all ranks together are
+        the batch of one process. In-batch negatives and their log-Q are the share's own."""
         neg_cfg = self.train_cfg.negatives
-        user = self.examples.user_input(index)
-        positives = torch.from_numpy(self.examples.items[index])
+        negatives = mask = None
         if self.sampler is not None:
             negatives = self.sampler.sample(len(index), neg_cfg.num, generator)
-            mask = accidental_hits(user.users, positives, negatives)
-        else:
+            mask = accidental_hits(torch.from_numpy(self.examples.users[index]),
+                                   torch.from_numpy(self.examples.items[index]), negatives)
+        if rows is not None:  # a negative that is another share's positive of the same user stays masked
+            index = index[rows]
+            negatives, mask = (None, None) if negatives is None else (negatives[rows], mask[rows])
+        user = self.examples.user_input(index)
+        positives = torch.from_numpy(self.examples.items[index])
+        if negatives is None:
             negatives = torch.empty(len(index), 0, dtype=torch.long)
             mask = torch.zeros(negatives.shape, dtype=torch.bool)
         in_batch_mask = None
@@ -166,7 +189,9 @@ class Trainer:
         cfg = self.train_cfg
         torch.set_num_threads(cfg.threads)
         set_seed(cfg.seed)
-        self.model.to(training_device(cfg.device))
+        self.model.to(training_device(rank_device(cfg.device, self.ranks)))
+        if self.ranks.active:
+            broadcast_model(self.model)  # every rank starts from rank 0's initialisation
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         metric = self.eval_cfg.early_stopping_metric
         higher = higher_is_better(metric)
@@ -191,7 +216,11 @@ class Trainer:
             # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
             selectable = epoch >= self.model.warmup_epochs
             with average.swapped_in() if average is not None else contextlib.nullcontext():
-                metrics = self.validate()
+                metrics = self.validate() if self.ranks.main else {}
+                report.seconds = time.perf_counter() - started
+                if self.ranks.active:  # rank 0's value and clock: every rank decides alike
+                    value, report.seconds = from_main([metrics.get(metric, 0.0), report.seconds], self.model.device)
+                    metrics = metrics or {metric: value}
                 value = metrics[metric]
                 improved = selectable and ((value > report.best_value) if higher else (value < report.best_value))
                 if improved:
@@ -209,7 +238,6 @@ class Trainer:
                 bad_epochs += 1
             if selectable and scheduler is not None:
                 scheduler.step(value)
-            report.seconds = time.perf_counter() - started
             out_of_time = self._over_budget(report.seconds)
             if out_of_time and epoch < self.model.warmup_epochs:
                 # Stopping now would leave no selectable epoch (nothing to restore, evaluate or index).
@@ -218,6 +246,8 @@ class Trainer:
                 out_of_time = False
             report.stopped_early = bad_epochs >= cfg.patience or out_of_time
             report.out_of_time = out_of_time and bad_epochs < cfg.patience and epoch + 1 < cfg.epochs
+            if not self.ranks.main:
+                continue
             save_checkpoint(checkpoint_path, {
                 "model_name": self.config.model.name, "model": self.model.state_dict(),
                 "optimizer": optimizer.state_dict(), "report": dataclasses.asdict(report),
@@ -303,40 +333,68 @@ class Trainer:
         size = len(self.train_rows) if self.pointwise else len(self.examples)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(size)
         epoch_seed = cfg.seed * 1_000_003 + epoch
-        generator = torch.Generator().manual_seed(epoch_seed)
-        torch.manual_seed(epoch_seed)  # dropout and any other use of the global generator
+        generator = torch.Generator().manual_seed(epoch_seed)  # the negatives: one stream for all ranks
+        # dropout and any other use of the global generator: the rank's own stream (rank 0's is one process's)
+        torch.manual_seed(epoch_seed + 7_919 * self.ranks.rank)
         self.model.begin_epoch(epoch, self.examples)
+        if self.ranks.active:  # what the hook set (SparCode's k-means codebooks) is rank 0's on every rank
+            broadcast_model(self.model)
         self.model.train()
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         terms: dict[str, float] = {}
-        total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0, disable=None)
+        total, progress = 0.0, tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
+                                    disable=None if self.ranks.main else True)
         device = self.model.device
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         trained, last_log = 0, time.perf_counter()
         for step, index in enumerate(progress):
             now = time.perf_counter()
-            if deadline is not None and now > deadline and step > 0:  # every epoch trains a batch at least
+            late = deadline is not None and now > deadline and step > 0  # every epoch trains a batch at least
+            if deadline is not None and self.ranks.active:
+                late = any_rank(late, device)
+            if late:
                 log.warning("epoch %d: train.max_minutes reached after %d of %d batches; the epoch ends here",
                             epoch, step, len(batches))
                 break
             if step > 0 and progress.disable and now - last_log >= PROGRESS_LOG_SECONDS:
                 log.info("epoch %d: %d/%d batches, loss %.4f", epoch, step, len(batches), total / max(1, trained))
                 last_log = now
-            batch = self.train_rows.batch(index) if self.pointwise else self.make_batch(index, generator)
-            batch = batch.to(device)
-            rows = row_values(self.model, batch.row_values()) if self.pointwise else contextlib.nullcontext()
-            with autocast, rows:
-                loss, parts = self.model.pointwise_loss(batch) if self.pointwise else self.model.loss(batch)
+            if len(index) < self.ranks.world:  # a last batch too small to give every rank a row
+                break
+            share = self.ranks.shard(len(index))
+            rows = share.stop - share.start
+            loss, parts = self._batch_loss(index, generator, share if self.ranks.active else None)
             if not torch.isfinite(loss):
                 raise TrainingError(f"epoch {epoch}: the loss became {float(loss)}; lower train.lr (now {cfg.lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.ranks.active:
+                reduce_gradients(self.model, rows / len(index))
             optimizer.step()
+            if self.ranks.active:  # buffers a step changed (codebooks) stay rank 0's everywhere
+                broadcast_model(self.model, parameters=False)
             if average is not None:
                 average.update()
-            total += float(loss.detach()) * len(index)
-            trained += len(index)
+            total += float(loss.detach()) * rows
+            trained += rows
             for name, value in parts.items():
-                terms[name] = terms.get(name, 0.0) + value * len(index)
+                terms[name] = terms.get(name, 0.0) + value * rows
+        if self.ranks.active:  # the epoch's mean loss and terms over every rank's rows
+            names = sorted(terms)
+            total, trained, *sums = summed([total, trained, *(terms[n] for n in names)], device)
+            terms = dict(zip(names, sums))
         size = max(1, trained)
         return total / size, {f"loss_{name}": value / size for name, value in terms.items()}
+
+    def _batch_loss(self, index: np.ndarray, generator: torch.Generator,
+                    share: slice | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss (and its named terms) of examples ``index``, or of their rows ``share``."""
+        if self.pointwise:
+            batch = self.train_rows.batch(index if share is None else index[share])
+        else:
+            batch = self.make_batch(index, generator, share)
+        batch = batch.to(self.model.device)
+        autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16,
+                                  enabled=self.train_cfg.precision == "bf16")
+        rows = row_values(self.model, batch.row_values()) if self.pointwise else contextlib.nullcontext()
+        with autocast, rows:
+            return self.model.pointwise_loss(batch) if self.pointwise else self.model.loss(batch)
