@@ -107,7 +107,7 @@ def _train_and_evaluate(
         report = Trainer(distiller or model, dataset, split, config, folder.partial, fingerprint, ranks).fit(resume=resume)
     else:
         model.fit(split.train["item"].to_numpy())
-    metrics, timing = {}, {"train_seconds": report.seconds if report else 0.0}
+    metrics, timing = {}, {"train_seconds": report.seconds if report else 0.0, "processes": ranks.world}
     if distiller is not None:
         timing["distill_setup_seconds"] = distiller.setup_seconds
         if distiller.teacher is not None:

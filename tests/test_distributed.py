@@ -118,6 +118,7 @@ def test_two_ranks_resume_a_run_stopped_by_its_budget(tmp_path):
     _spawn(_run_worker, tmp_path, dssm_config(epochs=3), out, tmp_path / "writes.txt", True)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["timing"]["resumed_from_epoch"] == 1 and saved["timing"]["epochs"] == 3
+    assert saved["timing"]["processes"] == WORLD
 
 
 def test_sparcode_codebooks_and_k_means_start_are_the_same_on_every_rank(tmp_path):
