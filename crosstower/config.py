@@ -237,6 +237,7 @@ class DistillConfig(Strict):
     terms: dict[str, float] = Field(default_factory=dict)
     TERMS: ClassVar[dict[str, float]] = {}  # every term of the method and its default weight
     TEACHER_TERMS: ClassVar[tuple[str, ...]] = ()  # the terms that read a frozen teacher
+    POINTWISE: ClassVar[bool] = False  # has a form on labelled rows (pre-ranking, protocol p4)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -379,8 +380,10 @@ class RunConfig(Strict):
             raise ValueError("train.negatives: no negatives (set num > 0 with a sampler, or in_batch: true)")
         self.model.check_run(self)
         if self.distill is not None:
-            if pointwise:
-                raise ValueError("distill: distillation trains on sampled candidates; protocol p4 is not supported")
+            if pointwise and not self.distill.POINTWISE:
+                able = ", ".join(m for m in distill_methods() if distill_config_class(m).POINTWISE)
+                raise ValueError(f"distill: {self.distill.method} distils over sampled candidates; under protocol p4 "
+                                 f"(labelled rows) use {able}")
             self.distill.check_run(self)
         return self
 

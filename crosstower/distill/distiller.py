@@ -8,6 +8,11 @@ training mode); what the method trains besides the student (PFD's joint teacher,
 late-interaction head, a projection) are submodules, kept in the training checkpoint so a run
 resumes, and dropped when the run saves its model: the run folder holds the student alone and
 loads without the teacher.
+
+Under protocol P4 (pre-ranking) the student trains pointwise on labelled rows; a method with a
+pointwise form (:attr:`~crosstower.config.DistillConfig.POINTWISE`) computes its terms on each
+row's (user, item) pair in :meth:`Distiller.pointwise_terms`, the supervised one being the
+student's own binary cross-entropy.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from typing import Any
 import torch
 
 from crosstower.config import DistillConfig, RunConfig
-from crosstower.data.batching import TrainBatch, TrainExamples, UserInput
+from crosstower.data.batching import PointwiseBatch, TrainBatch, TrainExamples, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.data.splits import Split
-from crosstower.losses import CandidateLogits, listwise_softmax
+from crosstower.losses import CandidateLogits, PairLogits, binary_cross_entropy, listwise_softmax
 from crosstower.models.base import EmbeddingRecommender, ItemRangeScorer, Recommender, UserBlock
 from crosstower.distill.teacher import Teacher, load_teacher
 
@@ -62,9 +67,19 @@ class Distiller(Recommender):
         """The weight of ``term`` now (a method may schedule it, as PFD's warm-up does)."""
         return self.config.terms[term]
 
+    def pointwise_terms(self, batch: PointwiseBatch) -> dict[str, torch.Tensor]:
+        """The terms on labelled rows (protocol P4), for a method with a pointwise form."""
+        raise NotImplementedError(f"{self.config.method} has no pointwise form")
+
     def loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._weighted(self.terms(batch))
+
+    def pointwise_loss(self, batch: PointwiseBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._weighted(self.pointwise_terms(batch))
+
+    def _weighted(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         total, parts = 0.0, {}
-        for name, value in self.terms(batch).items():
+        for name, value in terms.items():
             weight = self.weight(name)
             total = total + weight * value
             parts[name], parts[f"{name}_weight"] = float(value.detach()), weight
@@ -78,12 +93,23 @@ class Distiller(Recommender):
             total = total + weight * value
         return total
 
+    def supervised_pointwise(self, batch: PointwiseBatch, logits: PairLogits) -> torch.Tensor:
+        """The student's own pointwise objective on ``logits``: binary cross-entropy against the
+        labels plus the student's extra terms (what the undistilled student minimises under P4)."""
+        total = binary_cross_entropy(logits.logits, batch.labels)
+        for value, weight in self.student.extra_losses(batch, logits).values():
+            total = total + weight * value
+        return total
+
     # ---- the student's, for everything but the loss -------------------------------------------
     def score(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         return self.student.score(user, items)
 
     def score_pairs(self, user: UserInput, items: torch.Tensor) -> torch.Tensor:
         return self.student.score_pairs(user, items)
+
+    def pair_logits(self, batch: PointwiseBatch, with_states: bool = False) -> PairLogits:
+        return self.student.pair_logits(batch, with_states)
 
     def item_scorer(self) -> ItemRangeScorer:
         return self.student.item_scorer()

@@ -12,6 +12,9 @@ history (``U x M`` teacher passes, with a progress bar), the scores are kept in 
 cached candidates, the student reading the row's own history. What the cache gives up: the
 candidates no longer change from step to step, and the teacher's label for an early example
 reads the user's later training interactions too (never a validation or test one).
+
+Under protocol P4 (labelled rows) the term is pointwise: ``tau^2 BCE(sigma(s_S / tau),
+sg(sigma(s_T / tau)))`` on each row's pair, beside the student's own binary cross-entropy.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from pydantic import Field
 from tqdm import tqdm
 
 from crosstower.config import DistillConfig
-from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.batching import PointwiseBatch, TrainBatch, UserInput
 from crosstower.distill.distiller import DistillContext, Distiller
-from crosstower.distill.losses import candidate_matrix, listwise_kd
+from crosstower.distill.losses import candidate_matrix, listwise_kd, pointwise_kd
 from crosstower.distill.teacher import Teacher
 from crosstower.models.base import EmbeddingRecommender
 from crosstower.run_dir import training_users
@@ -45,8 +48,14 @@ class ScoreKDConfig(DistillConfig):
     method: Literal["kd"] = "kd"  # selects plain listwise score distillation from a teacher run
     TERMS = {"supervised": 1.0, "kd": 1.0}
     TEACHER_TERMS = ("kd",)
+    POINTWISE = True
     temperature: float = Field(1.0, gt=0)  # tau_kd, on the teacher's and the student's logits
     cache_candidates: int = Field(0, ge=0)  # 0: the teacher scores every step's candidates
+
+    def check_run(self, run) -> None:
+        if self.cache_candidates and run.split.protocol == "p4":
+            raise ValueError("distill.cache_candidates: under protocol p4 the teacher scores each labelled row; "
+                             "set it to 0")
 
     def build(self, student: EmbeddingRecommender, teacher: Teacher | None, context: DistillContext) -> ScoreKD:
         return ScoreKD(student, self, teacher, context)
@@ -75,6 +84,15 @@ class ScoreKD(Distiller):
                 items, teacher = self.cache.lookup(batch.user.users)
                 student = cached_candidate_scores(self.student, logits.states["user_vectors"], items)
                 terms["kd"] = listwise_kd(teacher, student, None, cfg.temperature)
+        return terms
+
+    def pointwise_terms(self, batch: PointwiseBatch) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        logits = self.student.pair_logits(batch)
+        terms = {"supervised": self.supervised_pointwise(batch, logits)} if cfg.uses("supervised") else {}
+        if cfg.uses("kd"):
+            tau = cfg.temperature
+            terms["kd"] = tau**2 * pointwise_kd(self.teacher.pair_logits(batch) / tau, logits.logits / tau)
         return terms
 
 

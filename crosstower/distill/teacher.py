@@ -13,18 +13,19 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
 from crosstower.config import RunConfig, TeacherConfig, dump_config, load_config
-from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.batching import PointwiseBatch, TrainBatch, UserInput
 from crosstower.data.dataset import ITEM, TIME, USER, Dataset
 from crosstower.data.run_data import data_fingerprint
 from crosstower.data.splits import Split
 from crosstower.errors import ConfigError, CrosstowerError
 from crosstower.losses import CandidateLogits
 from crosstower.models import Recommender
+from crosstower.nn.fields import row_values
 from crosstower.run_dir import METRICS, RunFolder, open_run
 
 log = logging.getLogger("crosstower.distill")
@@ -58,6 +59,17 @@ class Teacher:
     def candidate_logits(self, batch: TrainBatch, with_states: bool = False) -> CandidateLogits:
         """The teacher's logits on exactly the student's candidates (positive, sampled, in-batch)."""
         return self.model.candidate_logits(dataclasses.replace(batch, user=self.adapt(batch.user)), with_states)
+
+    def rows(self, batch: PointwiseBatch) -> ContextManager[None]:
+        """Within the block the teacher reads each labelled row's own field values (P4's ordered
+        statistics of training rows), as the student and as the teacher did in training."""
+        return row_values(self.model, batch.row_values())
+
+    @torch.no_grad()
+    def pair_logits(self, batch: PointwiseBatch) -> torch.Tensor:
+        """The teacher's logits ``[B]`` of labelled rows (protocol P4)."""
+        with self.rows(batch):
+            return self.model.pair_logits(dataclasses.replace(batch, user=self.adapt(batch.user))).logits
 
     @torch.no_grad()
     def cross_embeddings(self, user: UserInput, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,9 @@ ranker a representation, by mean squared error (representation distillation, not
 candidates by default, or TRMD's own ``1 - P(positive)`` against each negative (``ranking:
 faithful``). The student is not an inner product: it is served by the late-interaction token
 index with exact two-ranker re-scoring (or ranks exhaustively), and the run says so.
+
+Under protocol P4 (pre-ranking, labelled rows) both teachers read each row's own pair and the
+supervised term is the student's binary cross-entropy on ``s1 + s2``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pydantic import model_validator
 from torch import nn
 
 from crosstower.config import DistillConfig, TeacherConfig
-from crosstower.data.batching import TrainBatch
+from crosstower.data.batching import PointwiseBatch, TrainBatch
 from crosstower.distill.distiller import DistillContext, Distiller
 from crosstower.distill.losses import candidate_matrix, one_minus_p_positive, token_mse
 from crosstower.distill.teacher import Teacher, load_teacher
@@ -42,6 +45,7 @@ class TRMDDistillConfig(DistillConfig):
     method: Literal["trmd"] = "trmd"  # selects TRMD: two rankers, representation MSE from two teachers
     TERMS = {"supervised": 1.0, "cls": 1.0, "tokens": 1.0}
     TEACHER_TERMS = ("cls",)  # distill.teacher, the cross encoder; tokens read distill.colbert_teacher
+    POINTWISE = True
     # The late-interaction teacher of the tokens term: {run: FOLDER} or {config: FILE, overrides: [...]}.
     colbert_teacher: TeacherConfig | None = None
     ranking: Literal["listwise", "faithful"] = "listwise"  # supervised term: listwise softmax, or 1 - P(pos) per negative
@@ -110,11 +114,30 @@ class TRMD(Distiller):
         if cfg.uses("cls"):
             terms["cls"] = self._cls(batch, logits.states["pseudo_cls"])
         if cfg.uses("tokens"):
-            users, items = self.colbert_teacher.token_vectors(batch.user, batch.positives)
-            student_users = logits.states["user_tokens"]
-            terms["tokens"] = (token_mse(student_users.tokens, users.tokens, student_users.mask)
-                               + token_mse(logits.states["item_tokens"][:, 0], items.tokens, items.mask))
+            terms["tokens"] = self._tokens(logits, *self.colbert_teacher.token_vectors(batch.user, batch.positives))
         return terms
+
+    def pointwise_terms(self, batch: PointwiseBatch) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        logits = self.student.pair_logits(batch, with_states=True)
+        terms = {"supervised": self.supervised_pointwise(batch, logits)} if cfg.uses("supervised") else {}
+        if cfg.uses("cls"):
+            with self.teacher.rows(batch):
+                target = self.teacher.joint_pass(batch.user, batch.items, traces=False).hidden[:, 0]
+            terms["cls"] = F.mse_loss(self.cls_map(logits.states["pseudo_cls"][:, 0]).float(), target.float())
+        if cfg.uses("tokens"):
+            with self.colbert_teacher.rows(batch):
+                teacher_tokens = self.colbert_teacher.token_vectors(batch.user, batch.items)
+            terms["tokens"] = self._tokens(logits, *teacher_tokens)
+        return terms
+
+    @staticmethod
+    def _tokens(logits, users, items) -> torch.Tensor:
+        """MSE of the student's token vectors to the late-interaction teacher's (``users``,
+        ``items``: its token sequences of each row's user and first candidate)."""
+        student_users = logits.states["user_tokens"]
+        return (token_mse(student_users.tokens, users.tokens, student_users.mask)
+                + token_mse(logits.states["item_tokens"][:, 0], items.tokens, items.mask))
 
     def _ranking(self, batch: TrainBatch, logits: CandidateLogits) -> torch.Tensor:
         if self.config.ranking == "listwise":

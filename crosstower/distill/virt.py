@@ -19,9 +19,11 @@ setting (every layer, ``layers: null``) needs towers as deep as the teacher. The
 each row's positive pair (``pairs: positives``, one teacher pass per row) or every candidate
 pair (``candidates``: ``1 + K`` passes per row).
 
-Not built: the paper's adapted interaction (the last layer's virtual attention reused to mix
-the other side's final states before a matching head), a pre-ranking scorer that is not
-ANN-servable; methods.md leaves its fusion formula open.
+Under protocol P4 (labelled rows) the distilled pairs are the rows' own (user, item) pairs,
+beside the student's binary cross-entropy; a student with ``model.adapted_interaction`` (the
+paper's adapted interaction, see :mod:`crosstower.models.dual_encoder`) then scores each pair
+through the very last-layer virtual attention VIRT distils, a pre-ranking scorer that no index
+serves.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from pydantic import Field
 
 from crosstower.config import DistillConfig
-from crosstower.data.batching import TrainBatch
+from crosstower.data.batching import PointwiseBatch, TrainBatch
 from crosstower.distill.attention import CROSS_BLOCKS, Pairs, check_aligned, student_pairs, teacher_pairs
 from crosstower.distill.distiller import DistillContext, Distiller
 from crosstower.distill.losses import attention_mse, masked_softmax
@@ -47,6 +49,7 @@ class VIRTConfig(DistillConfig):
     method: Literal["virt"] = "virt"  # selects VIRT: virtual cross attention distilled from a cross encoder
     TERMS = {"supervised": 1.0, "virt": 1.0}
     TEACHER_TERMS = ("virt",)
+    POINTWISE = True
     normalisation: Literal["resoftmax", "slice"] = "resoftmax"  # the teacher's block: re-softmaxed over the other side, or sliced
     layers: list[int] | None = None  # distilled layers, indexed in every stack (-1: the last); null: all (equal depths)
     pairs: Literal["positives", "candidates"] = "positives"  # the pairs whose attention is distilled
@@ -91,14 +94,26 @@ class VIRT(Distiller):
         logits = self.student.candidate_logits(batch, with_states=cfg.uses("virt"))
         terms = {"supervised": self.supervised(batch, logits)} if cfg.uses("supervised") else {}
         if cfg.uses("virt"):
-            terms["virt"] = self._virt(batch, logits, cfg.pairs)
+            if cfg.pairs == "positives":
+                out = self.teacher.joint_pass(batch.user, batch.positives)
+            else:
+                out = self.teacher.candidate_logits(batch, with_states=True).states["cross"]
+            terms["virt"] = self._virt(logits, out, cfg.pairs)
         return terms
 
-    def _virt(self, batch: TrainBatch, logits, pairs: Pairs) -> torch.Tensor:
-        if pairs == "positives":
-            out = self.teacher.joint_pass(batch.user, batch.positives)
-        else:
-            out = self.teacher.candidate_logits(batch, with_states=True).states["cross"]
+    def pointwise_terms(self, batch: PointwiseBatch) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        logits = self.student.pair_logits(batch, with_states=cfg.uses("virt"))
+        terms = {"supervised": self.supervised_pointwise(batch, logits)} if cfg.uses("supervised") else {}
+        if cfg.uses("virt"):
+            with self.teacher.rows(batch):
+                out = self.teacher.joint_pass(batch.user, batch.items)
+            terms["virt"] = self._virt(logits, out, "positives")  # each row's own pair
+        return terms
+
+    def _virt(self, logits, out, pairs: Pairs) -> torch.Tensor:
+        """The squared error of every distilled layer's virtual blocks to the teacher's (``out``,
+        its pass over the same pairs)."""
         total = 0.0
         for user_layer, item_layer, teacher_layer in self.layers:
             student = student_pairs(logits, user_layer, item_layer, pairs)

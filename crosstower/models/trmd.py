@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from crosstower.data.batching import TrainBatch, UserInput
+from crosstower.data.batching import PointwiseBatch, TrainBatch, UserInput
 from crosstower.data.dataset import Dataset
 from crosstower.index import TwoRankerIndex, TwoRankerQuery
-from crosstower.losses import CandidateLogits
+from crosstower.losses import CandidateLogits, PairLogits
 from crosstower.models.base import AttentionModelConfig, BuildContext, ItemRangeScorer, Recommender
 from crosstower.models.late_interaction import LateInteractionIndexConfig
 from crosstower.nn.late_towers import LateTowers
@@ -126,6 +126,19 @@ class TRMDStudent(Recommender):
         users, encoded = self.encode_users(user), self.encode_items(items)
         pairs = TokenSequence(encoded.tokens.tokens[:, None], encoded.tokens.mask[:, None])
         return self.first_ranker(self.pseudo_cls(users.cls, encoded.cls)) + maxsim_pairs(users.tokens, pairs)[:, 0]
+
+    def pair_logits(self, batch: PointwiseBatch, with_states: bool = False) -> PairLogits:
+        """``s1 + s2`` of each labelled row (as :meth:`score_pairs`); ``with_states`` adds the
+        states of :meth:`candidate_logits` with the row's item as the one candidate."""
+        users, items = self.encode_users(batch.user), self.encode_items(batch.items)
+        pairs = TokenSequence(items.tokens.tokens[:, None], items.tokens.mask[:, None])
+        pseudo = self.pseudo_cls(users.cls, items.cls)
+        logits = self.first_ranker(pseudo) + maxsim_pairs(users.tokens, pairs)[:, 0]
+        states = {}
+        if with_states:
+            states = {"user_tokens": users.tokens, "item_tokens": pairs.tokens, "item_mask": pairs.mask,
+                      "pseudo_cls": pseudo[:, None]}
+        return PairLogits(logits, states)
 
     @torch.no_grad()
     def catalogue(self, chunk: int = 8192) -> Encoded:
