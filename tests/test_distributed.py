@@ -19,6 +19,7 @@ from crosstower.models import build_model
 from crosstower.run import run_experiment
 from crosstower.train.distributed import Ranks
 from crosstower.train.trainer import Trainer
+from tests.test_distill_p4 import p4_config
 from tests.test_training import TINY
 
 WORLD = 2
@@ -89,8 +90,11 @@ def _spawn(worker, tmp_path: Path, *args) -> None:
     mp.spawn(worker, args=(tmp_path / "process-group", *args), nprocs=WORLD, join=True)
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "model.pt", weights_only=True)["model"]
+def _assert_same_weights(single: Path, ranks: Path) -> None:
+    one, two = (torch.load(run / "model.pt", weights_only=True)["model"] for run in (single, ranks))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"weight {name}")
 
 
 def test_one_epoch_on_two_ranks_equals_one_process_and_only_rank_0_writes(tmp_path):
@@ -98,15 +102,21 @@ def test_one_epoch_on_two_ranks_equals_one_process_and_only_rank_0_writes(tmp_pa
     single = run_experiment(parse_config(raw), tmp_path / "single")
     writes = tmp_path / "writes.txt"
     _spawn(_run_worker, tmp_path, raw, tmp_path / "ranks", writes, False)
-    one, two = _weights(tmp_path / "single"), _weights(tmp_path / "ranks")
-    assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"weight {name}")
+    _assert_same_weights(tmp_path / "single", tmp_path / "ranks")
     assert single["training_history"][0]["epoch"] == 0
     history = json.loads((tmp_path / "ranks" / "metrics.json").read_text())["training_history"]
     # The logged loss is the mean over every rank's rows: one process's.
     assert history[0]["loss"] == pytest.approx(single["training_history"][0]["loss"], rel=1e-4)
     assert sorted(set(writes.read_text().split("\n")) - {""}) == ["0 save_checkpoint", "0 write"]
+
+
+def test_pointwise_training_on_two_ranks_equals_one_process(tmp_path):
+    """Protocol P4: labelled rows (with their per-row statistics) shared out like examples."""
+    raw = p4_config(tmp_path, "dssm")
+    raw["train"]["batch_size"] = 63
+    run_experiment(parse_config(raw), tmp_path / "single")
+    _spawn(_run_worker, tmp_path, raw, tmp_path / "ranks", tmp_path / "writes.txt", False)
+    _assert_same_weights(tmp_path / "single", tmp_path / "ranks")
 
 
 def test_two_ranks_resume_a_run_stopped_by_its_budget(tmp_path):
