@@ -33,8 +33,8 @@ What is measured, per catalogue size N (synthetic, seeded; nothing is trained):
   the K_u posting lists instead of a dense ``[B, N]`` block (it returns exactly what ``search``
   returns; ``identical_to_index_search`` checks it).
 
-Every timed query is one user: ``encoder`` (tower / tokenizer + quantizer forward), then
-``index`` (search); ``p50_ms`` / ``p99_ms`` are end to end (both), ``index_p50_ms`` /
+Every timed query is one user: ``encoder`` (tower / tokenizer + nearest codes, as serving
+assigns them), then ``index`` (search); ``p50_ms`` / ``p99_ms`` are end to end (both), ``index_p50_ms`` /
 ``index_p99_ms`` the search alone, from the same calls. Batch-1 latency is over ``--queries``
 users after ``--warmup`` warm-up queries, methods interleaved query by query (so drift of the
 machine hits every method alike). Throughput is queries/s at batch ``--batch`` (256): the median
@@ -190,8 +190,12 @@ class CodeTokenizer(nn.Module):
         return self.mlp(self.inputs(users)).view(len(users), self.tokens, self.dim)
 
     def forward(self, users: Users) -> CodeQueries:
-        out = self.quantizer(self.tokenize(users))  # as SparCode.index_query: codes and quantised vectors
-        return CodeQueries(out.codes, out.quantized)
+        """As SparCode.serving_codes: each token's code and its quantised vector (the
+        quantiser's training statistics, its loss and usage counts, are not computed)."""
+        tokens = self.tokenize(users)
+        _, codes = self.quantizer.assign(tokens)
+        codes = codes.t().reshape(*tokens.shape[:-1], -1)
+        return CodeQueries(codes, self.quantizer.lookup(codes))
 
 
 class LowRankScores:

@@ -33,6 +33,7 @@ here all-reduces them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +115,7 @@ class ProductQuantizer(nn.Module):
         self.register_buffer("embed_sum_ema", codebooks.clone())
         self.register_buffer("initialized", torch.tensor(not data_init))
         self._last: dict[str, Tensor] = {}
+        self._search_cache: tuple | None = None  # ((data_ptr, version, dtype), -2 B^T, entry norms)
         self._window: dict[str, Tensor] = {}  # counts and restarts since the last window_stats()
 
     # ------------------------------------------------------------------ code arithmetic
@@ -140,10 +142,12 @@ class ProductQuantizer(nn.Module):
         return torch.stack(digits[::-1], dim=-1)
 
     def lookup(self, codes: Tensor) -> Tensor:
-        """Reconstruct ``[..., M]`` codes as ``[..., D]`` vectors (the concatenated codebook entries)."""
+        """Reconstruct ``[..., M]`` codes as ``[..., D]`` vectors (the concatenated codebook entries):
+        one gather from the flattened codebooks, entry ``m * N + code`` of codebook ``m``."""
         self._check_codes_shape(codes)
-        books = torch.arange(self.num_codebooks, device=codes.device)
-        return self.codebooks[books, codes.long()].reshape(*codes.shape[:-1], self.dim)
+        offsets = torch.arange(0, self.num_codebooks * self.codebook_size, self.codebook_size, device=codes.device)
+        flat = self.codebooks.reshape(-1, self.codebooks.shape[-1])
+        return F.embedding(codes.long() + offsets, flat).reshape(*codes.shape[:-1], self.dim)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> QuantizerOutput:
@@ -187,23 +191,36 @@ class ProductQuantizer(nn.Module):
         """Exact nearest entries: ``sub [M, R, d]`` -> codes ``[M, R]`` int64, row ``m`` searched in
         ``books[m]`` (default: this quantiser's codebooks).
 
-        Uses ``||a||^2 - 2 a.b + ||b||^2`` with a batched matmul per codebook, over row chunks,
-        in at least float32 (autocast is disabled: half precision would mis-rank near ties).
+        Ranks by ``||b||^2 - 2 a.b`` (``||a||^2`` is the same for every entry of a row), one
+        ``baddbmm`` per chunk of rows, in at least float32 (autocast is disabled: half precision
+        would mis-rank near ties). A serving query is a handful of rows, where the fixed cost of
+        the call is the cost: the terms of this quantiser's own codebooks are kept until the
+        codebooks change, and a call that fits one chunk runs without the loop.
         """
-        books = self.codebooks if books is None else books
-        dtype = torch.promote_types(torch.promote_types(sub.dtype, books.dtype), torch.float32)
-        books = books.to(dtype)
-        book_sq = books.pow(2).sum(-1).unsqueeze(1)  # [M, 1, N]
-        rows = max(1, _SEARCH_BUDGET // (books.shape[0] * self.codebook_size))
-        out = []
-        with torch.autocast(device_type=sub.device.type, enabled=False):
-            for start in range(0, sub.shape[1], rows):
-                chunk = sub[:, start : start + rows].to(dtype)
-                dist = chunk.pow(2).sum(-1, keepdim=True) - 2 * torch.bmm(chunk, books.transpose(1, 2)) + book_sq
-                out.append(dist.argmin(-1))
-        if not out:
-            return torch.zeros(books.shape[0], 0, dtype=torch.int64, device=sub.device)
-        return torch.cat(out, dim=1)
+        dtype = torch.promote_types(torch.promote_types(sub.dtype, (self.codebooks if books is None else books).dtype),
+                                    torch.float32)
+        scaled, book_sq = self._search_terms(books, dtype)  # -2 B^T [M, d, N], ||b||^2 [M, 1, N]
+        rows = max(1, _SEARCH_BUDGET // (scaled.shape[0] * self.codebook_size))
+        if sub.shape[1] == 0:
+            return torch.zeros(scaled.shape[0], 0, dtype=torch.int64, device=sub.device)
+        autocast = torch.is_autocast_enabled(sub.device.type)
+        with torch.autocast(device_type=sub.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            out = [torch.baddbmm(book_sq, sub[:, start : start + rows].to(dtype), scaled).argmin(-1)
+                   for start in range(0, sub.shape[1], rows)]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+    def _search_terms(self, books: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``-2 B^T`` ``[M, d, N]`` and the squared entry norms ``[M, 1, N]`` of ``books`` (default:
+        the codebooks) in ``dtype``; for the own codebooks, cached while their storage and version
+        (torch's counter of in-place writes) stay the same."""
+        if books is not None:
+            books = books.to(dtype)
+            return -2 * books.transpose(1, 2), books.pow(2).sum(-1).unsqueeze(1)
+        key = (self.codebooks.data_ptr(), self.codebooks._version, dtype)
+        if self._search_cache is None or self._search_cache[0] != key:
+            own = self.codebooks.detach().to(dtype)
+            self._search_cache = (key, -2 * own.transpose(1, 2), own.pow(2).sum(-1).unsqueeze(1))
+        return self._search_cache[1], self._search_cache[2]
 
     # ------------------------------------------------------------------ codebook learning
     @torch.no_grad()
