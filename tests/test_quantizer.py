@@ -345,3 +345,25 @@ def test_residual_ema_learns_and_eval_changes_nothing():
 
 def test_residual_quantizer_needs_no_divisible_dimension():
     assert ResidualQuantizer(10, num_codebooks=3, codebook_size=4).lookup(torch.zeros(2, 3, dtype=torch.int64)).shape == (2, 10)
+
+
+def test_cached_search_terms_follow_every_change_of_the_codebooks():
+    """Serving caches the codebooks' search terms: a load, an in-place write or a move must not
+    leave codes assigned with the old codebooks."""
+    torch.manual_seed(0)
+    quantizer = ProductQuantizer(8, 2, 16).eval()
+    x = torch.randn(30, 8)
+
+    def brute_force(q):
+        sub = q._split(x.to(q.codebooks.dtype))
+        return torch.stack([torch.cdist(sub[m], q.codebooks[m]).argmin(-1) for m in range(q.num_codebooks)])
+
+    assert torch.equal(quantizer.assign(x)[1], brute_force(quantizer))
+    other = ProductQuantizer(8, 2, 16)
+    quantizer.load_state_dict(other.state_dict())
+    assert torch.equal(quantizer.assign(x)[1], brute_force(quantizer))
+    with torch.no_grad():
+        quantizer.codebooks.mul_(-1)
+    assert torch.equal(quantizer.assign(x)[1], brute_force(quantizer))
+    quantizer.to(torch.float64)
+    assert torch.equal(quantizer.assign(x)[1], brute_force(quantizer))

@@ -211,10 +211,12 @@ class ProductQuantizer(nn.Module):
 
     def _search_terms(self, books: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``-2 B^T`` ``[M, d, N]`` and the squared entry norms ``[M, 1, N]`` of ``books`` (default:
-        the codebooks) in ``dtype``; for the own codebooks, cached while their storage and version
-        (torch's counter of in-place writes) stay the same."""
-        if books is not None:
-            books = books.to(dtype)
+        the codebooks) in ``dtype``. Out of training, those of the own codebooks are cached while
+        their storage and version (torch's counter of in-place writes) stay the same; in training
+        they are computed afresh (a collective that overwrites the codebooks of another rank
+        need not count as a write)."""
+        if books is not None or self.training:
+            books = (self.codebooks if books is None else books).to(dtype)
             return -2 * books.transpose(1, 2), books.pow(2).sum(-1).unsqueeze(1)
         key = (self.codebooks.data_ptr(), self.codebooks._version, dtype)
         if self._search_cache is None or self._search_cache[0] != key:
