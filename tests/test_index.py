@@ -374,8 +374,9 @@ def test_sparse_ranking_equals_dense_ranking_with_ties_and_exclusions(seed: int,
     exclude = random_exclusions(20, 200, seed, per_row=6)
     for k in (1, 5, 12, 30):
         dense = index.search(queries, k, exclude, sparse=False)
-        sparse = index.search(queries, k, exclude, sparse=True)
-        assert torch.equal(dense[0], sparse[0]) and torch.equal(dense[1], sparse[1])
+        for user_batch in (None, 1):  # one user a block: the one-query path
+            sparse = index.search(queries, k, exclude, sparse=True, user_batch=user_batch)
+            assert torch.equal(dense[0], sparse[0]) and torch.equal(dense[1], sparse[1])
 
 
 def test_search_does_not_depend_on_the_user_block_size() -> None:

@@ -467,12 +467,28 @@ def _sparse_topk(
     user, item = unique // num_items, unique % num_items
     if (np.bincount(user, minlength=b) < k).any():
         return None
+    if b == 1:  # one query (serving latency): rank only the top k, not every candidate
+        chosen = _top_k_positions(sums, k)
+        return torch.from_numpy(sums[chosen][None]), torch.from_numpy(item[chosen][None])
     order = np.lexsort((item, -sums, user))  # by user, then score descending, then item
     counts = np.bincount(user, minlength=b)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     take = (first[:, None] + np.arange(k)[None, :]).reshape(-1)
     chosen = order[take]
     return torch.from_numpy(sums[chosen].reshape(b, k)), torch.from_numpy(item[chosen].reshape(b, k))
+
+
+def _top_k_positions(sums: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest ``sums`` (``len(sums) >= k``), by score descending, ties to
+    the lower position (positions ascend with the item id): everything above the k-th value, then
+    the first of the entries equal to it; only those k are sorted."""
+    if len(sums) > k:
+        kth = np.partition(sums, len(sums) - k)[len(sums) - k]
+        above = np.flatnonzero(sums > kth)
+        chosen = np.concatenate([above, np.flatnonzero(sums == kth)[: k - len(above)]])
+    else:
+        chosen = np.arange(len(sums))
+    return chosen[np.lexsort((chosen, -sums[chosen]))]
 
 
 def _block_scorer(dense: torch.Tensor) -> Callable[[np.ndarray, int, int], torch.Tensor]:
