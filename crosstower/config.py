@@ -107,6 +107,11 @@ class TrainConfig(Strict):
     # with AMX/AVX512-BF16); validation and test scoring always run in float32, so rankings are
     # exact and comparable across precisions.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # How an inner-product model scores a batch's candidates: "gather" each row's item vectors, or
+    # "auto": one [batch, distinct items] matrix product when the batch has few distinct items
+    # (2.1x faster DSSM steps on MovieLens-100K with 200 negatives; the float rounding differs,
+    # so a run moves within its seed spread: ML-100K P1 DSSM test Recall@50 0.3891 -> 0.3859).
+    candidate_scoring: Literal["gather", "auto"] = "gather"
     # Where training steps and validation run: "cpu", or "cuda" / "cuda:N" where a GPU exists.
     # Batches are built on the CPU either way; test scoring runs here too, the index is built
     # and the model saved on the CPU, so a run trained on a GPU serves and loads anywhere.

@@ -367,3 +367,18 @@ def test_cached_search_terms_follow_every_change_of_the_codebooks():
     assert torch.equal(quantizer.assign(x)[1], brute_force(quantizer))
     quantizer.to(torch.float64)
     assert torch.equal(quantizer.assign(x)[1], brute_force(quantizer))
+
+
+def test_nearest_keeps_the_distances_of_the_plain_formula_to_the_bit():
+    """The serving path folds -2 into cached codebooks; the distances it ranks are the floats of
+    ``||a||^2 - 2 a.b + ||b||^2`` computed plainly, so no code moves, near ties included."""
+    torch.manual_seed(1)
+    quantizer = ProductQuantizer(16, 2, 64).eval()
+    sub = quantizer._split(torch.randn(500, 16))
+    books = quantizer.codebooks
+    plain = (sub.pow(2).sum(-1, keepdim=True) - 2 * torch.bmm(sub, books.transpose(1, 2))
+             + books.pow(2).sum(-1).unsqueeze(1))
+    scaled, book_sq = quantizer._search_terms(None, torch.float32)
+    folded = sub.pow(2).sum(-1, keepdim=True) + torch.bmm(sub, scaled) + book_sq
+    assert torch.equal(plain, folded)
+    assert torch.equal(quantizer.nearest(sub), plain.argmin(-1))

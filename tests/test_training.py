@@ -425,3 +425,35 @@ def test_max_users_ranks_a_saved_seeded_sample_of_validation_and_test_users(tmp_
     assert again["metrics"]["test"] == sampled["metrics"]["test"]
     with pytest.raises(ConfigError, match="evaluate.max_users: protocol p4"):
         parse_config({**raw, "split": {"protocol": "p4"}, "evaluate": {"max_users": 5}})
+
+
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_dense_and_gathered_candidate_logits_agree(tmp_path, tiny_data, monkeypatch, in_batch):
+    """The two ways an inner-product model scores a batch's candidates (one matrix product over
+    the distinct items, ``train.candidate_scoring: auto``; or gathered item vectors, the default)
+    give the same logits and the same gradients."""
+    import dataclasses
+
+    import crosstower.models.base as base
+    from crosstower.losses import listwise_softmax
+
+    dataset, split = tiny_data
+    config = parse_config(tiny_config("dssm", negatives={"num": 20, "in_batch": in_batch}, candidate_scoring="auto"))
+    model = build_model(config.model, dataset, "p2")
+    batch = Trainer(model, dataset, split, config, tmp_path).make_batch(np.arange(64), torch.Generator().manual_seed(0))
+    assert batch.dense_scores and not parse_config(tiny_config()).train.candidate_scoring == "auto"
+    monkeypatch.setattr(base, "DENSE_SCORE_RATIO", 10**9)  # dense for any number of distinct items
+    results = []
+    for dense in (True, False):
+        model.zero_grad()
+        logits = model.candidate_logits(dataclasses.replace(batch, dense_scores=dense))
+        listwise_softmax(logits).backward()
+        results.append((logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (dense, dense_grads), (gathered, gathered_grads) = results
+    torch.testing.assert_close(dense.positive, gathered.positive)
+    torch.testing.assert_close(dense.sampled, gathered.sampled)
+    if in_batch:
+        torch.testing.assert_close(dense.in_batch, gathered.in_batch)
+    assert dense_grads.keys() == gathered_grads.keys()
+    for name in dense_grads:
+        torch.testing.assert_close(dense_grads[name], gathered_grads[name], rtol=1e-4, atol=1e-6)

@@ -66,12 +66,16 @@ class TrainBatch:
     # int64 [B]: each row's position in TrainExamples, so that what was computed once per
     # training example (a teacher's cached output, privileged features) can be looked up
     examples: torch.Tensor | None = None
+    # train.candidate_scoring "auto": an inner-product model may score the candidates by one
+    # matrix product over the batch's distinct items when they are few
+    dense_scores: bool = False
 
     def to(self, device: torch.device | str) -> "TrainBatch":
         """The same batch on ``device``: batches are built on the CPU and trained on ``train.device``."""
-        return TrainBatch(self.user.to(device), *(
-            _to(getattr(self, f.name), device) for f in dataclasses.fields(self) if f.name != "user"
-        ))
+        return dataclasses.replace(self, user=self.user.to(device), **{
+            f.name: _to(getattr(self, f.name), device) for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        })
 
     def logits(
         self, positive: torch.Tensor, sampled: torch.Tensor, in_batch: torch.Tensor | None = None,

@@ -95,6 +95,13 @@ def item_prior(num_items: int, enabled: bool) -> nn.Embedding | None:
     return table
 
 
+# Under train.candidate_scoring "auto", a batch's candidate logits come from one [B, distinct
+# items] matrix product when there are at most this many distinct items per candidate column,
+# else from gathered item vectors (the crossover measured at B = 512, D = 64, K = 200: about 60
+# distinct items per column).
+DENSE_SCORE_RATIO = 30
+
+
 class Recommender(nn.Module):
     """Base class: a scorer of (user, item) pairs."""
 
@@ -309,14 +316,23 @@ class EmbeddingRecommender(Recommender):
         users = self.encode_users(batch.user)
         items = torch.cat([batch.positives, batch.negatives.reshape(-1)])
         unique, inverse = torch.unique(items, return_inverse=True)
-        # Encode each distinct item once; F.embedding's backward is far cheaper than indexing's.
-        vectors = F.embedding(inverse, self.encode_items(unique))
-        positive = vectors[: len(batch.positives)]
-        negative = vectors[len(batch.positives) :].view(*batch.negatives.shape, -1)
+        item_vectors = self.encode_items(unique)  # each distinct item encoded once
+        b = len(batch.positives)
+        columns = torch.cat([inverse[:b, None], inverse[b:].view(*batch.negatives.shape)], dim=1)  # [B, 1 + K]
+        in_batch = batch.in_batch_mask is not None
+        if batch.dense_scores and not with_states and len(unique) <= DENSE_SCORE_RATIO * columns.shape[1]:
+            # Few distinct items: score every user against all of them with one matrix product
+            # and pick each row's columns; on MovieLens-100K (K = 200) this step's forward and
+            # backward took a sixth of the time of gathering B x (1 + K) item vectors.
+            scores = users @ item_vectors.T
+            logits = scores.gather(1, columns)
+            in_batch_logits = scores.index_select(1, columns[:, 0]) if in_batch else None
+            return batch.logits(logits[:, 0], logits[:, 1:], in_batch_logits, {})
+        # F.embedding's backward is far cheaper than indexing's.
+        vectors = F.embedding(columns, item_vectors)  # [B, 1 + K, D]
+        positive, negative = vectors[:, 0], vectors[:, 1:]
         positive_logits = (users * positive).sum(-1)
         sampled_logits = torch.einsum("bd,bkd->bk", users, negative)
-        in_batch_logits = users @ positive.T if batch.in_batch_mask is not None else None
-        states = {}
-        if with_states:
-            states = {"user_vectors": users, "item_vectors": torch.cat([positive[:, None], negative], dim=1)}
+        in_batch_logits = users @ positive.T if in_batch else None
+        states = {"user_vectors": users, "item_vectors": vectors} if with_states else {}
         return batch.logits(positive_logits, sampled_logits, in_batch_logits, states)

@@ -191,11 +191,12 @@ class ProductQuantizer(nn.Module):
         """Exact nearest entries: ``sub [M, R, d]`` -> codes ``[M, R]`` int64, row ``m`` searched in
         ``books[m]`` (default: this quantiser's codebooks).
 
-        Ranks by ``||b||^2 - 2 a.b`` (``||a||^2`` is the same for every entry of a row), one
-        ``baddbmm`` per chunk of rows, in at least float32 (autocast is disabled: half precision
-        would mis-rank near ties). A serving query is a handful of rows, where the fixed cost of
-        the call is the cost: the terms of this quantiser's own codebooks are kept until the
-        codebooks change, and a call that fits one chunk runs without the loop.
+        Uses ``||a||^2 - 2 a.b + ||b||^2`` with a batched matmul per codebook, over row chunks,
+        in at least float32 (autocast is disabled: half precision would mis-rank near ties); the
+        ``-2`` is folded into the codebooks (a power of two: the same floats). A serving query is
+        a handful of rows, where the fixed cost of the call is the cost: the terms of this
+        quantiser's own codebooks are kept until the codebooks change, and a call that fits one
+        chunk runs without the loop.
         """
         dtype = torch.promote_types(torch.promote_types(sub.dtype, (self.codebooks if books is None else books).dtype),
                                     torch.float32)
@@ -205,8 +206,10 @@ class ProductQuantizer(nn.Module):
             return torch.zeros(scaled.shape[0], 0, dtype=torch.int64, device=sub.device)
         autocast = torch.is_autocast_enabled(sub.device.type)
         with torch.autocast(device_type=sub.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            out = [torch.baddbmm(book_sq, sub[:, start : start + rows].to(dtype), scaled).argmin(-1)
-                   for start in range(0, sub.shape[1], rows)]
+            out = []
+            for start in range(0, sub.shape[1], rows):
+                chunk = sub[:, start : start + rows].to(dtype)
+                out.append((chunk.pow(2).sum(-1, keepdim=True) + torch.bmm(chunk, scaled) + book_sq).argmin(-1))
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def _search_terms(self, books: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

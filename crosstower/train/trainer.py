@@ -182,7 +182,7 @@ class Trainer:
             )
             positive_log_q, negative_log_q = pool.log_expected_count(positives), pool.log_expected_count(negatives)
         return TrainBatch(user, positives, negatives, mask, positive_log_q, negative_log_q, in_batch_mask,
-                          torch.from_numpy(index))
+                          torch.from_numpy(index), dense_scores=self.train_cfg.candidate_scoring == "auto")
 
     # ---- loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainReport:
