@@ -124,17 +124,20 @@ def reduce_gradients(model: nn.Module, weight: float) -> None:
         p.grad = values if any_grad > 0 else None
 
 
-def broadcast_model(model: nn.Module, parameters: bool = True) -> None:
-    """Rank 0's weights (``parameters``) and learned state onto every rank: all buffers when
-    ``parameters``, else the floating-point buffers of the state dict (what training steps update,
-    such as codebooks; not the constant tables a model keeps as buffers)."""
-    tensors = list(model.parameters()) if parameters else []
+def broadcast_model(model: nn.Module) -> None:
+    """Rank 0's weights and buffers onto every rank."""
+    broadcast([*model.parameters(), *(b for b in model.buffers() if b is not None)])
+
+
+def learned_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The floating-point buffers of the state dict: what training steps may update (codebooks
+    and their moving averages), not the constant tables a model keeps as buffers."""
     persistent = set(model.state_dict(keep_vars=True))
-    for name, buffer in model.named_buffers():
-        if buffer is None:
-            continue
-        if parameters or (buffer.is_floating_point() and name in persistent):
-            tensors.append(buffer)
+    return [b for name, b in model.named_buffers() if b is not None and b.is_floating_point() and name in persistent]
+
+
+def broadcast(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank, in place."""
     for tensor in tensors:
         dist.broadcast(tensor.data, 0)
 

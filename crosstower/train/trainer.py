@@ -60,7 +60,9 @@ from crosstower.train.distributed import (
     SINGLE,
     Ranks,
     any_rank,
+    broadcast,
     broadcast_model,
+    learned_buffers,
     from_main,
     rank_device,
     reduce_gradients,
@@ -337,8 +339,10 @@ class Trainer:
         # dropout and any other use of the global generator: the rank's own stream (rank 0's is one process's)
         torch.manual_seed(epoch_seed + 7_919 * self.ranks.rank)
         self.model.begin_epoch(epoch, self.examples)
+        shared: list[torch.Tensor] = []
         if self.ranks.active:  # what the hook set (SparCode's k-means codebooks) is rank 0's on every rank
             broadcast_model(self.model)
+            shared = learned_buffers(self.model)
         self.model.train()
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         terms: dict[str, float] = {}
@@ -371,7 +375,7 @@ class Trainer:
                 reduce_gradients(self.model, rows / len(index))
             optimizer.step()
             if self.ranks.active:  # buffers a step changed (codebooks) stay rank 0's everywhere
-                broadcast_model(self.model, parameters=False)
+                broadcast(shared)
             if average is not None:
                 average.update()
             total += float(loss.detach()) * rows
