@@ -154,3 +154,25 @@ def test_distillation_under_several_ranks_is_refused(tmp_path):
     raw["distill"] = {"method": "kd", "teacher": {"run": str(tmp_path / "teacher")}}
     with pytest.raises(ConfigError, match="distill: distillation trains in one process"):
         run_experiment(parse_config(raw), tmp_path / "run", ranks=Ranks(0, 2))
+
+
+def test_torchrun_runs_the_command_on_two_processes(tmp_path):
+    """The command line under torchrun: the process group comes from the environment, rank 0
+    prints the table once and writes the folder, and the run records its processes."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**dssm_config(batch_size=64), "name": "tiny"}))
+    out = tmp_path / "run"
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "crosstower", "run", str(config), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("recall@50") == 1  # one table, from rank 0
+    assert json.loads((out / "metrics.json").read_text())["timing"]["processes"] == 2
