@@ -8,7 +8,9 @@ Recall@50 (the run's index), the student's training seconds (with what the metho
 such as a teacher-score cache) and the teacher's (a teacher shared by several students is
 counted in each), epochs, and the student's scoring cost per (user, item)
 pair: the multiply-adds of one inner product. With ``--seeds`` runs whose configs differ only in
-``train.seed`` are one row: mean +- sample standard deviation, and the number of seeds.
+``train.seed`` are one row: mean +- sample standard deviation, and the number of seeds. Runs of
+protocol P4 (pre-ranking) get the pointwise columns instead: test AUC, GAUC and log loss, and no
+cost column (a pre-ranker scores each given pair).
 """
 
 from __future__ import annotations
@@ -23,13 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosstower.compare import group_key, mean_std  # noqa: E402
 
-METRICS = (("test", "recall@20"), ("test", "recall@50"), ("test", "ndcg@50"), ("test_served", "recall@50"))
-HEAD = ["dataset", "protocol", "student", "method", "teacher", "Recall@20", "Recall@50", "NDCG@50",
-        "served Recall@50", "student train s", "teacher train s", "epochs", "MACs / pair", "seeds", "command"]
+RANKING = (("test", "recall@20"), ("test", "recall@50"), ("test", "ndcg@50"), ("test_served", "recall@50"))
+POINTWISE = (("test", "auc"), ("test", "gauc"), ("test", "logloss"))
+LABELS = {"recall@20": "Recall@20", "recall@50": "Recall@50", "ndcg@50": "NDCG@50", "auc": "test AUC",
+          "gauc": "test GAUC", "logloss": "test log loss"}
+
+
+def head(metrics: tuple) -> list[str]:
+    names = [("served " if part == "test_served" else "") + LABELS[metric] for part, metric in metrics]
+    cost = ["MACs / pair"] if metrics is RANKING else []
+    return ["dataset", "protocol", "student", "method", "teacher", *names, "student train s", "teacher train s",
+            "epochs", *cost, "seeds", "command"]
 
 
 def describe(run_dir: Path) -> dict:
     r = json.loads((run_dir / "metrics.json").read_text())
+    metrics = POINTWISE if r["protocol"] == "p4" else RANKING
     config, timing = r["config"], r["timing"]
     distill = config.get("distill") or {}
     teacher = distill.get("teacher") or {}
@@ -41,7 +52,7 @@ def describe(run_dir: Path) -> dict:
                   # a teacher named but never read (every teacher term off) was not loaded
                   Path(teacher.get("config") or teacher.get("run") or "-").stem
                   if "teacher_train_seconds" in timing else "-"],
-        "values": [r["metrics"].get(part, {}).get(metric) for part, metric in METRICS],
+        "metrics": metrics, "values": [r["metrics"].get(part, {}).get(metric) for part, metric in metrics],
         "train": timing["train_seconds"] + timing.get("distill_setup_seconds", 0.0),
         "teacher": timing.get("teacher_train_seconds", 0.0),
         "epochs": timing.get("epochs", 0), "macs": width, "name": config.get("name") or run_dir.name,
@@ -62,19 +73,25 @@ def rows(runs: list[dict], by_seed: bool) -> list[list[str]]:
             command = f"`crosstower run configs/{first['name']}.yaml --set train.seed={seeds[0]}`"
         elif len(seeds) > 1:
             command = f"{command} with `--set train.seed=S`, S in {', '.join(map(str, seeds))}"
-        out.append([*first["cells"], *(mean_std([r["values"][i] for r in group]) for i in range(len(METRICS))),
+        cost = [str(first["macs"])] if first["metrics"] is RANKING else []
+        out.append([*first["cells"], *(mean_std([r["values"][i] for r in group]) for i in range(len(first["values"]))),
                     f"{statistics.mean(r['train'] for r in group):.0f}", f"{first['teacher']:.0f}",
-                    "/".join(str(r["epochs"]) for r in group), str(first["macs"]), str(len(group)), command])
+                    "/".join(str(r["epochs"]) for r in group), *cost, str(len(group)), command])
     return out
 
 
 def main(argv: list[str]) -> None:
     by_seed = "--seeds" in argv
     runs = [describe(Path(p)) for p in argv if p != "--seeds" and (Path(p) / "metrics.json").exists()]
-    print("| " + " | ".join(HEAD) + " |")
-    print("|" + "---|" * len(HEAD))
-    for cells in rows(runs, by_seed):
-        print("| " + " | ".join(cells) + " |")
+    for metrics in (RANKING, POINTWISE):  # one table per kind of protocol
+        chosen = [run for run in runs if run["metrics"] is metrics]
+        if not chosen:
+            continue
+        columns = head(metrics)
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for cells in rows(chosen, by_seed):
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
