@@ -176,4 +176,5 @@ def _same_interactions(a: Split, b: Split) -> bool:
 
 def _headline(metrics: dict) -> str:
     test = metrics.get("metrics", {}).get("test", {})
-    return ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k.startswith("recall")) or "no test metrics"
+    shown = ("recall", "auc")  # ranking runs' recalls, pre-ranking (P4) runs' AUC
+    return ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k.startswith(shown)) or "no test metrics"
