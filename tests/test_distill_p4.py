@@ -103,6 +103,10 @@ def test_methods_without_a_pointwise_form_are_refused_under_p4(tmp_path):
                                           "cache_candidates": 50})
     with pytest.raises(ConfigError, match="cache_candidates"):
         parse_config(cached)
+    faithful = p4_config(tmp_path, "trmd", {"method": "trmd", "teacher": {"run": str(tmp_path / "t")}, "ranking": "faithful",
+                                            "terms": {"tokens": 0}})
+    with pytest.raises(ConfigError, match="distill.ranking: faithful"):
+        parse_config(faithful)
 
 
 def test_adapted_interaction_is_for_pre_ranking_only():

@@ -58,6 +58,11 @@ class TRMDDistillConfig(DistillConfig):
                              "colbert_teacher.run or colbert_teacher.config (or set terms.tokens: 0)")
         return self
 
+    def check_run(self, run) -> None:
+        if self.ranking == "faithful" and run.split.protocol == "p4":
+            raise ValueError("distill.ranking: faithful ranks a positive against its negatives; under protocol p4 "
+                             "the supervised term is the labelled rows' cross-entropy (use listwise, the default)")
+
     def check_student(self, student, model_name: str) -> None:
         if not isinstance(student, TRMDStudent):
             raise ConfigError(f"model: a trmd student is the two-ranker model (model.name: trmd), not {model_name}")
