@@ -80,7 +80,12 @@ class NegativesConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(30, ge=0)  # passes over the training interactions at most (early stopping may end sooner)
+    epochs: int = Field(30, ge=0)  # epochs at most (early stopping may end sooner)
+    # Training examples per epoch (null: all of them, one pass). Smaller, an epoch is the next
+    # slice of a stream of passes, each pass its own shuffle, so every example still comes once a
+    # pass; validation, checkpoints, patience and warm-up count these shorter epochs (for data
+    # sets whose full pass is longer than the time budget, such as a million items).
+    examples_per_epoch: int | None = Field(None, ge=1)
     batch_size: int = Field(512, ge=1)  # training examples per optimiser step
     lr: float = Field(1e-3, gt=0)  # Adam's learning rate
     weight_decay: float = Field(0.0, ge=0)  # Adam's L2 weight decay (0: none)

@@ -17,7 +17,7 @@ from crosstower.evaluate.model_eval import evaluate_model
 from crosstower.models import build_model
 from crosstower.run import reevaluate, run_experiment
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
-from crosstower.train.trainer import Trainer
+from crosstower.train.trainer import Trainer, epoch_order
 
 TINY = {"num_users": 300, "num_items": 150, "num_clusters": 6, "num_segments": 4, "seed": 3}
 
@@ -137,6 +137,31 @@ def test_a_time_budget_ends_the_epoch_that_crosses_it(tmp_path, tiny_data, caplo
         report = Trainer(model, dataset, split, config, tmp_path).fit()
     assert report.epochs_run == 1 and report.out_of_time and math.isfinite(report.history[0]["loss"])
     assert "epoch 0: train.max_minutes reached after 1 of " in caplog.text
+
+
+def test_one_epoch_a_pass_is_the_seeded_shuffle_of_every_example():
+    for epoch in range(3):
+        expected = np.random.default_rng([7, epoch]).permutation(50)
+        assert np.array_equal(epoch_order(7, epoch, 50), expected)
+        assert np.array_equal(epoch_order(7, epoch, 50, per_epoch=50), expected)
+
+
+@pytest.mark.parametrize("per_epoch", [1, 7, 20, 50, 120])
+def test_short_epochs_are_consecutive_slices_of_the_passes(per_epoch):
+    size, epochs = 50, 11
+    stream = np.concatenate([epoch_order(3, e, size, per_epoch) for e in range(epochs)])
+    passes = np.concatenate([np.random.default_rng([3, p]).permutation(size) for p in range(-(-per_epoch * epochs // size))])
+    assert all(len(epoch_order(3, e, size, per_epoch)) == per_epoch for e in range(epochs))
+    assert np.array_equal(stream, passes[: per_epoch * epochs])  # every example once a pass
+
+
+def test_short_epochs_train_and_validate_that_many_examples(tmp_path, tiny_data):
+    dataset, split = tiny_data
+    config = parse_config(tiny_config(epochs=4, examples_per_epoch=300, batch_size=100))
+    model = build_model(config.model, dataset, "p2")
+    report = Trainer(model, dataset, split, config, tmp_path).fit()
+    assert report.epochs_run == 4 and len(report.history) == 4
+    assert len(split.train) > 4 * 300  # the four epochs did not cover one pass
 
 
 def test_a_finished_run_stopped_by_its_budget_keeps_its_checkpoint_to_train_on(tmp_path):

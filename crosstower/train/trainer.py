@@ -117,6 +117,25 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def epoch_order(seed: int, epoch: int, size: int, per_epoch: int | None = None) -> np.ndarray:
+    """The positions of the examples epoch ``epoch`` trains on, in order.
+
+    Training is a stream of passes over the ``size`` examples, pass ``p`` shuffled by the
+    generator seeded ``[seed, p]``; epoch ``e`` is the ``e``-th slice of ``per_epoch`` positions
+    of that stream (``per_epoch`` None: the whole pass ``e``, one epoch per pass). A slice that
+    crosses the end of a pass takes the rest from the next one, so every example comes once a
+    pass whatever the epoch length.
+    """
+    per_epoch = size if per_epoch is None else per_epoch
+    start, parts, wanted = epoch * per_epoch, [], per_epoch
+    while wanted > 0 and size > 0:
+        pass_index, offset = divmod(start, size)
+        taken = np.random.default_rng([seed, pass_index]).permutation(size)[offset : offset + wanted]
+        parts.append(taken)
+        start, wanted = start + len(taken), wanted - len(taken)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 class Trainer:
     def __init__(
         self, model: Recommender, dataset: Dataset, split: Split, config: RunConfig, workdir: Path,
@@ -333,7 +352,7 @@ class Trainer:
         the epoch is."""
         cfg = self.train_cfg
         size = len(self.train_rows) if self.pointwise else len(self.examples)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(size)
+        order = epoch_order(cfg.seed, epoch, size, cfg.examples_per_epoch)
         epoch_seed = cfg.seed * 1_000_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)  # the negatives: one stream for all ranks
         # dropout and any other use of the global generator: the rank's own stream (rank 0's is one process's)
