@@ -9,7 +9,18 @@ Quick look (seconds):
 
     python benchmarks/bench_serving.py --sizes 10000 --queries 200 --batches 3
 
+Trained models instead of random ones (``benchmarks/million_items.py`` runs it on its two runs):
+
+    python benchmarks/bench_serving.py --runs TWO_TOWER_RUN SPARCODE_RUN --threads 1
+
 Writes ``benchmarks/out/serving.json`` (``--out``) and prints one table per catalogue size.
+
+With ``--runs``, two finished runs on one data set replace the synthetic workloads: the two-tower
+run's trained item vectors are behind every two-tower method (its user tower encodes the
+queries), the SparCode run's own saved index (and its tokenizer and quantiser) behind both
+SparCode methods; the queries are test users of the SparCode run's split (a sample seeded by
+``--seed``), each read as its model reads it in evaluation (its history, example age 0). The
+report adds each run's test Recall@k, exhaustive and served, its index and timing.
 
 What is measured, per catalogue size N (synthetic, seeded; nothing is trained):
 
@@ -80,7 +91,10 @@ from torch import nn
 
 from crosstower.environment import describe_environment, source_revision
 from crosstower.files import write_json
+from crosstower.data.batching import UserInput as ModelInput
+from crosstower.data.batching import eval_user_input
 from crosstower.index import CodeQueries, ExactInnerProductIndex, SparseCodeIndex, encode_code_ids
+from crosstower.index.sparse_code import top_k_positions
 from crosstower.nn.fields import MLP
 from crosstower.nn.quantizer import ProductQuantizer
 
@@ -256,30 +270,13 @@ def sparcode_fast_search(index: SparseCodeIndex, queries: CodeQueries, k: int) -
         scores = torch.from_numpy(np.concatenate([p[1] for p in postings]).astype(np.float32))
         cand, inverse = np.unique(items, return_inverse=True)  # ascending item ids
         sums = torch.zeros(len(cand)).index_add_(0, torch.from_numpy(inverse.reshape(-1)), scores)
-        top = cand[_top_positions(sums, k)].astype(np.int64)
+        top = cand[top_k_positions(sums.numpy(), k)].astype(np.int64)
         if len(top) < k:  # pad with the zero-score items, ascending, as the dense top-k would
             pool = np.arange(min(index.num_items, k + len(cand)), dtype=np.int64)
             fill = np.setdiff1d(pool, cand, assume_unique=True)[: k - len(top)]
             top = np.concatenate([top, fill, np.full(k - len(top) - len(fill), -1, dtype=np.int64)])
         out[b] = top
     return out
-
-
-def _top_positions(sums: torch.Tensor, k: int) -> np.ndarray:
-    """Positions of the ``k`` largest ``sums`` by (score descending, position ascending).
-
-    ``torch.topk`` finds the k-th value; everything above it is in, and of the entries equal to
-    it the lowest positions fill the rest (positions follow item ids, so ties go to the lower
-    item, the index's rule). Only the <= k chosen entries are then sorted.
-    """
-    values = sums.numpy()
-    if len(values) > k:
-        kth = values.dtype.type(torch.topk(sums, k, sorted=False).values.min())
-        above = np.flatnonzero(values > kth)
-        chosen = np.concatenate([above, np.flatnonzero(values == kth)[: k - len(above)]])
-    else:
-        chosen = np.arange(len(values))
-    return chosen[np.lexsort((chosen, -values[chosen]))]
 
 
 def _hnsw_bytes(index: faiss.IndexHNSWFlat) -> int:
@@ -296,8 +293,62 @@ class Workload:
     info: dict[str, Any]
     exact: ExactInnerProductIndex  # two-tower reference (and the ``exact_index`` method)
     sparse: SparseCodeIndex | None  # SparCode's index (None when no SparCode method was asked for)
-    tower: UserTower
-    tokenizer: CodeTokenizer
+    latency_users: Any  # the batch-1 queries (``len`` and ``slice(lo, hi)``)
+    batch_users: Any  # the throughput batches, one after another
+
+
+def two_tower_methods(
+    item_vectors: np.ndarray, encode: Callable[[Any], torch.Tensor], s: Settings, log: Callable[[str], None] = print,
+) -> tuple[list[Method], ExactInnerProductIndex]:
+    """The wanted two-tower methods over ``item_vectors`` [N, D] (float32), each query encoded by
+    ``encode``, and the exact index that is their recall reference."""
+    wanted = set(s.methods or ALL_METHODS)
+    n, d = item_vectors.shape
+    methods: list[Method] = []
+    if "exact_torch" in wanted:
+        items_t = torch.from_numpy(item_vectors)
+
+        def exact_torch(u: torch.Tensor, k: int) -> torch.Tensor:
+            return torch.topk(u @ items_t.T, k, dim=1).indices
+
+        methods.append(Method("exact_torch", "two_tower", encode, exact_torch, item_vectors.nbytes, 0.0))
+    exact = ExactInnerProductIndex(item_vectors)  # also the two-tower recall reference
+    if "exact_index" in wanted:
+        methods.append(Method("exact_index", "two_tower", encode, lambda u, k: exact.search(u, k),
+                              exact.nbytes(), exact.build_seconds))
+    if "faiss_flat_ip" in wanted:
+        t0 = time.perf_counter()
+        flat = faiss.IndexFlatIP(d)
+        flat.add(item_vectors)
+        built = time.perf_counter() - t0
+        methods.append(Method("faiss_flat_ip", "two_tower", encode,
+                              lambda u, k: flat.search(u.numpy(), k)[1], int(flat.ntotal) * d * 4, built))
+    if "faiss_hnsw" in wanted:
+        log(f"  building HNSW (M={s.hnsw_m}, efConstruction={s.ef_construction}) over {n:,} vectors ...")
+        t0 = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(d, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = s.ef_construction
+        hnsw.add(item_vectors)
+        built = time.perf_counter() - t0
+        hnsw.hnsw.efSearch = max(s.ef_search, s.k)
+        methods.append(Method("faiss_hnsw", "two_tower", encode,
+                              lambda u, k: hnsw.search(u.numpy(), k)[1], _hnsw_bytes(hnsw), built,
+                              {"M": s.hnsw_m, "efConstruction": s.ef_construction, "efSearch": hnsw.hnsw.efSearch}))
+    return methods, exact
+
+
+def sparcode_methods(sparse: SparseCodeIndex, encode: Callable[[Any], CodeQueries], s: Settings,
+                     info: dict[str, Any]) -> list[Method]:
+    """The wanted SparCode methods over ``sparse``, each query encoded by ``encode``."""
+    wanted = set(s.methods or ALL_METHODS)
+    methods = []
+    if "sparcode_index" in wanted:
+        methods.append(Method("sparcode_index", "sparcode", encode, lambda q, k: sparse.search(q, k),
+                              sparse.nbytes(), sparse.build_seconds, info))
+    if "sparcode_fastpath" in wanted:
+        methods.append(Method("sparcode_fastpath", "sparcode", encode, lambda q, k: sparcode_fast_search(sparse, q, k),
+                              sparse.nbytes(), sparse.build_seconds, info))
+    return methods
 
 
 def build_workload(n: int, s: Settings, log: Callable[[str], None] = print) -> Workload:
@@ -314,42 +365,8 @@ def build_workload(n: int, s: Settings, log: Callable[[str], None] = print) -> W
     quantizer = ProductQuantizer(d, s.num_codebooks, s.codebook_size)
     tokenizer = CodeTokenizer(inputs, d, s.user_tokens, quantizer).eval()
     item_vectors = torch.randn(n, d, generator=gen).numpy()
-    methods: list[Method] = []
     info: dict[str, Any] = {"num_items": n, "dim": d, "k": s.k}
-
-    def encode_vectors(users: Users) -> torch.Tensor:
-        return tower(users)
-
-    # ---- two-tower
-    if "exact_torch" in wanted:
-        items_t = torch.from_numpy(item_vectors)
-
-        def exact_torch(u: torch.Tensor, k: int) -> torch.Tensor:
-            return torch.topk(u @ items_t.T, k, dim=1).indices
-
-        methods.append(Method("exact_torch", "two_tower", encode_vectors, exact_torch, item_vectors.nbytes, 0.0))
-    exact = ExactInnerProductIndex(item_vectors)  # also the two-tower recall reference
-    if "exact_index" in wanted:
-        methods.append(Method("exact_index", "two_tower", encode_vectors, lambda u, k: exact.search(u, k),
-                              exact.nbytes(), exact.build_seconds))
-    if "faiss_flat_ip" in wanted:
-        t0 = time.perf_counter()
-        flat = faiss.IndexFlatIP(d)
-        flat.add(item_vectors)
-        built = time.perf_counter() - t0
-        methods.append(Method("faiss_flat_ip", "two_tower", encode_vectors,
-                              lambda u, k: flat.search(u.numpy(), k)[1], int(flat.ntotal) * d * 4, built))
-    if "faiss_hnsw" in wanted:
-        log(f"  building HNSW (M={s.hnsw_m}, efConstruction={s.ef_construction}) over {n:,} vectors ...")
-        t0 = time.perf_counter()
-        hnsw = faiss.IndexHNSWFlat(d, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = s.ef_construction
-        hnsw.add(item_vectors)
-        built = time.perf_counter() - t0
-        hnsw.hnsw.efSearch = max(s.ef_search, s.k)
-        methods.append(Method("faiss_hnsw", "two_tower", encode_vectors,
-                              lambda u, k: hnsw.search(u.numpy(), k)[1], _hnsw_bytes(hnsw), built,
-                              {"M": s.hnsw_m, "efConstruction": s.ef_construction, "efSearch": hnsw.hnsw.efSearch}))
+    methods, exact = two_tower_methods(item_vectors, tower, s, log)
 
     # ---- SparCode: codebooks and indexed codes from simulated training users
     sparse = None
@@ -383,23 +400,82 @@ def build_workload(n: int, s: Settings, log: Callable[[str], None] = print) -> W
         }
         info["sparcode"] = sparse_info
         per_method = {key: sparse_info[key] for key in ("codes_indexed", "keep_per_code", "kept_fraction")}
-
-        def encode_codes(users: Users) -> CodeQueries:
-            return tokenizer(users)
-
-        if "sparcode_index" in wanted:
-            methods.append(Method("sparcode_index", "sparcode", encode_codes, lambda q, k: sparse.search(q, k),
-                                  sparse.nbytes(), sparse.build_seconds, per_method))
-        if "sparcode_fastpath" in wanted:
-            methods.append(Method("sparcode_fastpath", "sparcode", encode_codes,
-                                  lambda q, k: sparcode_fast_search(sparse, q, k),
-                                  sparse.nbytes(), sparse.build_seconds, per_method))
+        methods += sparcode_methods(sparse, tokenizer, s, per_method)
     info["encoder_params"] = {
         "user_tower": sum(p.numel() for p in tower.mlp.parameters()),
         "tokenizer": sum(p.numel() for p in tokenizer.mlp.parameters()),
         "quantizer_codebooks": int(quantizer.codebooks.numel()),
     }
-    return Workload(methods, info, exact, sparse, tower, tokenizer)
+    gen = torch.Generator().manual_seed(s.seed * 7919 + n + 1)
+    return Workload(methods, info, exact, sparse, draw_users(s.queries, n, gen),
+                    draw_users(s.batch * s.batches, n, gen))
+
+
+# ------------------------------------------------------------------------------------ trained runs
+
+
+@dataclass
+class RunUsers:
+    """Users of a trained run, as each served model reads them (its own history length)."""
+
+    inputs: dict[str, ModelInput]  # by method family
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def slice(self, lo: int, hi: int) -> RunUsers:
+        return RunUsers({family: _user_rows(user, lo, hi) for family, user in self.inputs.items()})
+
+
+def _user_rows(user: ModelInput, lo: int, hi: int) -> ModelInput:
+    age = None if user.example_age is None else user.example_age[lo:hi]
+    return ModelInput(user.users[lo:hi], user.history[lo:hi], age)
+
+
+def trained_workload(two_tower_dir: Path, sparcode_dir: Path, s: Settings,
+                     log: Callable[[str], None] = print) -> Workload:
+    """The serving methods of two finished runs on one data set: the two-tower run's trained item
+    vectors behind every two-tower method, the SparCode run's own saved index behind SparCode's.
+    Queries are test users of the SparCode run's split, a sample seeded by ``s.seed``."""
+    from crosstower.run_dir import open_run
+
+    towers, codes = open_run(two_tower_dir), open_run(sparcode_dir)
+    if towers.metrics.get("data") != codes.metrics.get("data"):
+        raise SystemExit(f"error: {two_tower_dir} and {sparcode_dir} were trained on different data")
+    sparse = codes.index()
+    if not isinstance(sparse, SparseCodeIndex):
+        raise SystemExit(f"error: {sparcode_dir}: expected a SparCode run with a sparse code index, "
+                         f"got {type(sparse).__name__}")
+    log(f"  encoding the catalogue of {towers.dataset.num_items:,} items with {two_tower_dir} ...")
+    item_vectors = towers.model.item_vectors().numpy().astype(np.float32)
+    methods, exact = two_tower_methods(item_vectors, towers.model.index_query, s, log)
+    index_info = {"codes_indexed": sparse.num_codes, "kept_fraction": sparse.kept_fraction}
+    methods += sparcode_methods(sparse, codes.model.index_query, s, index_info)
+    test = codes.split.test
+    rows = np.random.default_rng(s.seed).choice(len(test), min(len(test), s.queries + s.batch * s.batches),
+                                                replace=False)
+
+    def users(picked: np.ndarray) -> RunUsers:  # the same test users and histories for both models
+        return RunUsers({family: eval_user_input(test, picked, run.config.train.history_length)
+                         for family, run in (("two_tower", towers), ("sparcode", codes))})
+
+    info: dict[str, Any] = {
+        "num_items": towers.dataset.num_items, "dim": item_vectors.shape[1], "k": s.k,
+        "runs": {family: {"dir": str(run.folder.path), "model": run.config.model.name,
+                          "metrics": {part: {key: value for key, value in run.metrics["metrics"].get(part, {}).items()
+                                             if key.startswith(f"recall@{s.k}")}
+                                      for part in ("test", "test_served")},
+                          "index": run.metrics.get("index", {}), "timing": run.metrics.get("timing", {})}
+                 for family, run in (("two_tower", towers), ("sparcode", codes))},
+        "sparcode": {"codes_indexed": sparse.num_codes, "kept_fraction": sparse.kept_fraction, "nnz": sparse.nnz},
+    }
+    for m in methods:  # each family's encoder reads its own model's input
+        m.encode = _family_encoder(m.encode, m.family)
+    return Workload(methods, info, exact, sparse, users(rows[: s.queries]), users(rows[s.queries:]))
+
+
+def _family_encoder(encode: Callable[[Any], Any], family: str) -> Callable[[RunUsers], Any]:
+    return lambda users: encode(users.inputs[family])
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -519,16 +595,24 @@ def set_threads(n: int) -> None:
 def run_size(n: int, s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
     log(f"N = {n:,}")
     set_threads(s.build_threads or os.cpu_count() or 1)
-    work = build_workload(n, s, log)
+    return measure(build_workload(n, s, log), s, log)
+
+
+def run_trained(two_tower_dir: Path, sparcode_dir: Path, s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    log(f"trained runs: {two_tower_dir} (two-tower), {sparcode_dir} (SparCode)")
+    set_threads(s.build_threads or os.cpu_count() or 1)
+    return measure(trained_workload(two_tower_dir, sparcode_dir, s, log), s, log)
+
+
+def measure(work: Workload, s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Latency, throughput and agreement of every method of ``work``, on ``s.threads`` threads."""
     methods, info, exact, sparse = work.methods, work.info, work.exact, work.sparse
     set_threads(s.threads)
-    gen = torch.Generator().manual_seed(s.seed * 7919 + n + 1)
-    latency_users = draw_users(s.queries, n, gen)
-    batch_users = draw_users(s.batch * s.batches, n, gen)
-    log(f"  batch-1 latency: {s.queries} queries x {len(methods)} methods (+{s.warmup} warm-up) ...")
-    latency = measure_latency(methods, latency_users, s.warmup, s.k)
-    log(f"  throughput: {s.batches} batches of {s.batch} x {len(methods)} methods ...")
-    throughput = measure_throughput(methods, batch_users, s.batch, s.batches, s.k)
+    log(f"  batch-1 latency: {len(work.latency_users)} queries x {len(methods)} methods (+{s.warmup} warm-up) ...")
+    latency = measure_latency(methods, work.latency_users, s.warmup, s.k)
+    batches = len(work.batch_users) // s.batch
+    log(f"  throughput: {batches} batches of {s.batch} x {len(methods)} methods ...")
+    throughput = measure_throughput(methods, work.batch_users, s.batch, batches, s.k)
     results: dict[str, Any] = {}
     for m in methods:
         lat = latency[m.name]
@@ -597,7 +681,7 @@ def table(result: dict[str, Any], s: Settings) -> str:
     return "\n".join([title, *lines])
 
 
-def parse(argv: Sequence[str] | None) -> tuple[Settings, Path]:
+def parse(argv: Sequence[str] | None) -> tuple[Settings, Path, list[Path] | None]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Settings()
     p.add_argument("--sizes", type=int, nargs="+", default=d.sizes, help="catalogue sizes N")
@@ -620,20 +704,23 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, Path]:
     p.add_argument("--ef-search", type=int, default=d.ef_search)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=None, help="subset (default: all)")
+    p.add_argument("--runs", type=Path, nargs=2, metavar=("TWO_TOWER_RUN", "SPARCODE_RUN"),
+                   help="serve two finished runs on one data set instead of the synthetic workloads "
+                        "(--sizes and the workload options are then ignored)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = vars(p.parse_args(argv))
-    out = args.pop("out")
+    out, runs = args.pop("out"), args.pop("runs")
     s = Settings(**args)
     if s.k < 1 or s.queries < 1 or s.batch < 1 or s.batches < 1 or s.threads < 1 or min(s.sizes) < 1:
         p.error("k, queries, batch, batches, threads and sizes must be >= 1")
     if min(s.sizes) < s.k:
         p.error(f"every size must be at least k={s.k}")
-    return s, out
+    return s, out, runs
 
 
 def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    s, out = parse(argv)
+    s, out, runs = parse(argv)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report: dict[str, Any] = {
         "benchmark": "serving",
@@ -643,8 +730,9 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
         "settings": asdict(s),
         "results": [],
     }
-    for n in s.sizes:
-        result = run_size(n, s, log)
+    workloads = [lambda: run_trained(*runs, s, log)] if runs else [lambda n=n: run_size(n, s, log) for n in s.sizes]
+    for workload in workloads:
+        result = workload()
         report["results"].append(result)
         log(table(result, s))
         write_json(out, report)  # written after every size: a long run keeps its parts

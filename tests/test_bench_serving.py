@@ -72,7 +72,7 @@ def test_exact_brute_force_equals_faiss_flat_ip(bench):
                                 log=lambda *_: None)
     users = bench.draw_users(40, N, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        vectors = work.tower(users)
+        vectors = work.methods[0].encode(users)
         answers = {m.name: bench._items(m.search(vectors, 50)) for m in work.methods}
     for name in ("exact_index", "faiss_flat_ip"):
         for a, b in zip(answers["exact_torch"], answers[name]):
@@ -86,7 +86,7 @@ def test_sparcode_search_equals_dense_reference(bench, keep):
     index = work.sparse
     users = bench.draw_users(40, N, torch.Generator().manual_seed(2))
     with torch.no_grad():
-        queries = work.tokenizer(users)
+        queries = work.methods[0].encode(users)
     dense = index.dense_scores(queries.codes, queries.vectors)
     reference = torch.sort(dense, dim=1, descending=True, stable=True).indices[:, :50].numpy()
     searched = index.search(queries, 50)[1].numpy()
@@ -99,7 +99,33 @@ def test_sparcode_search_equals_dense_reference(bench, keep):
 
 
 def test_top_positions_breaks_ties_by_position(bench):
-    sums = torch.tensor([1.0, 2.0, 2.0, 0.5, 2.0, 3.0])
-    assert bench._top_positions(sums, 3).tolist() == [5, 1, 2]
-    assert bench._top_positions(sums, 4).tolist() == [5, 1, 2, 4]
-    assert bench._top_positions(sums, 10).tolist() == [5, 1, 2, 4, 0, 3]
+    sums = np.array([1.0, 2.0, 2.0, 0.5, 2.0, 3.0], dtype=np.float32)
+    assert bench.top_k_positions(sums, 3).tolist() == [5, 1, 2]
+    assert bench.top_k_positions(sums, 4).tolist() == [5, 1, 2, 4]
+    assert bench.top_k_positions(sums, 10).tolist() == [5, 1, 2, 4, 0, 3]
+
+
+def test_two_trained_runs_are_served_side_by_side(bench, finished_runs, tmp_path):
+    out = tmp_path / "trained.json"
+    two_tower, sparcode = finished_runs / "dssm", finished_runs / "sparcode"
+    bench.main(["--runs", str(two_tower), str(sparcode), "--queries", "10", "--warmup", "1", "--batch", "8",
+                "--batches", "2", "--k", "10", "--build-threads", "1", "--out", str(out)], log=lambda *_: None)
+    (result,) = json.loads(out.read_text())["results"]
+    import crosstower
+
+    assert result["num_items"] == crosstower.load_run(sparcode).num_items
+    assert result["runs"]["sparcode"]["dir"] == str(sparcode) and result["runs"]["two_tower"]["model"] == "dssm"
+    assert all(key.startswith("recall@10") for key in result["runs"]["sparcode"]["metrics"]["test"])
+    methods = result["methods"]
+    assert set(methods) == set(bench.ALL_METHODS)
+    for name in ("exact_torch", "exact_index", "faiss_flat_ip"):
+        assert methods[name]["recall@10"] == 1.0, name
+    for name in ("sparcode_index", "sparcode_fastpath"):  # the run's own index, searched as saved
+        assert methods[name]["identical_to_index_search"] == 1.0 and methods[name]["recall@10"] == 1.0
+        assert methods[name]["codes_indexed"] == result["sparcode"]["codes_indexed"] > 0
+
+
+def test_a_run_without_a_sparse_code_index_is_refused(bench, finished_runs, tmp_path):
+    with pytest.raises(SystemExit, match="expected a SparCode run"):
+        bench.main(["--runs", str(finished_runs / "dssm"), str(finished_runs / "colbert"), "--queries", "4",
+                    "--out", str(tmp_path / "x.json")], log=lambda *_: None)

@@ -107,6 +107,7 @@ def test_one_epoch_on_two_ranks_equals_one_process_and_only_rank_0_writes(tmp_pa
     history = json.loads((tmp_path / "ranks" / "metrics.json").read_text())["training_history"]
     # The logged loss is the mean over every rank's rows: one process's.
     assert history[0]["loss"] == pytest.approx(single["training_history"][0]["loss"], rel=1e-4)
+    assert history[0]["examples"] == single["training_history"][0]["examples"]  # counted over every rank
     assert sorted(set(writes.read_text().split("\n")) - {""}) == ["0 save_checkpoint", "0 write"]
 
 

@@ -468,7 +468,7 @@ def _sparse_topk(
     if (np.bincount(user, minlength=b) < k).any():
         return None
     if b == 1:  # one query (serving latency): rank only the top k, not every candidate
-        chosen = _top_k_positions(sums, k)
+        chosen = top_k_positions(sums, k)
         return torch.from_numpy(sums[chosen][None]), torch.from_numpy(item[chosen][None])
     order = np.lexsort((item, -sums, user))  # by user, then score descending, then item
     counts = np.bincount(user, minlength=b)
@@ -478,7 +478,7 @@ def _sparse_topk(
     return torch.from_numpy(sums[chosen].reshape(b, k)), torch.from_numpy(item[chosen].reshape(b, k))
 
 
-def _top_k_positions(sums: np.ndarray, k: int) -> np.ndarray:
+def top_k_positions(sums: np.ndarray, k: int) -> np.ndarray:
     """Positions of the ``k`` largest ``sums`` (``len(sums) >= k``), by score descending, ties to
     the lower position (positions ascend with the item id): everything above the k-th value, then
     the first of the entries equal to it; only those k are sorted."""

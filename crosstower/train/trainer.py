@@ -233,7 +233,9 @@ class Trainer:
             deadline = None
             if cfg.max_minutes is not None and epoch >= self.model.warmup_epochs:
                 deadline = started + 60 * cfg.max_minutes
-            loss, terms = self._train_epoch(epoch, optimizer, average, deadline)
+            epoch_started = time.perf_counter()
+            loss, terms, examples = self._train_epoch(epoch, optimizer, average, deadline)
+            speed = {"examples": examples, "train_seconds": round(time.perf_counter() - epoch_started, 3)}
             # A warm-up epoch trains another model (SparCode unquantised): never the best, no patience.
             selectable = epoch >= self.model.warmup_epochs
             with average.swapped_in() if average is not None else contextlib.nullcontext():
@@ -248,7 +250,7 @@ class Trainer:
                     best_state = copy.deepcopy(self.model.state_dict())
             stats = self.model.training_stats()
             lr = optimizer.param_groups[0]["lr"]
-            report.history.append({"epoch": epoch, "loss": loss, "lr": lr, **terms, **stats,
+            report.history.append({"epoch": epoch, "loss": loss, "lr": lr, **speed, **terms, **stats,
                                    **{f"val_{k}": v for k, v in metrics.items()}})
             report.epochs_run = epoch + 1
             extra = "".join(f" {k} {v:.3g}" for k, v in {**terms, **stats}.items() if not k.endswith("_weight"))
@@ -342,9 +344,10 @@ class Trainer:
     def _train_epoch(
         self, epoch: int, optimizer: torch.optim.Optimizer, average: WeightAverage | None,
         deadline: float | None = None,
-    ) -> tuple[float, dict[str, float]]:
-        """One epoch: its mean loss and the mean of every named loss term (``loss_NAME``; a
-        term's weight as ``loss_NAME_weight``), so each term of a composite objective is logged.
+    ) -> tuple[float, dict[str, float], int]:
+        """One epoch: its mean loss, the mean of every named loss term (``loss_NAME``; a term's
+        weight as ``loss_NAME_weight``), so each term of a composite objective is logged, and how
+        many examples it trained on (every rank's).
 
         Past ``deadline`` (a ``time.perf_counter`` value: ``train.max_minutes``) the epoch ends
         after the current batch, so a budget is kept to about one batch, not one epoch. Where no
@@ -406,7 +409,7 @@ class Trainer:
             total, trained, *sums = summed([total, trained, *(terms[n] for n in names)], device)
             terms = dict(zip(names, sums))
         size = max(1, trained)
-        return total / size, {f"loss_{name}": value / size for name, value in terms.items()}
+        return total / size, {f"loss_{name}": value / size for name, value in terms.items()}, int(trained)
 
     def _batch_loss(self, index: np.ndarray, generator: torch.Generator,
                     share: slice | None) -> tuple[torch.Tensor, dict[str, float]]:
