@@ -19,7 +19,9 @@ With ``--runs``, two finished runs on one data set replace the synthetic workloa
 run's trained item vectors are behind every two-tower method (its user tower encodes the
 queries), the SparCode run's own saved index (and its tokenizer and quantiser) behind both
 SparCode methods; the queries are test users of the SparCode run's split (a sample seeded by
-``--seed``), each read as its model reads it in evaluation (its history, example age 0). The
+``--seed``), each read as its model reads it in evaluation (its history, example age 0), and
+encoded as ``crosstower serve`` encodes a known user: by the query side's ONNX graph in
+onnxruntime on ``--threads`` threads (``--eager``: in PyTorch). The
 report adds each run's test Recall@k, exhaustive and served, its index and timing.
 
 What is measured, per catalogue size N (synthetic, seeded; nothing is trained):
@@ -95,6 +97,7 @@ from crosstower.data.batching import UserInput as ModelInput
 from crosstower.data.batching import eval_user_input
 from crosstower.index import CodeQueries, ExactInnerProductIndex, SparseCodeIndex, encode_code_ids
 from crosstower.index.sparse_code import top_k_positions
+from crosstower.query_graph import compiled_queries
 from crosstower.nn.fields import MLP
 from crosstower.nn.quantizer import ProductQuantizer
 
@@ -134,6 +137,7 @@ class Settings:
     ef_search: int = 128
     seed: int = 0
     methods: list[str] | None = None  # None: all
+    eager: bool = False  # --runs: encode queries in PyTorch instead of the compiled query graph
 
     def keep_for(self, num_items: int) -> int:
         return self.keep_per_code or max(1, min(1000, num_items // 100))
@@ -448,12 +452,20 @@ def trained_workload(two_tower_dir: Path, sparcode_dir: Path, s: Settings,
                          f"got {type(sparse).__name__}")
     log(f"  encoding the catalogue of {towers.dataset.num_items:,} items with {two_tower_dir} ...")
     item_vectors = towers.model.item_vectors().numpy().astype(np.float32)
-    methods, exact = two_tower_methods(item_vectors, towers.model.index_query, s, log)
-    index_info = {"codes_indexed": sparse.num_codes, "kept_fraction": sparse.kept_fraction}
-    methods += sparcode_methods(sparse, codes.model.index_query, s, index_info)
     test = codes.split.test
     rows = np.random.default_rng(s.seed).choice(len(test), min(len(test), s.queries + s.batch * s.batches),
                                                 replace=False)
+
+    def query_side(run: Any) -> Callable[[ModelInput], Any]:
+        """As ``crosstower serve`` encodes a known user: the compiled query graph (``--eager``: PyTorch)."""
+        if s.eager:
+            return run.model.index_query
+        example = eval_user_input(test, rows[:2], run.config.train.history_length).history.numpy()
+        return compiled_queries(run.model, example, s.threads) or run.model.index_query
+
+    methods, exact = two_tower_methods(item_vectors, query_side(towers), s, log)
+    index_info = {"codes_indexed": sparse.num_codes, "kept_fraction": sparse.kept_fraction}
+    methods += sparcode_methods(sparse, query_side(codes), s, index_info)
 
     def users(picked: np.ndarray) -> RunUsers:  # the same test users and histories for both models
         return RunUsers({family: eval_user_input(test, picked, run.config.train.history_length)
@@ -461,6 +473,7 @@ def trained_workload(two_tower_dir: Path, sparcode_dir: Path, s: Settings,
 
     info: dict[str, Any] = {
         "num_items": towers.dataset.num_items, "dim": item_vectors.shape[1], "k": s.k,
+        "queries_by": "pytorch" if s.eager else "onnxruntime",
         "runs": {family: {"dir": str(run.folder.path), "model": run.config.model.name,
                           "metrics": {part: {key: value for key, value in run.metrics["metrics"].get(part, {}).items()
                                              if key.startswith(f"recall@{s.k}")}
@@ -707,6 +720,8 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, Path, list[Path] | None
     p.add_argument("--runs", type=Path, nargs=2, metavar=("TWO_TOWER_RUN", "SPARCODE_RUN"),
                    help="serve two finished runs on one data set instead of the synthetic workloads "
                         "(--sizes and the workload options are then ignored)")
+    p.add_argument("--eager", action="store_true",
+                   help="--runs: encode queries in PyTorch instead of the compiled ONNX graph crosstower serve uses")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = vars(p.parse_args(argv))
     out, runs = args.pop("out"), args.pop("runs")

@@ -6,8 +6,10 @@
 A row is a run: its student, method and teacher, test Recall@20 / Recall@50 / NDCG@50, served
 Recall@50 (the run's index), the student's training seconds (with what the method computed once,
 such as a teacher-score cache) and the teacher's (a teacher shared by several students is
-counted in each), epochs, and the student's scoring cost per (user, item)
-pair: the multiply-adds of one inner product. With ``--seeds`` runs whose configs differ only in
+counted in each), epochs, what serves the student (an inner-product index, which nearest-neighbour
+search can serve, or another index), and its serving cost from the run's ``metrics.json``:
+multiply-adds per (user, item) pair and bytes stored per item (runs written before costs were
+recorded: the multiply-adds of one inner product, no bytes). With ``--seeds`` runs whose configs differ only in
 ``train.seed`` are one row: mean +- sample standard deviation, and the number of seeds. Runs of
 protocol P4 (pre-ranking) get the pointwise columns instead: test AUC, GAUC and log loss, and no
 cost column (a pre-ranker scores each given pair).
@@ -31,9 +33,16 @@ LABELS = {"recall@20": "Recall@20", "recall@50": "Recall@50", "ndcg@50": "NDCG@5
           "gauc": "test GAUC", "logloss": "test log loss"}
 
 
+# How a run's index serves it, by index kind: "ANN" where an inner-product (nearest-neighbour)
+# index can serve it, else what serves it.
+SERVED_BY = {"exact_inner_product": "inner product (ANN)", "faiss_inner_product": "inner product (ANN)",
+             "sparse_code": "sparse code index", "late_interaction": "token index + exact MaxSim",
+             "two_rankers": "token index + exact re-scoring", "exhaustive": "exhaustive only"}
+
+
 def head(metrics: tuple) -> list[str]:
     names = [("served " if part == "test_served" else "") + LABELS[metric] for part, metric in metrics]
-    cost = ["MACs / pair"] if metrics is RANKING else []
+    cost = ["served by", "MACs / pair", "bytes / item"] if metrics is RANKING else []
     return ["dataset", "protocol", "student", "method", "teacher", *names, "student train s", "teacher train s",
             "epochs", *cost, "seeds", "command"]
 
@@ -46,6 +55,8 @@ def describe(run_dir: Path) -> dict:
     teacher = distill.get("teacher") or {}
     model = config["model"]
     width = model.get("output_dim", model.get("embedding_dim", 0)) + (1 if model.get("item_bias") else 0)
+    cost = r.get("cost") or {}  # runs written before costs were recorded: an inner product's width
+    kind = (r.get("index") or {}).get("kind", "exhaustive")
     return {
         "key": group_key(r),
         "cells": [r["dataset"], r["protocol"].upper(), r["model"], distill.get("method", "none"),
@@ -55,7 +66,9 @@ def describe(run_dir: Path) -> dict:
         "metrics": metrics, "values": [r["metrics"].get(part, {}).get(metric) for part, metric in metrics],
         "train": timing["train_seconds"] + timing.get("distill_setup_seconds", 0.0),
         "teacher": timing.get("teacher_train_seconds", 0.0),
-        "epochs": timing.get("epochs", 0), "macs": width, "name": config.get("name") or run_dir.name,
+        "epochs": timing.get("epochs", 0), "name": config.get("name") or run_dir.name,
+        "cost": [SERVED_BY.get(kind, kind), f"{cost.get('macs_per_pair', width):,.0f}",
+                 f"{cost['bytes_per_item']:,.0f}" if "bytes_per_item" in cost else "-"],
         "seed": config["train"]["seed"],
     }
 
@@ -73,7 +86,7 @@ def rows(runs: list[dict], by_seed: bool) -> list[list[str]]:
             command = f"`crosstower run configs/{first['name']}.yaml --set train.seed={seeds[0]}`"
         elif len(seeds) > 1:
             command = f"{command} with `--set train.seed=S`, S in {', '.join(map(str, seeds))}"
-        cost = [str(first["macs"])] if first["metrics"] is RANKING else []
+        cost = first["cost"] if first["metrics"] is RANKING else []
         out.append([*first["cells"], *(mean_std([r["values"][i] for r in group]) for i in range(len(first["values"]))),
                     f"{statistics.mean(r['train'] for r in group):.0f}", f"{first['teacher']:.0f}",
                     "/".join(str(r["epochs"]) for r in group), *cost, str(len(group)), command])

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--threads", type=int, help="torch threads that score (default: the run's train.threads)")
+    serve.add_argument("--eager", action="store_true",
+                       help="encode queries in PyTorch instead of the compiled ONNX graph (slower per request)")
     _data_dir(serve)
 
     export = command("export", "write a run's user tower (ONNX), item vectors and faiss index for serving "
@@ -162,7 +164,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from crosstower.serve import serve
 
         try:
-            serve(args.run_dir, args.host, args.port, args.data_dir, args.threads)
+            serve(args.run_dir, args.host, args.port, args.data_dir, args.threads, args.eager)
         except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C
             pass
         return 0

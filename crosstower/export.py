@@ -15,6 +15,13 @@ what the model's index searches with. Beside it, the item side:
   index (``faiss.deserialize_index``) of the real item tokens in (item, token) order. Score =
   sum over the user's real tokens of the max over the item's real tokens of their dot product,
   plus the item's bias; candidates = the items of each user token's nearest item tokens.
+* **SparCode**: outputs ``user_codes`` int64 [B, T, M] (each token's code tuple, -1 entries for a
+  token the user does not have) and ``user_code_vectors`` float32 [B, T, D] (its quantised vector,
+  0 for an absent token); ``index/`` is the run's sparse code index, a CSR table over code tuples
+  (``indptr``, ``items``, ``scores`` float16, ``code_ids`` mixed-radix ids with the first entry
+  most significant, ``code_vectors``, optionally ``item_prior``). Score = the item's prior plus,
+  for each real token, the item's score in the posting list of its code's row (a code that was
+  not indexed reads the row whose code vector is nearest to the token's vector).
 
 Always: ``user_histories.npy`` int64 [U, L] (each known user's last L items, -1 pads on the
 left), ``ids.json`` (``{"users": [...], "items": [...]}``: the raw id of each row) and
@@ -25,8 +32,7 @@ user tower holds the user feature tables, so user features need no further file)
 PyTorch's ONNX exporter (torch.export); the tests check onnxruntime against PyTorch to 1e-5.
 
 Models that score each pair with a network (the cross encoder, IntTower, the all-to-all model)
-have no user tower to export, and SparCode's code encoder does not export yet: serve those with
-``crosstower serve``.
+have no user tower to export: serve those with ``crosstower serve``.
 """
 
 from __future__ import annotations
@@ -34,20 +40,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from crosstower.data.batching import UserInput
 from crosstower.errors import CrosstowerError
 from crosstower.files import replace_dir
-from crosstower.models.base import EmbeddingRecommender, Recommender
-from crosstower.models.late_interaction import LateInteraction
-from crosstower.models.sparcode import SparCode
-from crosstower.nn.tokens import TokenSequence
+from crosstower.models.base import EmbeddingRecommender
+from crosstower.query_graph import export_query_side, output_names
 from crosstower.recommend import Retriever
 from crosstower.run_dir import INDEX
 
@@ -64,39 +65,12 @@ SCORES = {
         "sum over the user's real tokens of the max over the item's real tokens of their dot product, plus "
         "item_bias; candidates: the items of each user token's nearest item tokens in index/candidate_index.npy "
         "(faiss.deserialize_index), item tokens in index/item_tokens.npy"),
+    "sparse_code": (
+        "item_prior (index/item_prior.npy, 0 without it) plus, for each real user token, the item's score in the "
+        "posting list of its code: row r of index/code_ids.npy with code_ids[r] = sum_m user_codes[m] * N^(M-1-m) "
+        "(else the row whose index/code_vectors.npy is nearest to user_code_vectors), entries "
+        "index/indptr.npy[r]:[r+1] of index/items.npy and index/scores.npy; an item in no list scores its prior"),
 }
-
-
-class UserTower(nn.Module):
-    """The model's index query (``index_query``) with plain tensors in and out, as the ONNX
-    graph's inputs and outputs."""
-
-    def __init__(self, model: Recommender):
-        super().__init__()
-        self.model = model
-
-    def forward(self, users: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Example age 0: the age of a serving-time request (YouTubeDNN's convention).
-        query = self.model.index_query(UserInput(users, history, torch.zeros_like(users, dtype=torch.float32)))
-        if isinstance(query, TokenSequence):
-            return query.tokens, query.mask
-        return (query,)
-
-
-def output_names(model: Recommender) -> list[str]:
-    """The user tower's outputs for ``model``, or a CrosstowerError where it cannot be exported."""
-    if isinstance(model, EmbeddingRecommender):
-        return ["user_vectors"]
-    if isinstance(model, LateInteraction):
-        return ["user_tokens", "user_token_mask"]
-    name = type(model).__name__
-    if isinstance(model, SparCode) and model.quantizer is not None:
-        # The code search (crosstower.nn.quantizer.nearest) loops over row chunks, which fixes the
-        # batch size when traced; its export waits for a chunk-free serving path.
-        raise CrosstowerError(f"{name}: exporting SparCode's code encoder is not supported yet; serve the run with "
-                              f"`crosstower serve`")
-    raise CrosstowerError(f"{name} scores each (user, item) pair with a network, so it has no user tower and item "
-                          f"side to export; serve the run with `crosstower serve`")
 
 
 def export_run(retriever: Retriever, out: Path, format: str = "onnx") -> Path:
@@ -126,7 +100,7 @@ def _write(retriever: Retriever, folder: Path) -> None:
     length = run.config.train.history_length
     histories = retriever.seen.padded_tail(length).astype(np.int64)
     outputs = output_names(model)
-    _export_user_tower(model, histories, outputs, folder / USER_TOWER)
+    export_query_side(model, histories[:2], outputs, folder / USER_TOWER)
     files = [USER_TOWER, HISTORIES, IDS]
     if isinstance(model, EmbeddingRecommender):
         dim = _write_item_vectors(model, folder)
@@ -150,21 +124,6 @@ def _write(retriever: Retriever, folder: Path) -> None:
         "outputs": outputs, "score": score, "metrics": run.metrics.get("metrics", {}), "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def _export_user_tower(model: Recommender, histories: np.ndarray, outputs: list[str], path: Path) -> None:
-    log.info("exporting the user tower to ONNX")
-    example = (torch.arange(min(2, len(histories))), torch.from_numpy(histories[:2]))
-    batch = torch.export.Dim("batch")
-    for noisy in ("onnx_ir", "onnxscript"):  # a line per graph pass otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "axis name batch ... shares the same constraints"
-        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations, not ours
-        torch.onnx.export(UserTower(model).eval(), example, str(path), dynamo=True,
-                          input_names=["users", "history"], output_names=outputs,
-                          dynamic_shapes={"users": {0: batch}, "history": {0: batch}}, external_data=False,
-                          verbose=False)
 
 
 def _write_item_vectors(model: EmbeddingRecommender, folder: Path) -> int:

@@ -33,6 +33,7 @@ from crosstower.evaluate.ranking import topk_items
 from crosstower.index import Index
 from crosstower.models.base import ENCODE_BLOCK
 from crosstower.nn.fields import row_values
+from crosstower.query_graph import CompiledQueries, compiled_queries
 from crosstower.run_dir import Run, open_run
 from crosstower.tables import text_table
 
@@ -76,6 +77,17 @@ class Retriever:
         self._item_index = {_key(raw): i for i, raw in enumerate(self._item_ids)}
         self.seen = _histories(run)
         self.index: Index | None = run.index(mmap=mmap)
+        self.compiled: CompiledQueries | None = None  # see compile()
+
+    def compile(self) -> bool:
+        """Answer known users' queries through the query side's ONNX graph in onnxruntime, on
+        torch's current thread count (:mod:`crosstower.query_graph`: the same answers for a
+        fraction of eager PyTorch's fixed cost per call, which is most of a batch-1 query).
+        False where the run has no index or its model no query graph: PyTorch answers then."""
+        if self.index is not None and self.compiled is None:
+            self.compiled = compiled_queries(self.model, self.seen.padded_tail(self._length)[:2],
+                                             torch.get_num_threads())
+        return self.compiled is not None
 
     # ---------------------------------------------------------------------------- description
 
@@ -102,6 +114,7 @@ class Retriever:
             "users": len(self._user_ids),
             "items": self.num_items,
             "served_by": self.served_by,
+            "queries_by": "onnxruntime" if self.compiled is not None else "pytorch",
             "index": run.metrics.get("index", {}),
             "metrics": run.metrics.get("metrics", {}),
         }
@@ -193,8 +206,11 @@ class Retriever:
             for lo in range(0, len(user), ENCODE_BLOCK):
                 rows = np.arange(lo, min(lo + ENCODE_BLOCK, len(user)))
                 block = _rows(user, rows)
-                with self._user_fields(block, anonymous):
-                    query = self.model.index_query(block)
+                if self.compiled is not None and not anonymous:  # the graph holds the user feature tables
+                    query = self.compiled(block)
+                else:
+                    with self._user_fields(block, anonymous):
+                        query = self.model.index_query(block)
                 parts.append(self.index.search(query, k, exclude.take(rows)))
             scores, items = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         answers = []

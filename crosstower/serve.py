@@ -142,9 +142,10 @@ def _first_problem(problems: list[dict]) -> str:
 
 
 def serve(run_dir: Any, host: str = "127.0.0.1", port: int = 8000, data_dir: Any = None,
-          threads: int | None = None) -> None:
+          threads: int | None = None, eager: bool = False) -> None:
     """Open ``run_dir`` and serve it until interrupted (uvicorn's Ctrl-C / SIGTERM handling);
-    ``threads`` torch threads score (default: the run's ``train.threads``)."""
+    ``threads`` torch threads score (default: the run's ``train.threads``). Known users' queries
+    go through the compiled query side (:meth:`Retriever.compile`) unless ``eager``."""
     import torch
     import uvicorn
 
@@ -153,6 +154,8 @@ def serve(run_dir: Any, host: str = "127.0.0.1", port: int = 8000, data_dir: Any
     retriever = load_run(run_dir, data_dir)
     if threads is not None:
         torch.set_num_threads(threads)
+    if not eager and retriever.compile():
+        log.info("queries of known users run as an ONNX graph in onnxruntime (--eager: in PyTorch)")
     app = create_app(retriever)
     log.info("serving %s on http://%s:%d (OpenAPI docs at /docs)", run_dir, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -115,6 +115,7 @@ def test_two_trained_runs_are_served_side_by_side(bench, finished_runs, tmp_path
 
     assert result["num_items"] == crosstower.load_run(sparcode).num_items
     assert result["runs"]["sparcode"]["dir"] == str(sparcode) and result["runs"]["two_tower"]["model"] == "dssm"
+    assert result["queries_by"] == "onnxruntime"  # as crosstower serve encodes a known user
     assert all(key.startswith("recall@10") for key in result["runs"]["sparcode"]["metrics"]["test"])
     methods = result["methods"]
     assert set(methods) == set(bench.ALL_METHODS)

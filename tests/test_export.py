@@ -14,6 +14,7 @@ import torch
 import crosstower
 from crosstower.data.batching import UserInput
 from crosstower.export import export_run
+from crosstower.index import CodeQueries, Index
 from tests.test_cli import assert_one_line_error, run_cli
 
 
@@ -76,9 +77,34 @@ def test_a_late_interaction_export_holds_its_token_tower_and_index(finished_runs
     assert np.abs(tokens - expected.tokens.numpy())[mask].max() <= 1e-5
 
 
+def test_a_sparcode_export_holds_its_code_encoder_and_index(finished_runs, tmp_path):
+    retriever = crosstower.load_run(finished_runs / "sparcode")
+    out = export_run(retriever, tmp_path / "sparcode-onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    ids = json.loads((out / "ids.json").read_text())
+    assert manifest["outputs"] == ["user_codes", "user_code_vectors"] and "posting list" in manifest["score"]
+    session = onnxruntime.InferenceSession(str(out / "user_tower.onnx"))
+    rng = np.random.default_rng(1)
+    users = np.arange(0, retriever.run.dataset.num_users, 7)
+    history = np.load(out / "user_histories.npy")[users]
+    history[:3] = rng.integers(-1, retriever.num_items, history[:3].shape)  # new histories, padding inside too
+    codes, vectors = session.run(None, {"users": users, "history": history})
+    with torch.no_grad():
+        expected = retriever.model.index_query(UserInput(torch.from_numpy(users), torch.from_numpy(history),
+                                                         torch.zeros(len(users))))
+    assert np.array_equal(codes, expected.codes.numpy())
+    assert np.abs(vectors - expected.vectors.numpy()).max() <= 1e-5
+    single = session.run(None, {"users": users[:1], "history": history[:1]})[0]
+    assert np.array_equal(single, codes[:1])
+    # The exported index folder, searched with the exported encoder's outputs, is the run's index.
+    index = Index.load(out / "index")
+    _, items = index.search(CodeQueries(torch.from_numpy(codes[3:]), torch.from_numpy(vectors[3:])), 10)
+    answers = retriever.recommend(users=[ids["users"][u] for u in users[3:]], k=10, exclude_seen=False)
+    assert [[ids["items"][i] for i in row] for row in items.numpy()] == [a.items for a in answers]
+
+
 @pytest.mark.parametrize("name, message", [
     ("cross", "scores each (user, item) pair with a network"),
-    ("sparcode", "exporting SparCode's code encoder is not supported yet"),
 ])
 def test_what_cannot_be_exported_is_refused_in_one_line(finished_runs, tmp_path, name, message):
     assert_one_line_error(run_cli(["export", str(finished_runs / name), "--out", str(tmp_path / "x")], tmp_path), message)

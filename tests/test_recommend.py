@@ -195,3 +195,25 @@ def test_the_recommend_command_prints_a_table_or_json_and_refuses_unknown_ids(fi
                           "unknown user id: 'nobody'")
     assert_one_line_error(run_cli(["recommend", str(tmp_path / "missing"), "--user", user], tmp_path),
                           "not a finished run")
+
+
+@pytest.mark.parametrize("name", ["dssm", "colbert", "sparcode"])
+def test_compiled_queries_answer_what_pytorch_answers(finished_runs, name):
+    eager = crosstower.load_run(finished_runs / name)
+    compiled = crosstower.load_run(finished_runs / name)
+    assert compiled.compile() and compiled.describe()["queries_by"] == "onnxruntime"
+    users = known_users(eager)
+    for exclude_seen in (True, False):
+        expected = eager.recommend(users=users, k=K, exclude_seen=exclude_seen)
+        got = compiled.recommend(users=users, k=K, exclude_seen=exclude_seen)
+        assert [a.items for a in got] == [a.items for a in expected]
+        assert np.allclose([a.scores for a in got], [a.scores for a in expected], atol=1e-4)
+    single = compiled.recommend(users=users[:1], k=K)  # batch 1: the graph's batch size is not fixed
+    assert single[0].items == eager.recommend(users=users[:1], k=K)[0].items
+    history = [eager.run.dataset.item_ids[0], eager.run.dataset.item_ids[3]]  # history requests: PyTorch
+    assert compiled.recommend(histories=[history], k=K)[0].items == eager.recommend(histories=[history], k=K)[0].items
+
+
+def test_a_model_without_a_query_graph_is_served_by_pytorch(finished_runs):
+    retriever = crosstower.load_run(finished_runs / "cross")
+    assert not retriever.compile() and retriever.describe()["queries_by"] == "pytorch"

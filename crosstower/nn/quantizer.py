@@ -201,15 +201,19 @@ class ProductQuantizer(nn.Module):
         dtype = torch.promote_types(torch.promote_types(sub.dtype, (self.codebooks if books is None else books).dtype),
                                     torch.float32)
         scaled, book_sq = self._search_terms(books, dtype)  # -2 B^T [M, d, N], ||b||^2 [M, 1, N]
+
+        def nearest_of(chunk: Tensor) -> Tensor:
+            chunk = chunk.to(dtype)
+            return (chunk.pow(2).sum(-1, keepdim=True) + torch.bmm(chunk, scaled) + book_sq).argmin(-1)
+
+        if _tracing():  # one graph for any batch size (export): no loop over a batch-dependent chunk count
+            return nearest_of(sub)
         rows = max(1, _SEARCH_BUDGET // (scaled.shape[0] * self.codebook_size))
         if sub.shape[1] == 0:
             return torch.zeros(scaled.shape[0], 0, dtype=torch.int64, device=sub.device)
         autocast = torch.is_autocast_enabled(sub.device.type)
         with torch.autocast(device_type=sub.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            out = []
-            for start in range(0, sub.shape[1], rows):
-                chunk = sub[:, start : start + rows].to(dtype)
-                out.append((chunk.pow(2).sum(-1, keepdim=True) + torch.bmm(chunk, scaled) + book_sq).argmin(-1))
+            out = [nearest_of(sub[:, start : start + rows]) for start in range(0, sub.shape[1], rows)]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def _search_terms(self, books: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -218,7 +222,7 @@ class ProductQuantizer(nn.Module):
         their storage and version (torch's counter of in-place writes) stay the same; in training
         they are computed afresh (a collective that overwrites the codebooks of another rank
         need not count as a write)."""
-        if books is not None or self.training:
+        if books is not None or self.training or _tracing():
             books = (self.codebooks if books is None else books).to(dtype)
             return -2 * books.transpose(1, 2), books.pow(2).sum(-1).unsqueeze(1)
         key = (self.codebooks.data_ptr(), self.codebooks._version, dtype)
@@ -483,3 +487,8 @@ def _check_args(
             f"ProductQuantizer: codebook_size**num_codebooks = {codebook_size}**{num_codebooks} "
             "overflows int64 code ids"
         )
+
+
+def _tracing() -> bool:
+    """Whether torch.export or torch.compile is tracing the call (no data pointers, one graph)."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
