@@ -3,7 +3,7 @@
 The report folder holds ``report.md`` (one row per run: test metrics exhaustive and served, the
 index that served them, training time with the teacher's, epochs, bytes stored per item and
 multiply-adds per scored pair), ``accuracy_vs_cost.png`` (served Recall@50 against the cost of
-scoring one pair) and ``validation.png`` (each run's validation metric per epoch, from its
+scoring one pair as served: none through a sparse code index) and ``validation.png`` (each run's validation metric per epoch, from its
 history). With ``--seeds``, runs whose configs differ only in ``train.seed`` share one row:
 mean ± sample standard deviation over the seeds.
 
@@ -166,23 +166,46 @@ def _accuracy(summary: RunSummary) -> float | None:
     return summary.metrics.get("test_served", summary.metrics.get("test", {})).get("recall@50")
 
 
+# Marker and legend of a point by what serves the run: nearest-neighbour search over inner
+# products, another index, or scoring every item.
+MARKERS = {"exact_inner_product": ("o", "inner product"), "faiss_inner_product": ("o", "inner product"),
+           "sparse_code": ("s", "sparse code index"), "late_interaction": ("^", "token index"),
+           "two_rankers": ("^", "token index"), "exhaustive": ("x", "every item scored")}
+
+
+def served_macs(summary: RunSummary) -> float | None:
+    """Multiply-adds per (user, item) pair where the run is served: none through a sparse code
+    index (a pair's score is the sum of its posting-list entries), the model's own scorer's
+    otherwise (``cost.macs_per_pair``; 0 for popularity)."""
+    return 0.0 if summary.served_by == "sparse_code" else summary.cost.get("macs_per_pair")
+
+
 def _plot_cost(groups: list[list[RunSummary]], path: Path) -> bool:
-    """Recall@50 against multiply-adds per pair (log scale), one point per group (its mean)."""
+    """Recall@50 against the multiply-adds per pair of what serves each run (log scale, 0
+    included), one point per group (its mean), its marker by what serves it."""
     points = []
     for runs in groups:
         values = [_accuracy(s) for s in runs]
-        macs = runs[0].cost.get("macs_per_pair")
-        if macs and all(v is not None for v in values):
-            points.append((runs[0].name, macs, statistics.mean(values)))
+        macs = served_macs(runs[0])
+        if macs is not None and all(v is not None for v in values):
+            points.append((runs[0].name, runs[0].served_by, macs, statistics.mean(values)))
     if not points:
         return False
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, macs, accuracy in points:
-        axes.scatter(macs, accuracy)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    shown = {}
+    for name, served_by, macs, accuracy in points:
+        marker, label = MARKERS.get(served_by, ("o", served_by))
+        axes.scatter(macs, accuracy, marker=marker)
         axes.annotate(name, (macs, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axes.set_xscale("log")
-    axes.set_xlabel("multiply-adds per scored (user, item) pair")
+        shown[label] = marker
+    from matplotlib.lines import Line2D
+
+    axes.legend(handles=[Line2D([], [], marker=m, linestyle="", color="gray", label=label) for label, m in shown.items()],
+                title="served by", fontsize=7, title_fontsize=7, loc="lower right")
+    axes.set_xscale("symlog", linthresh=1.0)  # logarithmic above 1, linear to 0
+    axes.set_xlim(left=-0.5)
+    axes.set_xlabel("multiply-adds per scored (user, item) pair, as served")
     axes.set_ylabel("test Recall@50 (served where indexed)")
     axes.grid(True, alpha=0.3)
     figure.tight_layout()

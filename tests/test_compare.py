@@ -67,3 +67,11 @@ def test_bad_input_is_refused_and_nothing_is_replaced(finished_runs, tmp_path):
     with pytest.raises(CrosstowerError, match="is not a crosstower report"):
         write_report([finished_runs / "dssm"], tmp_path / "mine")
     assert (tmp_path / "mine" / "keep.txt").read_text() == "keep"
+
+
+def test_a_sparse_code_index_serves_without_multiply_adds(finished_runs):
+    from crosstower.compare import served_macs, summarize
+
+    sparcode, dssm = summarize(finished_runs / "sparcode"), summarize(finished_runs / "dssm")
+    assert served_macs(sparcode) == 0.0 and sparcode.cost["macs_per_pair"] > 0  # exhaustive scoring's cost
+    assert served_macs(dssm) == dssm.cost["macs_per_pair"] == 16.0
