@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import pandas as pd
 
@@ -70,3 +75,15 @@ def sparcode_model(dataset: Dataset, quantize: bool = True, max_history: int = 5
 
     raw = SparCodeConfig.upgrade({"name": "sparcode" if quantize else "alltoall", **keys})
     return SparCode(dataset, SparCodeConfig.model_validate(raw), BuildContext(history_length=max_history))
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (benchmarks are scripts, not a package); registered
+    in ``sys.modules`` because dataclasses look their module up while a class is built."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+

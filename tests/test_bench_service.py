@@ -3,23 +3,14 @@ are not checked here: benchmarks are measured alone, not in the test suite)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_service.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_service", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_a_short_load_reports_latency_throughput_and_no_errors(finished_runs, tmp_path):
     out = tmp_path / "bench.json"
-    load_benchmark().main([str(finished_runs / "dssm"), "--requests", "30", "--concurrency", "1", "2", "--out", str(out)])
+    load_benchmark("bench_service").main([str(finished_runs / "dssm"), "--requests", "30", "--concurrency", "1", "2", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["settings"]["concurrency"] == [1, 2] and "cpu" in json.dumps(report).lower()
     (result,) = report["results"]

@@ -3,22 +3,18 @@ plan trains both million configs on the one data set it generates."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "million_items.py"
+from tests.helpers import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def million():
-    spec = importlib.util.spec_from_file_location("million_items", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("million_items")
 
 
 def test_a_stage_peak_counts_its_child_processes(million, tmp_path):

@@ -4,24 +4,18 @@ table), and keeps exactly the (code, item) pairs the generator gives a non-zero 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic_oracle.py"
+from tests.helpers import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def oracle():
-    spec = importlib.util.spec_from_file_location("synthetic_oracle", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("synthetic_oracle")
 
 
 def test_code_index_serves_the_generator_probabilities(oracle):
