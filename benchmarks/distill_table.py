@@ -9,7 +9,8 @@ such as a teacher-score cache) and the teacher's (a teacher shared by several st
 counted in each), epochs, what serves the student (an inner-product index, which nearest-neighbour
 search can serve, or another index), and its serving cost from the run's ``metrics.json``:
 multiply-adds per (user, item) pair and bytes stored per item (runs written before costs were
-recorded: the multiply-adds of one inner product, no bytes). With ``--seeds`` runs whose configs differ only in
+recorded: the multiply-adds of one inner product, no bytes). A row's command is its config file
+plus a ``--set`` for every setting the run changed (read from the run's saved config). With ``--seeds`` runs whose configs differ only in
 ``train.seed`` are one row: mean +- sample standard deviation, and the number of seeds. Runs of
 protocol P4 (pre-ranking) get the pointwise columns instead: test AUC, GAUC and log loss, and no
 cost column (a pre-ranker scores each given pair).
@@ -26,6 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosstower.compare import group_key, mean_std  # noqa: E402
+from crosstower.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Settings a row's command leaves out: the seed (its own column) and where the run ran.
+RUNTIME = {"train.seed", "train.threads", "train.device"}
 
 RANKING = (("test", "recall@20"), ("test", "recall@50"), ("test", "ndcg@50"), ("test_served", "recall@50"))
 POINTWISE = (("test", "auc"), ("test", "gauc"), ("test", "logloss"))
@@ -69,8 +75,30 @@ def describe(run_dir: Path) -> dict:
         "epochs": timing.get("epochs", 0), "name": config.get("name") or run_dir.name,
         "cost": [SERVED_BY.get(kind, kind), f"{cost.get('macs_per_pair', width):,.0f}",
                  f"{cost['bytes_per_item']:,.0f}" if "bytes_per_item" in cost else "-"],
-        "seed": config["train"]["seed"],
+        "seed": config["train"]["seed"], "overrides": overrides(config, config.get("name") or run_dir.name),
     }
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def overrides(config: dict, name: str) -> list[str]:
+    """The ``--set`` arguments that turn ``configs/<name>.yaml`` into the run's config (the seed
+    and runtime settings aside), so that a row's command reproduces the run; none where the
+    config file is not there."""
+    path = ROOT / "configs" / f"{name}.yaml"
+    if not path.exists():
+        return []
+    base = _flat(load_config(path, []).model_dump(mode="json"))
+    return [f"--set {key}={json.dumps(value)}" for key, value in sorted(_flat(config).items())
+            if key not in RUNTIME and key in base and base[key] != value]
 
 
 def rows(runs: list[dict], by_seed: bool) -> list[list[str]]:
@@ -81,9 +109,10 @@ def rows(runs: list[dict], by_seed: bool) -> list[list[str]]:
     for group in groups.values():
         first = group[0]
         seeds = sorted(r["seed"] for r in group)
-        command = f"`crosstower run configs/{first['name']}.yaml`"
+        base = " ".join([f"crosstower run configs/{first['name']}.yaml", *first["overrides"]])
+        command = f"`{base}`"
         if len(seeds) == 1 and seeds != [0]:
-            command = f"`crosstower run configs/{first['name']}.yaml --set train.seed={seeds[0]}`"
+            command = f"`{base} --set train.seed={seeds[0]}`"
         elif len(seeds) > 1:
             command = f"{command} with `--set train.seed=S`, S in {', '.join(map(str, seeds))}"
         cost = first["cost"] if first["metrics"] is RANKING else []
