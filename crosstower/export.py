@@ -38,7 +38,6 @@ have no user tower to export: serve those with ``crosstower serve``.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -51,8 +50,6 @@ from crosstower.models.base import EmbeddingRecommender
 from crosstower.query_graph import export_query_side, output_names
 from crosstower.recommend import Retriever
 from crosstower.run_dir import INDEX
-
-log = logging.getLogger("crosstower.export")
 
 FORMATS = ("onnx",)
 USER_TOWER, ITEM_VECTORS, ITEM_INDEX, HISTORIES, IDS, MANIFEST = (
