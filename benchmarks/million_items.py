@@ -66,7 +66,9 @@ def _rss_bytes(pid: int) -> int:
 
 
 def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants now (Linux ``/proc``)."""
+    """Resident bytes of ``pid`` and all its descendants now, read from Linux's ``/proc`` (by
+    hand: psutil would do it, but it is not a dependency of the project, and this is a dozen
+    lines)."""
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
