@@ -117,4 +117,9 @@ def compiled_queries(model: Recommender, histories: np.ndarray, threads: int = 1
         output_names(model)
     except CrosstowerError:
         return None
-    return CompiledQueries(model, histories, threads)
+    try:
+        return CompiledQueries(model, histories, threads)
+    except Exception as exc:  # noqa: BLE001 - an optimisation: a graph that will not trace leaves PyTorch serving
+        log.warning("the query side of %s did not export to ONNX (%s: %s); PyTorch answers its queries",
+                    type(model).__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None

@@ -217,3 +217,17 @@ def test_compiled_queries_answer_what_pytorch_answers(finished_runs, name):
 def test_a_model_without_a_query_graph_is_served_by_pytorch(finished_runs):
     retriever = crosstower.load_run(finished_runs / "cross")
     assert not retriever.compile() and retriever.describe()["queries_by"] == "pytorch"
+
+
+def test_a_query_side_that_will_not_export_is_served_by_pytorch(finished_runs, monkeypatch, caplog):
+    import crosstower.query_graph
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(crosstower.query_graph, "CompiledQueries", fail)
+    retriever = crosstower.load_run(finished_runs / "dssm")
+    with caplog.at_level("WARNING", logger="crosstower.query_graph"):
+        assert not retriever.compile()
+    assert "cannot trace this" in caplog.text and retriever.describe()["queries_by"] == "pytorch"
+    assert len(retriever.recommend(users=known_users(retriever)[:2], k=K)) == 2
