@@ -18,8 +18,9 @@ Stages, each a separate process whose wall time and peak memory are recorded:
    two-tower's item vectors.
 
 Peak memory is sampled every half second over the stage's whole process tree (the spawned index
-workers included), as the sum of their resident sets (``peak_tree_rss_gib``), beside the largest
-single process's peak from the kernel (``peak_process_rss_gib``). A stage whose output is already
+workers included): the sum of their resident sets (``peak_tree_rss_gib``) and the largest single
+process (``peak_process_rss_gib``). Not the kernel's ``ru_maxrss``: a child forked from a large
+parent starts its count at the parent's size. A stage whose output is already
 there is skipped (``--redo`` runs it again), so an interrupted pipeline goes on where it stopped.
 Writes ``OUT/pipeline.json`` (``--out``, default ``benchmarks/out/million``) after every stage.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -65,21 +65,22 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants now, read from Linux's ``/proc`` (by
-    hand: psutil would do it, but it is not a dependency of the project, and this is a dozen
-    lines)."""
-    total, todo = 0, [pid]
+def tree_rss(pid: int) -> tuple[int, int]:
+    """Resident bytes of ``pid`` and all its descendants now, summed and of the largest process,
+    read from Linux's ``/proc`` (by hand: psutil would do it, but it is not a dependency of the
+    project, and this is a dozen lines)."""
+    total, largest, todo = 0, 0, [pid]
     while todo:
         current = todo.pop()
-        total += _rss_bytes(current)
+        rss = _rss_bytes(current)
+        total, largest = total + rss, max(largest, rss)
         todo += _children(current)
-    return total
+    return total, largest
 
 
 def run_stage(command: list[str], log_path: Path) -> dict[str, Any]:
     """Run ``command`` with its output in ``log_path``; its wall time, exit status and peaks."""
-    peak = [0]
+    peak = [0, 0]  # the tree's sum, the largest process
     with open(log_path, "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -87,19 +88,18 @@ def run_stage(command: list[str], log_path: Path) -> dict[str, Any]:
 
         def sample() -> None:
             while not done.wait(SAMPLE_SECONDS):
-                peak[0] = max(peak[0], tree_rss(process.pid))
+                peak[:] = [max(p, now) for p, now in zip(peak, tree_rss(process.pid))]
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(process.pid, 0)
+        process.wait()
         done.set()
         sampler.join()
-        process.returncode = os.waitstatus_to_exitcode(status)
     return {
         "command": shlex.join(command), "exit": process.returncode,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "peak_tree_rss_gib": round(peak[0] / GIB, 3),
-        "peak_process_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 3),  # ru_maxrss is in KiB on Linux
+        "peak_process_rss_gib": round(peak[1] / GIB, 3),
         "log": str(log_path),
     }
 
