@@ -624,6 +624,8 @@ def measure(work: Workload, s: Settings, log: Callable[[str], None] = print) -> 
     log(f"  batch-1 latency: {len(work.latency_users)} queries x {len(methods)} methods (+{s.warmup} warm-up) ...")
     latency = measure_latency(methods, work.latency_users, s.warmup, s.k)
     batches = len(work.batch_users) // s.batch
+    if batches < 1:
+        raise SystemExit(f"error: {len(work.batch_users)} users left for throughput, fewer than --batch {s.batch}")
     log(f"  throughput: {batches} batches of {s.batch} x {len(methods)} methods ...")
     throughput = measure_throughput(methods, work.batch_users, s.batch, batches, s.k)
     results: dict[str, Any] = {}
