@@ -92,12 +92,6 @@ def test_sparcode_search_equals_dense_reference(bench, keep):
         bench.sparcode_fast_search(index, bench.CodeQueries(queries.codes[:1], queries.vectors[:1]), 50), fast[:1])
 
 
-def test_top_positions_breaks_ties_by_position(bench):
-    sums = np.array([1.0, 2.0, 2.0, 0.5, 2.0, 3.0], dtype=np.float32)
-    assert bench.top_k_positions(sums, 3).tolist() == [5, 1, 2]
-    assert bench.top_k_positions(sums, 4).tolist() == [5, 1, 2, 4]
-    assert bench.top_k_positions(sums, 10).tolist() == [5, 1, 2, 4, 0, 3]
-
 
 def test_two_trained_runs_are_served_side_by_side(bench, finished_runs, tmp_path):
     out = tmp_path / "trained.json"

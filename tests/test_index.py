@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from crosstower.errors import CheckpointError
 from crosstower.evaluate.ranking import topk_items
 from crosstower.index import CodeQueries, ExactInnerProductIndex, Index, SparseCodeIndex, encode_code_ids, every_code
 from crosstower.index.keep_rules import UsageBudget, usage_allocation
+from crosstower.index.sparse_code import top_k_positions
 
 torch.set_num_threads(1)
 
@@ -377,6 +379,40 @@ def test_sparse_ranking_equals_dense_ranking_with_ties_and_exclusions(seed: int,
         for user_batch in (None, 1):  # one user a block: the one-query path
             sparse = index.search(queries, k, exclude, sparse=True, user_batch=user_batch)
             assert torch.equal(dense[0], sparse[0]) and torch.equal(dense[1], sparse[1])
+
+
+def test_top_k_positions_breaks_ties_by_position_or_by_the_given_ids() -> None:
+    sums = np.array([1.0, 2.0, 2.0, 0.5, 2.0, 3.0], dtype=np.float32)
+    assert top_k_positions(sums, 3).tolist() == [5, 1, 2]
+    assert top_k_positions(sums, 4).tolist() == [5, 1, 2, 4]
+    assert top_k_positions(sums, 10).tolist() == [5, 1, 2, 4, 0, 3]
+    ids = np.array([9, 7, 8, 1, 3, 0])  # candidates in no particular order: ties go to the lower id
+    assert top_k_positions(sums, 2, ties=ids).tolist() == [5, 4]
+    assert top_k_positions(sums, 4, ties=ids).tolist() == [5, 4, 1, 2]
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # against a full sort by (score descending, id ascending)
+        sums = rng.integers(0, 4, 30).astype(np.float32)
+        ids = rng.permutation(1000)[:30]
+        k = int(rng.integers(1, 31))
+        assert top_k_positions(sums, k, ties=ids).tolist() == np.lexsort((ids, -sums))[:k].tolist()
+
+
+def test_one_query_search_is_the_same_from_concurrent_threads() -> None:
+    """Batch-1 search sums in per-thread work arrays: threads answering at once (a service's
+    pool) get exactly what one thread gets alone."""
+    model = BilinearScorer(6, 2, 5, 300, seed=2)
+    index = build(model, every_code(6, 2), 20, item_prior=random_prior(300, 2))
+    queries = torch.from_numpy(np.random.default_rng(2).integers(0, 6, (64, 3, 2)))
+    exclude = random_exclusions(64, 300, seed=2, per_row=5)
+
+    def one(u: int) -> torch.Tensor:
+        return index.search(queries[u : u + 1], 10, exclude.take(np.array([u])), sparse=True)[1][0]
+
+    alone = [one(u) for u in range(64)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(one, list(range(64)) * 4))
+    assert all(torch.equal(together[i], alone[i % 64]) for i in range(len(together)))
+    assert torch.equal(torch.stack(alone), index.search(queries, 10, exclude, sparse=False)[1])
 
 
 def test_search_does_not_depend_on_the_user_block_size() -> None:

@@ -33,6 +33,7 @@ holes. Excluded items score -inf, as in evaluation.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +93,7 @@ class SparseCodeIndex(Index):
         self._code_usage = None if code_usage is None else np.asanyarray(code_usage, dtype=np.int64)
         self._prior_order: np.ndarray | None = None  # items by descending prior, computed on demand
         self._nearest_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scratch = _OneQueryScratch()
         self._check_layout()
 
     def _check_layout(self) -> None:
@@ -260,7 +262,10 @@ class SparseCodeIndex(Index):
         if sparse:
             if per_user:
                 users, items, scores = self._with_prior_candidates(users, items, scores, per_user, b)
-            found = _sparse_topk(users, items, scores, b, self.num_items, exclude, k, self._item_prior)
+            if b == 1:  # one query (serving latency): no sort over the candidates
+                found = self._scratch.topk(items, scores, self.num_items, exclude.row(0), k, self._item_prior)
+            else:
+                found = _sparse_topk(users, items, scores, b, self.num_items, exclude, k, self._item_prior)
             if found is not None:
                 return found
         dense = self._dense(users, items, scores, b)
@@ -467,9 +472,6 @@ def _sparse_topk(
     user, item = unique // num_items, unique % num_items
     if (np.bincount(user, minlength=b) < k).any():
         return None
-    if b == 1:  # one query (serving latency): rank only the top k, not every candidate
-        chosen = top_k_positions(sums, k)
-        return torch.from_numpy(sums[chosen][None]), torch.from_numpy(item[chosen][None])
     order = np.lexsort((item, -sums, user))  # by user, then score descending, then item
     counts = np.bincount(user, minlength=b)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -478,17 +480,62 @@ def _sparse_topk(
     return torch.from_numpy(sums[chosen].reshape(b, k)), torch.from_numpy(item[chosen].reshape(b, k))
 
 
-def top_k_positions(sums: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` largest ``sums`` (``len(sums) >= k``), by score descending, ties to
-    the lower position (positions ascend with the item id): everything above the k-th value, then
-    the first of the entries equal to it; only those k are sorted."""
+def top_k_positions(sums: np.ndarray, k: int, ties: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the ``k`` largest ``sums`` (``len(sums) >= k``), by score descending, equal
+    scores by ascending ``ties`` (default: the position itself, for sums laid out by item id):
+    everything above the k-th value, then the lowest-tied of the entries equal to it; only those
+    k are sorted."""
+    ties = np.arange(len(sums)) if ties is None else ties
     if len(sums) > k:
         kth = np.partition(sums, len(sums) - k)[len(sums) - k]
         above = np.flatnonzero(sums > kth)
-        chosen = np.concatenate([above, np.flatnonzero(sums == kth)[: k - len(above)]])
+        equal = np.flatnonzero(sums == kth)
+        if len(equal) > k - len(above):
+            equal = equal[np.argsort(ties[equal], kind="stable")[: k - len(above)]]
+        chosen = np.concatenate([above, equal])
     else:
         chosen = np.arange(len(sums))
-    return chosen[np.lexsort((chosen, -sums[chosen]))]
+    return chosen[np.lexsort((ties[chosen], -sums[chosen]))]
+
+
+class _OneQueryScratch(threading.local):
+    """Catalogue-sized work arrays for one-query search, one pair per thread, reused by every call.
+
+    A single query's candidates are the few thousand entries of its posting lists; finding the
+    distinct ones with a sort (``torch.unique``) was the largest cost of a batch-1 search. Here a
+    slot array marks one occurrence per item and a score array sums in place, so a query costs
+    its posting lists, not a sort or a catalogue-sized allocation (the arrays are allocated once
+    per thread and only the touched entries are ever read). Per thread because a service answers
+    requests from a thread pool.
+    """
+
+    def __init__(self) -> None:
+        self.slot = np.empty(0, dtype=np.int64)
+        self.sums = np.empty(0, dtype=np.float32)
+
+    def topk(
+        self, items: np.ndarray, scores: np.ndarray, num_items: int, excluded: np.ndarray, k: int,
+        item_prior: np.ndarray | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What :func:`_sparse_topk` returns for one query (the same float32 sums, added in the
+        same order from the item's prior, and the same tie rule), or None when fewer than ``k``
+        candidates are left after ``excluded``."""
+        if len(self.slot) != num_items:
+            self.slot = np.empty(num_items, dtype=np.int64)
+            self.sums = np.empty(num_items, dtype=np.float32)
+        position = np.arange(len(items))
+        self.slot[items] = position  # of repeated items one write survives, whichever it is
+        candidates = items[self.slot[items] == position]  # so exactly one entry per distinct item
+        self.sums[candidates] = 0.0 if item_prior is None else item_prior[candidates]
+        torch.from_numpy(self.sums).index_add_(0, torch.from_numpy(items), torch.from_numpy(scores))
+        sums = self.sums[candidates]
+        if len(excluded):
+            keep = ~np.isin(candidates, excluded)
+            candidates, sums = candidates[keep], sums[keep]
+        if len(candidates) < k:
+            return None
+        chosen = top_k_positions(sums, k, ties=candidates)
+        return torch.from_numpy(sums[chosen][None]), torch.from_numpy(candidates[chosen][None])
 
 
 def _block_scorer(dense: torch.Tensor) -> Callable[[np.ndarray, int, int], torch.Tensor]:
