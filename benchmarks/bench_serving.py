@@ -428,12 +428,7 @@ class RunUsers:
         return len(next(iter(self.inputs.values())))
 
     def slice(self, lo: int, hi: int) -> RunUsers:
-        return RunUsers({family: _user_rows(user, lo, hi) for family, user in self.inputs.items()})
-
-
-def _user_rows(user: ModelInput, lo: int, hi: int) -> ModelInput:
-    age = None if user.example_age is None else user.example_age[lo:hi]
-    return ModelInput(user.users[lo:hi], user.history[lo:hi], age)
+        return RunUsers({family: user.rows(slice(lo, hi)) for family, user in self.inputs.items()})
 
 
 def trained_workload(two_tower_dir: Path, sparcode_dir: Path, s: Settings,
@@ -456,16 +451,18 @@ def trained_workload(two_tower_dir: Path, sparcode_dir: Path, s: Settings,
     rows = np.random.default_rng(s.seed).choice(len(test), min(len(test), s.queries + s.batch * s.batches),
                                                 replace=False)
 
-    def query_side(run: Any) -> Callable[[ModelInput], Any]:
-        """As ``crosstower serve`` encodes a known user: the compiled query graph (``--eager``: PyTorch)."""
-        if s.eager:
-            return run.model.index_query
-        example = eval_user_input(test, rows[:2], run.config.train.history_length).history.numpy()
-        return compiled_queries(run.model, example, s.threads) or run.model.index_query
+    def query_side(run: Any, family: str) -> Callable[[RunUsers], Any]:
+        """As ``crosstower serve`` encodes a known user: the compiled query graph (``--eager``:
+        PyTorch), reading the input of this model (``family``), which has its own history length."""
+        encode = run.model.index_query
+        if not s.eager:
+            example = eval_user_input(test, rows[:2], run.config.train.history_length).history.numpy()
+            encode = compiled_queries(run.model, example, s.threads) or encode
+        return lambda users: encode(users.inputs[family])
 
-    methods, exact = two_tower_methods(item_vectors, query_side(towers), s, log)
+    methods, exact = two_tower_methods(item_vectors, query_side(towers, "two_tower"), s, log)
     index_info = {"codes_indexed": sparse.num_codes, "kept_fraction": sparse.kept_fraction}
-    methods += sparcode_methods(sparse, query_side(codes), s, index_info)
+    methods += sparcode_methods(sparse, query_side(codes, "sparcode"), s, index_info)
 
     def users(picked: np.ndarray) -> RunUsers:  # the same test users and histories for both models
         return RunUsers({family: eval_user_input(test, picked, run.config.train.history_length)
@@ -482,13 +479,7 @@ def trained_workload(two_tower_dir: Path, sparcode_dir: Path, s: Settings,
                  for family, run in (("two_tower", towers), ("sparcode", codes))},
         "sparcode": {"codes_indexed": sparse.num_codes, "kept_fraction": sparse.kept_fraction, "nnz": sparse.nnz},
     }
-    for m in methods:  # each family's encoder reads its own model's input
-        m.encode = _family_encoder(m.encode, m.family)
     return Workload(methods, info, exact, sparse, users(rows[: s.queries]), users(rows[s.queries:]))
-
-
-def _family_encoder(encode: Callable[[Any], Any], family: str) -> Callable[[RunUsers], Any]:
-    return lambda users: encode(users.inputs[family])
 
 
 # ------------------------------------------------------------------------------------ timing

@@ -196,7 +196,7 @@ class Retriever:
             item_scorer = self.model.item_scorer()
 
             def scorer(rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
-                block = _rows(user, rows)
+                block = user.rows(rows)
                 with self._user_fields(block, anonymous):
                     return item_scorer(block, lo, hi)
 
@@ -205,7 +205,7 @@ class Retriever:
             parts = []
             for lo in range(0, len(user), ENCODE_BLOCK):
                 rows = np.arange(lo, min(lo + ENCODE_BLOCK, len(user)))
-                block = _rows(user, rows)
+                block = user.rows(rows)
                 if self.compiled is not None and not anonymous:  # the graph holds the user feature tables
                     query = self.compiled(block)
                 else:
@@ -262,11 +262,6 @@ def _key(raw: Any) -> str | None:
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         return None
     return str(raw)
-
-
-def _rows(user: UserInput, rows: np.ndarray) -> UserInput:
-    index = torch.from_numpy(rows)
-    return UserInput(user.users[index], user.history[index], None if user.example_age is None else user.example_age[index])
 
 
 def _histories(run: Run) -> Ragged:

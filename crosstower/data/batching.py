@@ -44,6 +44,13 @@ class UserInput:
         """The same input on ``device`` (a no-op on the device it is on)."""
         return UserInput(*(_to(t, device) for t in (self.users, self.history, self.example_age)))
 
+    def rows(self, index: slice | np.ndarray) -> "UserInput":
+        """The users at ``index`` (a slice, or positions), every field alike."""
+        if isinstance(index, np.ndarray):
+            index = torch.from_numpy(index)
+        age = None if self.example_age is None else self.example_age[index]
+        return UserInput(self.users[index], self.history[index], age)
+
 
 @dataclass
 class TrainBatch:
