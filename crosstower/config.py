@@ -109,7 +109,8 @@ class TrainConfig(Strict):
     # epoch, so a run never ends without one.
     max_minutes: float | None = None
     # bf16: training steps run under bfloat16 autocast (1.6x faster cross-encoder steps on CPUs
-    # with AMX/AVX512-BF16, but 8x slower on a CPU without bfloat16 instructions, AVX2 only);
+    # with AMX/AVX512-BF16, but 8x slower on a CPU without bfloat16 instructions, AVX2 only,
+    # where a run warns);
     # validation and test scoring always run in float32, so rankings are exact and comparable
     # across precisions.
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -22,18 +22,37 @@ def describe_environment() -> dict:
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_bfloat16": cpu_has_bfloat16(),
         "numpy": np.__version__,
     }
 
 
+# CPU flags (as /proc/cpuinfo names them) of native bfloat16 arithmetic, which bfloat16 autocast
+# needs to be fast: without them each bfloat16 operation is emulated and runs several times slower.
+BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU has bfloat16 instructions (None where /proc/cpuinfo cannot tell)."""
+    text = cpuinfo if cpuinfo is not None else _cpuinfo()
+    flags = [line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")]
+    if not flags:
+        return None
+    return bool(BFLOAT16_FLAGS & set(flags[0]))
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _cpu_model_name() -> str:
     """The CPU's model name from /proc/cpuinfo where there is one (Linux), else platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
 
 

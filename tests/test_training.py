@@ -204,16 +204,20 @@ def test_trained_model_beats_popularity(tmp_path):
     assert yt["metrics"]["test"]["recall@50"] > 1.1 * pop["metrics"]["test"]["recall@50"]
 
 
-def test_bf16_training_tracks_fp32_and_evaluates_in_fp32(tmp_path):
+def test_bf16_training_tracks_fp32_and_evaluates_in_fp32(tmp_path, caplog, monkeypatch):
     """The transformer cross encoder, where bf16 pays; parameters and evaluation stay float32.
-    (Sampled negatives only: in-batch ones cost B^2 cross-encoder passes a batch, minutes on a
-    CPU without bfloat16 instructions.)"""
+    On a CPU without bfloat16 instructions the run says it will be slow. (Sampled negatives
+    only: in-batch ones cost B^2 cross-encoder passes a batch, minutes on such a CPU.)"""
     def config(**train):
         return parse_config({**tiny_config(epochs=2, history_length=10, negatives={"num": 20}, **train),
                              "model": {"name": "cross", "dim": 16, "layers": 1, "heads": 2}})
 
-    fp32 = run_experiment(config(), tmp_path / "fp32")
-    bf16 = run_experiment(config(precision="bf16"), tmp_path / "bf16")
+    monkeypatch.setattr("crosstower.train.trainer.cpu_has_bfloat16", lambda: False)
+    with caplog.at_level("WARNING", logger="crosstower.train"):
+        fp32 = run_experiment(config(), tmp_path / "fp32")
+        assert "bfloat16" not in caplog.text  # fp32 has nothing to warn about
+        bf16 = run_experiment(config(precision="bf16"), tmp_path / "bf16")
+    assert "no bfloat16 instructions" in caplog.text and "train.precision=fp32" in caplog.text
     for a, b in zip(fp32["training_history"], bf16["training_history"], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.02)
     weights = torch.load(tmp_path / "bf16" / "model.pt", weights_only=False)["model"]
