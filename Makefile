@@ -27,7 +27,7 @@ run: $(STAMP)
 	$(BIN)/crosstower run --out runs/synthetic-default
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs
