@@ -138,6 +138,7 @@ class Settings:
     seed: int = 0
     methods: list[str] | None = None  # None: all
     eager: bool = False  # --runs: encode queries in PyTorch instead of the compiled query graph
+    data_dir: str | None = None  # --runs: the folder their data set is in (as `crosstower run --data-dir`)
 
     def keep_for(self, num_items: int) -> int:
         return self.keep_per_code or max(1, min(1000, num_items // 100))
@@ -438,7 +439,8 @@ def trained_workload(two_tower_dir: Path, sparcode_dir: Path, s: Settings,
     Queries are test users of the SparCode run's split, a sample seeded by ``s.seed``."""
     from crosstower.run_dir import open_run
 
-    towers, codes = open_run(two_tower_dir), open_run(sparcode_dir)
+    data_dir = None if s.data_dir is None else Path(s.data_dir)
+    towers, codes = open_run(two_tower_dir, data_dir), open_run(sparcode_dir, data_dir)
     if towers.metrics.get("data") != codes.metrics.get("data"):
         raise SystemExit(f"error: {two_tower_dir} and {sparcode_dir} were trained on different data")
     sparse = codes.index()
@@ -715,6 +717,7 @@ def parse(argv: Sequence[str] | None) -> tuple[Settings, Path, list[Path] | None
                         "(--sizes and the workload options are then ignored)")
     p.add_argument("--eager", action="store_true",
                    help="--runs: encode queries in PyTorch instead of the compiled ONNX graph crosstower serve uses")
+    p.add_argument("--data-dir", help="--runs: the folder their data set is in, as given to crosstower run")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = vars(p.parse_args(argv))
     out, runs = args.pop("out"), args.pop("runs")

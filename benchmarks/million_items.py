@@ -123,7 +123,8 @@ def stages(out: Path, threads: int, queries: int) -> dict[str, tuple[list[str], 
         plan[name] = ([*cli, "run", str(config), "--data-dir", str(out), "--set", "dataset.path=data",
                        "--set", f"train.threads={threads}", "--out", str(out / name)], out / name / "metrics.json")
     serving = [sys.executable, str(ROOT / "benchmarks" / "bench_serving.py"), "--runs", str(out / "youtubednn"),
-               str(out / "sparcode"), "--threads", "1", "--queries", str(queries), "--out", str(out / "serving.json")]
+               str(out / "sparcode"), "--data-dir", str(out), "--threads", "1", "--queries", str(queries),
+               "--out", str(out / "serving.json")]
     plan["serving"] = (serving, out / "serving.json")
     return plan
 

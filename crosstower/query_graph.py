@@ -77,6 +77,9 @@ def export_query_side(model: Recommender, histories: np.ndarray, outputs: list[s
     batch = torch.export.Dim("batch")
     for noisy in ("onnx_ir", "onnxscript"):  # a line per graph pass otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "torchvision is not installed. Skipping torchvision::nms" and three more: operators no query
+    # graph uses, and torchvision is not a dependency.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "axis name batch ... shares the same constraints"
         warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations, not ours

@@ -40,7 +40,7 @@ def test_a_failing_stage_reports_its_exit_status(million, tmp_path):
     assert result["exit"] == 3
 
 
-def test_both_runs_read_the_generated_data_set(million, tmp_path):
+def test_every_stage_after_the_first_reads_the_generated_data_set(million, tmp_path):
     plan = million.stages(tmp_path, threads=2, queries=50)
     assert list(plan) == ["data", "youtubednn", "sparcode", "serving"]
     data_command = plan["data"][0]
@@ -49,4 +49,6 @@ def test_both_runs_read_the_generated_data_set(million, tmp_path):
         command, done = plan[name]
         assert "dataset.path=data" in command and command[command.index("--data-dir") + 1] == str(tmp_path)
         assert done == tmp_path / name / "metrics.json"
-    assert plan["serving"][0][-2:] == ["--out", str(tmp_path / "serving.json")]
+    serving = plan["serving"][0]  # opens both runs, so it needs their data folder too
+    assert serving[serving.index("--data-dir") + 1] == str(tmp_path)
+    assert serving[-2:] == ["--out", str(tmp_path / "serving.json")]
