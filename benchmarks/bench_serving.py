@@ -41,10 +41,10 @@ What is measured, per catalogue size N (synthetic, seeded; nothing is trained):
   overlap and favour popular items, as trained ones do); building it is not what is timed, but
   its time and bytes are reported. Query tokens whose code was not indexed go through the index's
   nearest-code fallback, as in real serving (``query_tokens_unindexed`` says how many).
-  ``sparcode_index`` serves with ``SparseCodeIndex.search``; ``sparcode_fastpath`` is a
-  benchmark-only path built from the index's public ``lookup`` / ``posting`` that accumulates only
-  the K_u posting lists instead of a dense ``[B, N]`` block (it returns exactly what ``search``
-  returns; ``identical_to_index_search`` checks it).
+  ``sparcode_index`` serves with ``SparseCodeIndex.search``: one query at a time (batch 1) it sums
+  only the K_u posting lists in per-thread work arrays; a batch goes through a dense or sparse
+  accumulation. ``identical_to_index_search`` checks that the batch-1 answers equal the batched
+  search's.
 
 Every timed query is one user: ``encoder`` (tower / tokenizer + nearest codes, as serving
 assigns them), then ``index`` (search); ``p50_ms`` / ``p99_ms`` are end to end (both), ``index_p50_ms`` /
@@ -96,7 +96,6 @@ from crosstower.files import write_json
 from crosstower.data.batching import UserInput as ModelInput
 from crosstower.data.batching import eval_user_input
 from crosstower.index import CodeQueries, ExactInnerProductIndex, SparseCodeIndex, encode_code_ids
-from crosstower.index.sparse_code import top_k_positions
 from crosstower.query_graph import compiled_queries
 from crosstower.nn.fields import MLP
 from crosstower.nn.quantizer import ProductQuantizer
@@ -144,7 +143,7 @@ class Settings:
         return self.keep_per_code or max(1, min(1000, num_items // 100))
 
 
-ALL_METHODS = ("exact_torch", "exact_index", "faiss_flat_ip", "faiss_hnsw", "sparcode_index", "sparcode_fastpath")
+ALL_METHODS = ("exact_torch", "exact_index", "faiss_flat_ip", "faiss_hnsw", "sparcode_index")
 
 
 # ------------------------------------------------------------------------------------ workload
@@ -258,32 +257,6 @@ def _items(result: Any) -> np.ndarray:
     return items.numpy() if isinstance(items, torch.Tensor) else np.asarray(items)
 
 
-def sparcode_fast_search(index: SparseCodeIndex, queries: CodeQueries, k: int) -> np.ndarray:
-    """Top-``k`` items of each query from the index's public ``lookup`` / ``posting`` only.
-
-    Benchmark-only fast path for small batches: instead of a dense ``[B, N]`` block it adds up
-    the K_u posting lists (a few thousand entries) and ranks only those candidates. It returns
-    what :meth:`SparseCodeIndex.search` returns (no exclusions): float32 sums in token order
-    (``index_add_``, as the index does), ties to the lower item id, and when fewer than ``k``
-    items have a positive score, the lowest-numbered remaining items (score 0) fill the list.
-    """
-    rows = index.lookup(queries.codes, queries.vectors)
-    out = np.empty((len(rows), k), dtype=np.int64)
-    for b, user_rows in enumerate(rows):
-        postings = [index.posting(int(r)) for r in user_rows]
-        items = np.concatenate([p[0] for p in postings])
-        scores = torch.from_numpy(np.concatenate([p[1] for p in postings]).astype(np.float32))
-        cand, inverse = np.unique(items, return_inverse=True)  # ascending item ids
-        sums = torch.zeros(len(cand)).index_add_(0, torch.from_numpy(inverse.reshape(-1)), scores)
-        top = cand[top_k_positions(sums.numpy(), k)].astype(np.int64)
-        if len(top) < k:  # pad with the zero-score items, ascending, as the dense top-k would
-            pool = np.arange(min(index.num_items, k + len(cand)), dtype=np.int64)
-            fill = np.setdiff1d(pool, cand, assume_unique=True)[: k - len(top)]
-            top = np.concatenate([top, fill, np.full(k - len(top) - len(fill), -1, dtype=np.int64)])
-        out[b] = top
-    return out
-
-
 def _hnsw_bytes(index: faiss.IndexHNSWFlat) -> int:
     """Vectors plus graph (neighbour ids, per-node offsets and levels)."""
     h = index.hnsw
@@ -350,9 +323,6 @@ def sparcode_methods(sparse: SparseCodeIndex, encode: Callable[[Any], CodeQuerie
     if "sparcode_index" in wanted:
         methods.append(Method("sparcode_index", "sparcode", encode, lambda q, k: sparse.search(q, k),
                               sparse.nbytes(), sparse.build_seconds, info))
-    if "sparcode_fastpath" in wanted:
-        methods.append(Method("sparcode_fastpath", "sparcode", encode, lambda q, k: sparcode_fast_search(sparse, q, k),
-                              sparse.nbytes(), sparse.build_seconds, info))
     return methods
 
 
@@ -375,7 +345,7 @@ def build_workload(n: int, s: Settings, log: Callable[[str], None] = print) -> W
 
     # ---- SparCode: codebooks and indexed codes from simulated training users
     sparse = None
-    if wanted & {"sparcode_index", "sparcode_fastpath"}:
+    if "sparcode_index" in wanted:
         t0 = time.perf_counter()
         with torch.no_grad():
             train = draw_users(s.train_users, n, gen)
@@ -646,10 +616,9 @@ def bar(results: dict[str, Any]) -> dict[str, Any]:
     for measure, key in (("end_to_end", "p50_ms"), ("index_only", "index_p50_ms")):
         ref = results["faiss_flat_ip"][key]
         entry: dict[str, Any] = {"faiss_flat_ip_p50_ms": ref}
-        for name in ("sparcode_index", "sparcode_fastpath"):
-            if name in results:
-                entry[f"{name}_p50_ms"] = results[name][key]
-                entry[f"met_by_{name}"] = bool(results[name][key] <= ref)
+        if "sparcode_index" in results:
+            entry["sparcode_index_p50_ms"] = results["sparcode_index"][key]
+            entry["met_by_sparcode_index"] = bool(results["sparcode_index"][key] <= ref)
         out[measure] = entry
     return out
 
