@@ -119,6 +119,11 @@ class TrainConfig(Strict):
     # (2.1x faster DSSM steps on MovieLens-100K with 200 negatives; the float rounding differs,
     # so a run moves within its seed spread: ML-100K P1 DSSM test Recall@50 0.3891 -> 0.3859).
     candidate_scoring: Literal["gather", "auto"] = "gather"
+    # Embedding tables get sparse gradients and a lazy Adam (torch's SparseAdam: a row moves only
+    # at the steps whose batch uses it; no weight decay), the other parameters Adam: a step costs
+    # the rows a batch touches, not the whole table (YouTubeDNN at a million items: 1.2 s a step
+    # with dense Adam). Not the same optimisation as Adam, so off by default; one process only.
+    sparse_embeddings: bool = False
     # Where training steps and validation run: "cpu", or "cuda" / "cuda:N" where a GPU exists.
     # Batches are built on the CPU either way; test scoring runs here too, the index is built
     # and the model saved on the CPU, so a run trained on a GPU serves and loads anywhere.

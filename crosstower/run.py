@@ -58,6 +58,9 @@ def run_experiment(config: RunConfig, out_dir: Path, data_dir: Path | None = Non
     folder = RunFolder(out_dir)
     if ranks.active and config.distill is not None:
         raise ConfigError("distill: distillation trains in one process; run it without torchrun")
+    if ranks.active and config.train.sparse_embeddings:
+        raise ConfigError("train.sparse_embeddings: sparse gradients train in one process; run without torchrun "
+                          "or set train.sparse_embeddings false")
     if ranks.main:
         folder.check_replaceable()
     if ranks.main and resume and not any(path.exists() for path in folder.checkpoints):

@@ -57,6 +57,7 @@ from crosstower.models.base import Recommender
 from crosstower.nn.fields import row_values
 from crosstower.train.averaging import WeightAverage
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
+from crosstower.train.optimizer import make_optimizer
 from crosstower.train.distributed import (
     SINGLE,
     Ranks,
@@ -218,7 +219,7 @@ class Trainer:
         self.model.to(training_device(rank_device(cfg.device, self.ranks)))
         if self.ranks.active:
             broadcast_model(self.model)  # every rank starts from rank 0's initialisation
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(self.model, cfg)
         metric = self.eval_cfg.early_stopping_metric
         higher = higher_is_better(metric)
         scheduler = self._make_scheduler(optimizer, higher)
