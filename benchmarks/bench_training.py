@@ -10,8 +10,8 @@ process, so the rows are comparable.
 
 Default configs: MovieLens-100K under P2 (every family's ML-100K config, the P1 ones moved to
 P2 with ``split.protocol=p2``). What is timed per step is the trainer's step: building the batch
-(history gather, negatives, masks), the model's loss, backward and the Adam step; validation is
-not. SparCode is timed quantised (its k-means start is run first, untimed); Airbnb's sessions
+(history gather, negatives, masks), the model's loss, backward and the optimiser's step (Adam, or
+with ``train.sparse_embeddings`` lazy Adam on the embedding tables); validation is not. SparCode is timed quantised (its k-means start is run first, untimed); Airbnb's sessions
 are set by its epoch hook first, as training does. Writes ``benchmarks/out/training.json``
 (``--out``) and prints a markdown table; run it alone on the machine.
 """
@@ -40,6 +40,7 @@ def time_config(path: Path, data_dir: Path | None, steps: int, warmup: int, over
     from crosstower.config import load_config
     from crosstower.data.run_data import load_data
     from crosstower.models import build_model
+    from crosstower.train.optimizer import make_optimizer
     from crosstower.train.trainer import Trainer
 
     moved = ["split.protocol=p2"] if path.name.endswith("-p1.yaml") else []
@@ -49,7 +50,7 @@ def time_config(path: Path, data_dir: Path | None, steps: int, warmup: int, over
     model = build_model(config.model, dataset, split.protocol, config.train.history_length)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(model, dataset, split, config, Path(workdir))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    optimizer = make_optimizer(model, config.train)  # as training builds it (train.sparse_embeddings)
     model.begin_epoch(model.warmup_epochs, trainer.examples)  # SparCode: k-means start; Airbnb: sessions
     model.train()
     size = config.train.batch_size
@@ -71,16 +72,18 @@ def time_config(path: Path, data_dir: Path | None, steps: int, warmup: int, over
     return {"config": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
             "model": config.model.name, "batch": size, "negatives": config.train.negatives.num,
             "in_batch": config.train.negatives.in_batch, "history": config.train.history_length,
+            "sparse_embeddings": config.train.sparse_embeddings,
             "steps": steps, "seconds": seconds, "examples_per_second": examples / seconds,
             "epoch_seconds": len(trainer.examples) / (examples / seconds)}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | model | batch | negatives | samples/s | s / epoch (train only) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | model | batch | negatives | optimiser | samples/s | s / epoch (train only) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         negatives = f"{r['negatives']}" + (" + in-batch" if r["in_batch"] else "")
-        lines.append(f"| {r['config']} | {r['model']} | {r['batch']} | {negatives} | "
+        optimiser = "Adam, lazy Adam on the tables" if r["sparse_embeddings"] else "Adam"
+        lines.append(f"| {r['config']} | {r['model']} | {r['batch']} | {negatives} | {optimiser} | "
                      f"{r['examples_per_second']:,.0f} | {r['epoch_seconds']:.0f} |")
     return "\n".join(lines)
 
