@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir(export)
 
     compare = command("compare", "write a report comparing finished runs (markdown table, PNG plots)")
-    compare.add_argument("run_dirs", nargs="+", type=Path, help="folders written by `crosstower run`")
+    compare.add_argument("run_dirs", nargs="+", type=Path,
+                         help="folders written by `crosstower run`, or earlier reports (their runs come along)")
     compare.add_argument("--out", type=Path, default=Path("report"), help="report folder (default report/)")
     compare.add_argument("--seeds", action="store_true", help="one row per config: mean ± std over its seeds")
     _data_dir(compare)

@@ -4,8 +4,11 @@ The report folder holds ``report.md`` (one row per run: test metrics exhaustive 
 index that served them, training time with the teacher's, epochs, bytes stored per item and
 multiply-adds per scored pair), ``accuracy_vs_cost.png`` (served Recall@50 against the cost of
 scoring one pair as served: none through a sparse code index) and ``validation.png`` (each run's validation metric per epoch, from its
-history). With ``--seeds``, runs whose configs differ only in ``train.seed`` share one row:
-mean ± sample standard deviation over the seeds.
+history), and ``runs.json``, what the report read of each run. An earlier report folder given in
+place of a run brings in its runs from that file: runs trained on different days or machines,
+whose folders are not all at hand, go into one table and plot. With ``--seeds``, runs whose
+configs differ only in ``train.seed`` share one row: mean ± sample standard deviation over the
+seeds.
 
 Everything is read from the runs' ``metrics.json``; only a run written before the serving cost
 was recorded there is opened (with its data set) to measure it (:mod:`crosstower.cost`).
@@ -13,6 +16,7 @@ was recorded there is opened (with its data set) to measure it (:mod:`crosstower
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -27,7 +31,7 @@ from crosstower.run_dir import RunFolder, open_run
 
 RANKING = (("test", "recall@20"), ("test", "recall@50"), ("test", "ndcg@50"), ("test_served", "recall@50"))
 POINTWISE = (("test", "auc"), ("test", "gauc"), ("test", "logloss"))
-REPORT, COST_PLOT, CURVE_PLOT = "report.md", "accuracy_vs_cost.png", "validation.png"
+REPORT, COST_PLOT, CURVE_PLOT, RUNS = "report.md", "accuracy_vs_cost.png", "validation.png", "runs.json"
 
 
 @dataclass
@@ -77,6 +81,27 @@ def summarize(run_dir: Path, data_dir: Path | None = None) -> RunSummary:
         curve=[h[curve_key] for h in saved.get("training_history", []) if curve_key in h],
         curve_metric=curve_key.removeprefix("val_"),
     )
+
+
+def read_inputs(paths: list[Path], data_dir: Path | None = None) -> list[RunSummary]:
+    """The summaries of ``paths`` in order: a run folder's own, or every run an earlier report
+    folder (its ``runs.json``) read."""
+    summaries = []
+    for path in map(Path, paths):
+        if (path / RUNS).is_file() and (path / REPORT).is_file():
+            summaries += read_runs(path / RUNS)
+        else:
+            summaries.append(summarize(path, data_dir))
+    return summaries
+
+
+def read_runs(path: Path) -> list[RunSummary]:
+    """The summaries a report saved in ``runs.json``."""
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        return [RunSummary(**{**run, "path": Path(run["path"])}) for run in runs]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CrosstowerError(f"{path}: not a crosstower report's runs.json ({exc})") from exc
 
 
 def group_key(saved: dict) -> str:
@@ -131,7 +156,8 @@ def write_report(run_dirs: list[Path], out: Path, by_seed: bool = False, data_di
     out = Path(out)
     if out.exists() and not (out / REPORT).exists():
         raise CrosstowerError(f"--out {out}: exists and is not a crosstower report; choose another --out")
-    groups = group([summarize(Path(d), data_dir) for d in run_dirs], by_seed)
+    summaries = read_inputs(run_dirs, data_dir)
+    groups = group(summaries, by_seed)
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -141,6 +167,8 @@ def write_report(run_dirs: list[Path], out: Path, by_seed: bool = False, data_di
         text = ["# Runs compared", "", markdown_table(groups), ""]
         text += [f"![{name}]({name})" for name in plotted]
         (partial / REPORT).write_text("\n".join(text) + "\n")
+        runs = [{**dataclasses.asdict(s), "path": str(s.path)} for s in summaries]
+        (partial / RUNS).write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -75,3 +75,19 @@ def test_a_sparse_code_index_serves_without_multiply_adds(finished_runs):
     sparcode, dssm = summarize(finished_runs / "sparcode"), summarize(finished_runs / "dssm")
     assert served_macs(sparcode) == 0.0 and sparcode.cost["macs_per_pair"] > 0  # exhaustive scoring's cost
     assert served_macs(dssm) == dssm.cost["macs_per_pair"] == 16.0
+
+
+def test_an_earlier_report_brings_its_runs_into_a_new_one(finished_runs, tmp_path):
+    """Runs compared on another day (their folders gone) join new runs in one table and plot."""
+    first = write_report([finished_runs / "dssm", finished_runs / "colbert"], tmp_path / "first")
+    shutil.copytree(first, tmp_path / "kept")  # only the report travels
+    merged = write_report([tmp_path / "kept", finished_runs / "sparcode"], tmp_path / "merged")
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in (merged / "report.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| run ")]
+    assert rows == ["dssm", "colbert", "sparcode"]
+    direct = [summarize(finished_runs / n) for n in ("dssm", "colbert", "sparcode")]
+    assert markdown_table([[s] for s in direct]) in (merged / "report.md").read_text()
+    assert (merged / "accuracy_vs_cost.png").read_bytes().startswith(PNG)
+    (tmp_path / "kept" / "runs.json").write_text("{}")
+    with pytest.raises(CrosstowerError, match="runs.json: not a crosstower report's runs.json"):
+        write_report([tmp_path / "kept"], tmp_path / "again")
