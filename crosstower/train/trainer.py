@@ -57,7 +57,6 @@ from crosstower.models.base import Recommender
 from crosstower.nn.fields import row_values
 from crosstower.train.averaging import WeightAverage
 from crosstower.train.checkpoint import load_checkpoint, save_checkpoint
-from crosstower.train.optimizer import make_optimizer
 from crosstower.train.distributed import (
     SINGLE,
     Ranks,
@@ -70,6 +69,7 @@ from crosstower.train.distributed import (
     reduce_gradients,
     summed,
 )
+from crosstower.train.optimizer import make_optimizer
 
 log = logging.getLogger("crosstower.train")
 PROGRESS_LOG_SECONDS = 60.0  # a log line this often inside an epoch where no progress bar shows
