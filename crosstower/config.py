@@ -121,8 +121,8 @@ class TrainConfig(Strict):
     candidate_scoring: Literal["gather", "auto"] = "gather"
     # Embedding tables get sparse gradients and a lazy Adam (torch's SparseAdam: a row moves only
     # at the steps whose batch uses it; no weight decay), the other parameters Adam: a step costs
-    # the rows a batch touches, not the whole table (YouTubeDNN at a million items: 1.2 s a step
-    # with dense Adam). Not the same optimisation as Adam, so off by default; one process only.
+    # the rows a batch touches, not the whole table (a million-row table made dense Adam's update
+    # most of a step). Not the same optimisation as Adam, so off by default; one process only.
     sparse_embeddings: bool = False
     # Where training steps and validation run: "cpu", or "cuda" / "cuda:N" where a GPU exists.
     # Batches are built on the CPU either way; test scoring runs here too, the index is built
