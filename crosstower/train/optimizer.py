@@ -38,8 +38,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
             tables[id(module.weight)] = f"{name}.weight"
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in tables]
     sparse = [p for p in model.parameters() if id(p) in tables]
-    names = {id(p): tables[id(p)] for p in sparse}
-    return DenseAndSparseAdam(dense, sparse, names, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return DenseAndSparseAdam(dense, sparse, tables, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class DenseAndSparseAdam(torch.optim.Optimizer):
